@@ -1,0 +1,1 @@
+"""mimflow components: the science, in plain PyTorch (no orchestration or tracking imports)."""

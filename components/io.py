@@ -1,0 +1,84 @@
+"""Atomic file writes and safe weight I/O shared by every component and stage.
+
+Everything is written to a temporary name in the destination directory and renamed into place,
+so a killed process leaves either the previous file or the new one, never half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    def _write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, _write)
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    return write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a missing or malformed file is a ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Save contiguous CPU copies of ``tensors`` as safetensors, atomically."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """torch.save to a temporary name, then rename (checkpoints: tensors and plain Python only)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """Load a checkpoint written by :func:`torch_save`, never unpickling arbitrary objects."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
