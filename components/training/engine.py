@@ -1,0 +1,289 @@
+"""The training loop every stage shares (MAE, iBOT, fine-tuning, Soft Teacher).
+
+One optimizer step = ``accum_steps`` micro-batches. Schedules are functions of the optimizer step and
+are applied before each step (``group['lr'] = lr * group['lr_scale']``; weight decay only on groups that
+decay). Mixed precision: bf16 autocast on CUDA, fp32 on CPU (fp16 with a GradScaler on request).
+Checkpoints (model, optimizer, scaler, extra state such as an EMA teacher, history and every rank's RNG
+state) are written atomically every ``ckpt_every`` steps and at the end, and a run started again with
+the same fingerprint resumes from the last one and ends with the same weights as an uninterrupted run.
+A non-finite loss stops the run before the optimizer step, so the last checkpoint stays good.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from components.io import torch_load, torch_save
+from components.training.distributed import DistInfo, all_reduce_mean
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "last.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped before corrupting the weights."""
+
+
+class ResumableLoader(Protocol):
+    def __len__(self) -> int: ...  # micro-batches per epoch (this rank)
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterable: ...
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int  # optimizer steps
+    batch_size: int  # micro-batch per process (for images/s)
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    clip_mode: str = "norm"  # "norm": global norm; "per_param": each tensor's norm (iBOT)
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    ckpt_dir: str | Path | None = None
+    ckpt_every: int = 100
+    log_every: int = 10
+    fingerprint: str = ""  # a checkpoint written under another fingerprint is not resumed
+    desc: str = "train"
+    progress: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.clip_mode not in ("norm", "per_param"):
+            raise ValueError(f"clip_mode must be 'norm' or 'per_param', got {self.clip_mode!r}")
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Move tensors in nested tuples/lists/dicts to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def clip_per_param(params: Iterable[torch.Tensor], clip: float) -> None:
+    """Scale each parameter's gradient to norm <= clip (DINO/iBOT ``clip_gradients``)."""
+    for p in params:
+        if p.grad is not None:
+            norm = p.grad.detach().norm(2)
+            p.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs ``step_fn`` over a resumable loader for ``cfg.total_steps`` optimizer steps.
+
+    ``step_fn(model, batch, step) -> (loss, logs)`` gets the (DDP-wrapped) model and a batch already on
+    the device, runs under autocast, and returns the loss to minimise and floats to log.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: TrainConfig,
+        device: torch.device,
+        info: DistInfo = DistInfo(),
+        *,
+        lr_fn: Callable[[int], float] | None = None,
+        wd_fn: Callable[[int], float] | None = None,
+        grad_hook: Callable[[int], None] | None = None,
+        after_step: Callable[[int], None] | None = None,
+        extra_state: dict[str, Any] | None = None,
+        on_log: Callable[[int, dict], None] | None = None,
+        find_unused_parameters: bool = False,
+    ):
+        self.raw, self.optimizer, self.cfg, self.device, self.info = model, optimizer, cfg, device, info
+        self.lr_fn, self.wd_fn, self.grad_hook, self.after_step = lr_fn, wd_fn, grad_hook, after_step
+        self.extra_state = extra_state or {}
+        self.on_log = on_log
+        model.to(device)
+        wrapped: nn.Module = model
+        if info.is_distributed:
+            wrapped = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused_parameters
+            )
+        self.model = torch.compile(wrapped) if cfg.compile else wrapped
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.step = 0
+        self.history: list[dict] = []
+        self.resumed_from: int | None = None
+        # Set the initial weight decay so wd_fn groups start right (iBOT weight-decay schedule).
+        for g in optimizer.param_groups:
+            g.setdefault("lr_scale", 1.0)
+            g["decays"] = g.get("weight_decay", 0.0) > 0
+
+    # ----------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return Path(self.cfg.ckpt_dir) / CHECKPOINT if self.cfg.ckpt_dir else None
+
+    def _gather_rng(self) -> list[dict]:
+        mine = rng_state()
+        if not self.info.is_distributed:
+            return [mine]
+        states: list = [None] * self.info.world_size
+        dist.all_gather_object(states, mine)
+        return states
+
+    def save_checkpoint(self) -> None:
+        rngs = self._gather_rng()  # collective: every rank takes part
+        if self.checkpoint_path is None or not self.info.is_main:
+            return
+        state = {
+            "fingerprint": self.cfg.fingerprint,
+            "step": self.step,
+            "model": self.raw.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "extra": {k: v.state_dict() for k, v in self.extra_state.items()},
+            "history": self.history,
+            "rng": rngs,
+        }
+        torch_save(self.checkpoint_path, state)
+
+    def try_resume(self) -> bool:
+        """Load the last checkpoint if there is one written under the same fingerprint."""
+        path = self.checkpoint_path
+        if path is None or not path.is_file():
+            return False
+        state = torch_load(path)
+        if state.get("fingerprint") != self.cfg.fingerprint:
+            log.warning("%s: written for other params (fingerprint differs); starting from scratch", path)
+            return False
+        try:
+            self.raw.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            for k, v in self.extra_state.items():
+                v.load_state_dict(state["extra"][k])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ValueError(f"{path}: checkpoint does not match the model ({str(e).splitlines()[0]})") from None
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.history = int(state["step"]), list(state["history"])
+        rngs = state["rng"]
+        set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
+        self.resumed_from = self.step
+        log.info("resumed %s from %s at step %d", self.cfg.desc, path, self.step)
+        return True
+
+    # ----------------------------------------------------------------- one step
+    def autocast(self):
+        if self.cfg.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _apply_schedules(self) -> float:
+        lr = self.lr_fn(self.step) if self.lr_fn else self.optimizer.param_groups[0]["lr"]
+        wd = self.wd_fn(self.step) if self.wd_fn else None
+        for g in self.optimizer.param_groups:
+            if self.lr_fn:
+                g["lr"] = lr * g["lr_scale"]
+            if wd is not None and g["decays"]:
+                g["weight_decay"] = wd
+        return lr
+
+    def _optimizer_step(self, batches: Iterable, step_fn: Callable) -> tuple[float, dict]:
+        cfg = self.cfg
+        logs_sum: dict[str, float] = defaultdict(float)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.accum_steps):
+            batch = move_to(next(batches), self.device)
+            last = micro == cfg.accum_steps - 1
+            sync = self.model.no_sync() if self.info.is_distributed and not last and hasattr(self.model, "no_sync") else nullcontext()
+            with sync:
+                with self.autocast():
+                    loss, logs = step_fn(self.model, batch, self.step)
+                self.scaler.scale(loss / cfg.accum_steps).backward()
+            loss_sum += loss.detach().float()
+            for k, v in logs.items():
+                logs_sum[k] += float(v) / cfg.accum_steps
+        loss_value = float(all_reduce_mean(loss_sum / cfg.accum_steps))
+        if not math.isfinite(loss_value):
+            where = f"; the last good checkpoint is {self.checkpoint_path}" if self.checkpoint_path and self.checkpoint_path.exists() else ""
+            raise NonFiniteLossError(f"{cfg.desc}: loss is {loss_value} at step {self.step}, stopped before the optimizer step{where}")
+        self.scaler.unscale_(self.optimizer)
+        if self.grad_hook:
+            self.grad_hook(self.step)
+        if cfg.clip_grad:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if cfg.clip_mode == "per_param":
+                clip_per_param(params, cfg.clip_grad)
+            else:
+                logs_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.after_step:
+            self.after_step(self.step)
+        return loss_value, dict(logs_sum)
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self, loader: ResumableLoader, step_fn: Callable, on_epoch_end: Callable[[int], dict | None] | None = None) -> list[dict]:
+        cfg = self.cfg
+        steps_per_epoch = len(loader) // cfg.accum_steps
+        if steps_per_epoch == 0:
+            raise ValueError(f"{cfg.desc}: an epoch has {len(loader)} micro-batches, fewer than accum_steps={cfg.accum_steps}")
+        self.try_resume()
+        self.raw.train()
+        images_per_step = cfg.batch_size * cfg.accum_steps * self.info.world_size
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc=cfg.desc, disable=not (cfg.progress and self.info.is_main), dynamic_ncols=True)
+        window_t, window_n = time.perf_counter(), 0
+        while self.step < cfg.total_steps:
+            epoch, pos = divmod(self.step, steps_per_epoch)
+            batches = iter(loader.epoch(epoch, skip_batches=pos * cfg.accum_steps))
+            while pos < steps_per_epoch and self.step < cfg.total_steps:
+                lr = self._apply_schedules()
+                loss, logs = self._optimizer_step(batches, step_fn)
+                self.step, pos, window_n = self.step + 1, pos + 1, window_n + 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+                    elapsed = time.perf_counter() - window_t
+                    record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_s": images_per_step * window_n / max(elapsed, 1e-9), **logs}
+                    self.history.append(record)
+                    window_t, window_n = time.perf_counter(), 0
+                    if self.info.is_main and self.on_log:
+                        self.on_log(self.step, record)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
+                bar.update(1)
+                epoch_done = pos == steps_per_epoch and on_epoch_end is not None
+                if epoch_done:
+                    extra = on_epoch_end(epoch)
+                    self.raw.train()
+                    if extra and self.info.is_main:
+                        self.history.append({"step": self.step, "epoch": epoch, **extra})
+                        if self.on_log:
+                            self.on_log(self.step, extra)
+                if cfg.ckpt_dir and (self.step % cfg.ckpt_every == 0 or self.step == cfg.total_steps or epoch_done):
+                    self.save_checkpoint()
+        bar.close()
+        return self.history
