@@ -1,0 +1,215 @@
+"""What every stage module shares: the entry point and the stage context.
+
+``run_stage(name, body)`` parses ``--params`` (and the matrix item), validates params.yaml, sets up
+logging, seeds, threads, device and torchrun/DDP, opens the stage's MLflow run, calls ``body(ctx)``,
+writes the returned metrics to ``metrics/<stage>.json`` atomically and logs them. Bad input ends in
+one line on stderr naming the file or key and a non-zero exit (set ``MIMFLOW_DEBUG=1`` for the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from components.io import write_json
+from components.training.distributed import DistInfo, cleanup_distributed, init_distributed
+from components.training.engine import NonFiniteLossError
+from pipelines.config import Params, ParamsError, load_params
+from pipelines.tracking import Tracker, TrackingError
+
+log = logging.getLogger("mimflow")
+
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+for _k, _v in TELEMETRY_OFF.items():
+    os.environ.setdefault(_k, _v)
+
+# Exit codes: 2 for params, 1 for anything else a user can fix (data, checkpoints, tracking, NaN).
+EXIT_PARAMS, EXIT_INPUT = 2, 1
+
+
+@dataclass
+class StageContext:
+    """What a stage body gets: validated params, device, precision, rank, tracker and output paths."""
+
+    name: str
+    params: Params
+    device: torch.device
+    precision: str
+    info: DistInfo
+    tracker: Tracker
+    variant: str | None = None
+    root: Path = field(default_factory=Path.cwd)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def section(self) -> Any:
+        return getattr(self.params, self.name)
+
+    @property
+    def seed(self) -> int:
+        return self.params.runtime.seed
+
+    @property
+    def num_workers(self) -> int:
+        return self.params.runtime.num_workers
+
+    @property
+    def is_main(self) -> bool:
+        return self.info.is_main
+
+    @property
+    def stage_id(self) -> str:
+        """DVC's name for this stage: ``finetune@mae`` for a matrix item."""
+        return f"{self.name}@{self.variant}" if self.variant else self.name
+
+    def _dir(self, kind: str) -> Path:
+        d = self.root / kind / self.name
+        return d / self.variant if self.variant else d
+
+    @property
+    def models_dir(self) -> Path:
+        return self._dir("models")
+
+    @property
+    def plots_dir(self) -> Path:
+        return self._dir("plots")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self._dir("checkpoints")
+
+    @property
+    def metrics_path(self) -> Path:
+        base = self.root / "metrics"
+        return base / self.name / f"{self.variant}.json" if self.variant else base / f"{self.name}.json"
+
+    def fingerprint(self, *extra: Any) -> str:
+        """Hash of everything that decides this stage's result: its section, runtime seed and precision.
+
+        A checkpoint written under another fingerprint is never resumed."""
+        blob = json.dumps(
+            [self.name, self.variant, self.section.model_dump(mode="json"), self.seed, self.precision, *map(str, extra)], sort_keys=True
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def log_figure(self, path: Path) -> None:
+        if self.is_main:
+            self.tracker.log_figure(path)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if self.is_main:
+            self.tracker.log_metrics(metrics, step)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ParamsError(f"runtime.precision = 'fp16': needs a CUDA device (running on {device.type}); use fp32 or bf16")
+    return precision
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("mlflow", "alembic", "urllib3", "httpx", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _section_params(params: Params, name: str) -> dict:
+    return {name: getattr(params, name).model_dump(mode="json"), "runtime": params.runtime.model_dump(mode="json")}
+
+
+def run_stage(name: str, body: Callable[[StageContext], dict], variant_arg: str | None = None, variants: tuple[str, ...] = ()) -> None:
+    """Command-line entry point of a stage: ``python -m pipelines.<name> [--params FILE] [--<variant_arg> X]``."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}", description=(body.__doc__ or "").strip().splitlines()[0] if body.__doc__ else None)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if variant_arg:
+        parser.add_argument(f"--{variant_arg}", required=True, choices=variants or None)
+    args = parser.parse_args()
+    variant = getattr(args, variant_arg) if variant_arg else None
+    sys.exit(main(name, body, Path(args.params), variant))
+
+
+def main(name: str, body: Callable[[StageContext], dict], params_path: Path, variant: str | None = None) -> int:
+    """Run a stage body; returns the process exit code."""
+    info = DistInfo()
+    setup_logging(True)
+    debug = os.environ.get("MIMFLOW_DEBUG") == "1"
+    stage_id = f"{name}@{variant}" if variant else name
+    tracker: Tracker | None = None
+    try:
+        params = load_params(params_path)
+        info, device = init_distributed(params.runtime.device)
+        setup_logging(info.is_main)
+        precision = resolve_precision(params.runtime.precision, device)
+        if params.runtime.threads:
+            torch.set_num_threads(params.runtime.threads)
+        seed_everything(params.runtime.seed)
+        root = Path.cwd()
+        tracker = Tracker(params.tracking, root, enabled=info.is_main)
+        tracker.start(stage_id, _section_params(params, name), tags={"variant": variant} if variant else None)
+        ctx = StageContext(name=name, params=params, device=device, precision=precision, info=info, tracker=tracker, variant=variant, root=root)
+        log.info("%s on %s (%s), %d process(es), seed %d", stage_id, device, precision, info.world_size, params.runtime.seed)
+        metrics = body(ctx) or {}
+        if info.is_main:
+            metrics = {**metrics, "wall_time_s": round(time.perf_counter() - ctx.started, 2)}
+            write_json(ctx.metrics_path, metrics)
+            tracker.log_metrics(metrics)
+            log.info("%s done: %s", stage_id, ctx.metrics_path)
+        tracker.end("FINISHED")
+        return 0
+    except ParamsError as e:
+        _fail(stage_id, e, debug, tracker)
+        return EXIT_PARAMS
+    except (ValueError, FileNotFoundError, NotADirectoryError, TrackingError, NonFiniteLossError, KeyError) as e:
+        _fail(stage_id, e, debug, tracker)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        if tracker:
+            tracker.end("KILLED")
+        log.error("%s interrupted; run it again to resume from its last checkpoint", stage_id)
+        return 130
+    finally:
+        cleanup_distributed()
+
+
+def _fail(stage_id: str, error: BaseException, debug: bool, tracker: Tracker | None) -> None:
+    if tracker is not None:
+        try:
+            tracker.end("FAILED")
+        except Exception:  # noqa: BLE001 (the original error matters more)
+            pass
+    if debug:
+        raise error
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, KeyError):
+        message = f"missing key {message}"
+    print(f"error: {stage_id}: {message}", file=sys.stderr)
