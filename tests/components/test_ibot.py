@@ -1,0 +1,241 @@
+"""iBOT components (Zhou et al. 2021): head, student/teacher network, loss, centres, EMA teacher."""
+import copy
+
+import pytest
+import torch
+
+from components.models.attention import attention_figure, cls_attention_maps, last_block_attention
+from components.models.ibot import (
+    IBOTHead,
+    IBOTLoss,
+    IBOTViT,
+    cancel_gradients_last_layer,
+    last_layer_parameters,
+    output_entropy,
+    teacher_momentum,
+    teacher_temperature,
+)
+from components.models.vit import ViTSpec, create_vit
+from components.training.ema import copy_as_teacher, ema_update
+
+SPEC = ViTSpec(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+K = 64
+
+
+def _net(seed: int = 0, **head) -> IBOTViT:
+    torch.manual_seed(seed)
+    return IBOTViT(create_vit(SPEC), IBOTHead(SPEC.embed_dim, K, K, hidden_dim=48, bottleneck_dim=16, **head))
+
+
+# ------------------------------------------------------------------------------------------- head
+def test_head_shapes_shared_last_layer_and_normalised_logits():
+    head = IBOTHead(32, K, K, hidden_dim=48, bottleneck_dim=16)
+    cls, patch = head(torch.randn(3, 1 + 5, 32))
+    assert cls.shape == (3, K) and patch.shape == (3, 5, K)
+    assert head.last_layer2 is head.last_layer  # one head for [CLS] and patches (iBOT default)
+    # L2-normalised bottleneck times unit-norm rows (g fixed at 1): every logit is a cosine in [-1, 1]
+    assert float(cls.detach().abs().max()) <= 1 + 1e-5 and float(patch.detach().abs().max()) <= 1 + 1e-5
+    g = head.last_layer.parametrizations.weight.original0
+    assert not g.requires_grad and torch.all(g == 1)
+    separate = IBOTHead(32, K, 2 * K, hidden_dim=48, bottleneck_dim=16, shared_head=False, norm_last_layer=False)
+    assert separate.last_layer2 is not separate.last_layer
+    assert separate(torch.randn(2, 4, 32))[1].shape == (2, 3, 2 * K)
+    assert separate.last_layer.parametrizations.weight.original0.requires_grad
+    assert len(list(separate.mlp.children())) == 5  # Linear, GELU, Linear, GELU, Linear: 3 layers
+
+
+# ------------------------------------------------------------------------------------------- network
+def test_mask_embedding_replaces_patches_before_the_position_embedding():
+    net = _net()
+    with torch.no_grad():
+        net.masked_embed.normal_()
+    x = torch.randn(2, 3, 16, 16)
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[0, 1, 2] = mask[1, 3, 0] = True
+    tokens = net.prepare_tokens(x, mask)  # [2, 17, D]
+    plain = net.prepare_tokens(x)
+    pos = net.encoder.pos_embed[0]  # [17, D]
+    torch.testing.assert_close(tokens[0, 1 + 1 * 4 + 2], net.masked_embed[0] + pos[1 + 6])
+    torch.testing.assert_close(tokens[1, 1 + 3 * 4 + 0], net.masked_embed[0] + pos[1 + 12])
+    keep = torch.ones(17, dtype=torch.bool)
+    keep[1 + 6] = False
+    torch.testing.assert_close(tokens[0, keep], plain[0, keep])  # unmasked tokens untouched
+
+
+def test_local_crops_get_a_resampled_position_embedding_and_forward_shapes():
+    net = _net()
+    assert net.pos_embed_for(4, 4) is net.encoder.pos_embed
+    pe = net.pos_embed_for(2, 2)
+    assert pe.shape == (1, 1 + 4, 32)
+    torch.testing.assert_close(pe[:, 0], net.encoder.pos_embed[:, 0])  # [CLS] row kept
+    B = 3
+    out = net([torch.randn(B, 3, 16, 16)] * 2, [torch.randn(B, 3, 8, 8)] * 4, [torch.zeros(B, 4, 4, dtype=torch.bool)] * 2)
+    assert out["cls"].shape == ((2 + 4) * B, K) and out["patch"].shape == (2 * B, 16, K)
+    with pytest.raises(ValueError, match="patch grid"):
+        net([torch.randn(B, 3, 16, 16)] * 2, masks=[torch.zeros(B, 3, 3, dtype=torch.bool)] * 2)
+
+
+# ------------------------------------------------------------------------------------------- loss
+def _loss(num_local=2, **kw) -> IBOTLoss:
+    return IBOTLoss(K, K, num_global=2, num_local=num_local, **kw)
+
+
+def _grad_wrt(loss_fn, x):
+    x = x.clone().requires_grad_(True)
+    loss_fn(x).backward()
+    return x.grad
+
+
+def test_cls_term_uses_only_cross_view_pairs():
+    B, n_local = 4, 2
+    loss = _loss(n_local)
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn((2 + n_local) * B, K, generator=g)
+    t = torch.randn(2 * B, K, generator=g).softmax(-1)
+    got = loss.cls_distillation(s, t)
+    sv, tv = s.chunk(2 + n_local), t.chunk(2)
+    pairs = [(q, v) for q in range(2) for v in range(2 + n_local) if q != v]
+    want = sum(-(tv[q] * (sv[v] / 0.1).log_softmax(-1)).sum(-1).mean() for q, v in pairs) / len(pairs)
+    torch.testing.assert_close(got, want)
+    assert len(pairs) == 2 * (2 + n_local) - 2
+    # The student's first global view learns only from the teacher's *second* view: changing the
+    # teacher's first view leaves its gradient unchanged, changing the second does not.
+    t_other = t.clone()
+    t_other[:B] = torch.randn(B, K, generator=g).softmax(-1)
+    grad = _grad_wrt(lambda x: loss.cls_distillation(x, t), s)
+    grad_same_changed = _grad_wrt(lambda x: loss.cls_distillation(x, t_other), s)
+    torch.testing.assert_close(grad[:B], grad_same_changed[:B])
+    assert not torch.allclose(grad[B : 2 * B], grad_same_changed[B : 2 * B])  # view 2 does learn from view 1
+    # local crops learn from both global teacher views
+    assert not torch.allclose(grad[2 * B :], grad_same_changed[2 * B :])
+
+
+def test_mim_term_uses_only_same_view_pairs_on_masked_patches():
+    B, L = 3, 16
+    loss = _loss()
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(2 * B, L, K, generator=g)
+    t = torch.randn(2 * B, L, K, generator=g).softmax(-1)
+    masks = torch.rand(2 * B, L, generator=g) < 0.4
+    masks[:, 0] = True
+    got = loss.mim_distillation(s, t, masks)
+    ce = -(t * (s / 0.1).log_softmax(-1)).sum(-1)  # [2B, L]: teacher view v vs student view v
+    per_image = (ce * masks).sum(-1) / masks.sum(-1)
+    want = (per_image[:B].mean() + per_image[B:].mean()) / 2
+    torch.testing.assert_close(got, want)
+    # changing the teacher's *other* view, or an unmasked patch of the same view, changes nothing
+    t2 = t.clone()
+    t2[B:] = torch.randn(B, L, K, generator=g).softmax(-1)
+    grad = _grad_wrt(lambda x: loss.mim_distillation(x, t, masks), s)
+    torch.testing.assert_close(grad[:B], _grad_wrt(lambda x: loss.mim_distillation(x, t2, masks), s)[:B])
+    assert torch.all(grad[~masks] == 0)  # unmasked patches get no MIM gradient
+
+
+def test_image_without_masked_patches_contributes_zero_mim_loss_without_nan():
+    B, L = 2, 16
+    loss = _loss()
+    s = torch.randn(2 * B, L, K)
+    t = torch.randn(2 * B, L, K).softmax(-1)
+    none = torch.zeros(2 * B, L, dtype=torch.bool)
+    grad = _grad_wrt(lambda x: loss.mim_distillation(x, t, none), s)
+    assert float(loss.mim_distillation(s, t, none)) == 0.0 and torch.isfinite(grad).all() and torch.all(grad == 0)
+    some = none.clone()
+    some[0, :5] = True  # only image 0 of view 1 is masked
+    ce0 = -(t[0, :5] * (s[0, :5] / 0.1).log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(loss.mim_distillation(s, t, some), ce0 / B / 2)  # others add 0 to the batch means
+
+
+def test_centres_follow_their_ema_formula_and_the_teacher_is_sharpened():
+    B, L, n_local = 4, 16, 1
+    loss = _loss(n_local, center_momentum=0.9, center_momentum2=0.8)
+    c0, c20 = torch.randn(1, K), torch.randn(1, 1, K)
+    loss.center.copy_(c0)
+    loss.center2.copy_(c20)
+    t_cls, t_patch = torch.randn(2 * B, K), torch.randn(2 * B, L, K)
+    total, logs = loss(torch.randn((2 + n_local) * B, K), torch.randn(2 * B, L, K), t_cls, t_patch, torch.rand(2 * B, L) < 0.3, 0.04, 0.07)
+    torch.testing.assert_close(loss.center, 0.9 * c0 + 0.1 * t_cls.mean(0, keepdim=True))
+    torch.testing.assert_close(loss.center2, 0.8 * c20 + 0.2 * t_patch.mean(1).mean(0).view(1, 1, K))
+    assert abs(float(total) - logs["loss_cls"] - logs["loss_mim"]) < 1e-4
+    # teacher temperature warm-up 0.04 -> 0.07 per epoch, then constant
+    assert teacher_temperature(0, 30) == pytest.approx(0.04) and teacher_temperature(15, 30) == pytest.approx(0.055)
+    assert teacher_temperature(30, 30) == teacher_temperature(99, 30) == pytest.approx(0.07)
+
+
+# ------------------------------------------------------------------------------------------- teacher
+def test_teacher_gets_no_gradients_and_follows_the_ema_formula():
+    student = _net(0)
+    teacher = copy_as_teacher(_net(1), student)
+    for (n, ps), pt in zip(student.state_dict().items(), teacher.state_dict().values()):
+        assert torch.equal(ps, pt), n
+    loss_fn = _loss(num_local=1)
+    B = 2
+    glob, loc = [torch.randn(B, 3, 16, 16)] * 2, [torch.randn(B, 3, 8, 8)]
+    masks = [torch.rand(B, 4, 4) < 0.5] * 2
+    with torch.no_grad():
+        t = teacher(glob)
+    s = student(glob, loc, masks)
+    loss, _ = loss_fn(s["cls"], s["patch"], t["cls"], t["patch"], torch.cat(masks), 0.04, 0.04)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert student.masked_embed.grad is not None and student.encoder.blocks[0].attn.qkv.weight.grad is not None
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * p.requires_grad)
+    before = [p.clone() for p in teacher.parameters()]
+    m = teacher_momentum(3, 10, 0.9, 1.0)
+    ema_update(teacher, student, m)
+    for t_new, t_old, p in zip(teacher.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t_new, m * t_old + (1 - m) * p)
+    assert teacher_momentum(0, 100) == pytest.approx(0.996) and teacher_momentum(99, 100) == pytest.approx(1.0)
+    assert teacher_momentum(10, 100) < teacher_momentum(50, 100) < teacher_momentum(90, 100)
+
+
+def test_last_layer_gradients_are_cancelled_during_the_first_epoch_only():
+    net = _net(norm_last_layer=False)
+    out = net([torch.randn(2, 3, 16, 16)] * 2)
+    (out["cls"].sum() + out["patch"].sum()).backward()
+    last = last_layer_parameters(net)
+    assert len(last) == 2  # weight-norm g and v, shared by [CLS] and patches
+    saved = [p.grad.clone() for p in last]
+    cancel_gradients_last_layer(net, epoch=1, freeze_last_layer_epochs=1)
+    assert all(torch.equal(p.grad, s) for p, s in zip(last, saved))
+    cancel_gradients_last_layer(net, epoch=0, freeze_last_layer_epochs=1)
+    assert all(p.grad is None for p in last)
+    assert net.head.mlp[0].weight.grad is not None
+
+
+# ------------------------------------------------------------------------------------------- diagnostics
+def test_output_entropy_detects_both_kinds_of_collapse():
+    K_ = 16
+    onehot_same = torch.zeros(10, K_)
+    onehot_same[:, 3] = 1
+    uniform = torch.full((10, K_), 1.0 / K_)
+    diverse = torch.eye(K_)[torch.arange(10)]
+    assert output_entropy(onehot_same)["kl"] == pytest.approx(0.0, abs=1e-6)
+    u = output_entropy(uniform)
+    assert u["kl"] == pytest.approx(0.0, abs=1e-5) and u["entropy"] == pytest.approx(torch.log(torch.tensor(16.0)).item(), rel=1e-5)
+    assert output_entropy(diverse)["kl"] == pytest.approx(torch.log(torch.tensor(10.0)).item(), rel=1e-5)
+
+
+def test_cls_attention_is_the_attention_the_block_computes():
+    torch.manual_seed(0)
+    vit = create_vit(SPEC)
+    x = torch.randn(2, 3, 16, 16)
+    attn = last_block_attention(vit, x)  # [2, heads, 17, 17]
+    assert attn.shape == (2, 2, 17, 17)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 2, 17))
+    # attn @ v through the block's projection reproduces timm's fused attention output
+    captured = {}
+    blk = vit.blocks[-1]
+    h = blk.attn.register_forward_hook(lambda m, a, out: captured.update(x=a[0], out=out))
+    vit.eval()
+    vit.forward_features(x)
+    h.remove()
+    B, N, _ = captured["x"].shape
+    v = blk.attn.qkv(captured["x"]).reshape(B, N, 3, 2, 16).permute(2, 0, 3, 1, 4)[2]
+    out = blk.attn.proj((attn @ v).transpose(1, 2).reshape(B, N, 32))
+    torch.testing.assert_close(out, captured["out"], rtol=1e-4, atol=1e-5)
+    maps = cls_attention_maps(vit, x)
+    assert maps.shape == (2, 2, 4, 4)
+    fig = attention_figure(x, maps, (0.5,) * 3, (0.25,) * 3, title="t")
+    assert len(fig.axes) == 2 * 3
