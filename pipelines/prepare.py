@@ -1,0 +1,134 @@
+"""Stage ``prepare``: the datasets every later stage reads.
+
+Classification (``data/classification``): the embedded shapes images, an ImageFolder tree or CIFAR-10,
+written as ``index.json`` (+ images) and labeled subsets ``splits/labeled_<pct>_fold<k>.json``.
+Detection (``data/detection``): the embedded shapes scenes or any COCO-format dataset, written as COCO
+``train.json``/``val.json`` and the Soft Teacher splits ``splits/<pct>_fold<k>/{labeled,unlabeled}.json``.
+Each dataset is built in a temporary directory and renamed into place, so a failure leaves the previous
+data intact.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from components.data import shapes, sources, splits
+from components.data.visualize import classification_sheet, coco_sheet, save_image
+from components.io import write_json
+from pipelines.common import StageContext, run_stage
+from pipelines.config import ClassificationData, DetectionData
+
+log = logging.getLogger("mimflow.prepare")
+
+
+def pct_name(percent: float) -> str:
+    """10.0 -> '10', 0.5 -> '0.5' (the names in split files)."""
+    return f"{percent:g}"
+
+
+def build_in_place(final: Path, build) -> dict:
+    """Run ``build(tmp_dir)`` in a fresh sibling directory, then swap it in for ``final``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        counts = build(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return counts
+
+
+def classification_dataset(cfg: ClassificationData, seed: int, on_error: str, out: Path) -> dict:
+    skipped: dict[str, int] = {}
+    if cfg.source == "shapes":
+        index = shapes.write_shapes_classification(out, cfg.image_size, cfg.train_per_class, cfg.val_per_class, seed)
+    elif cfg.source == "imagefolder":
+        root = Path(cfg.root).expanduser()
+        classes, train, skipped_train = sources.read_image_folder(root / "train", on_error=on_error)
+        val_classes, val, skipped_val = sources.read_image_folder(root / "val", on_error=on_error)
+        if val_classes != classes:
+            raise sources.DataError(f"{root / 'val'}: classes {val_classes} differ from {root / 'train'}: {classes}")
+        skipped = {f"train_{k}": v for k, v in skipped_train.items()} | {f"val_{k}": v for k, v in skipped_val.items()}
+        index = {"source": "imagefolder", "classes": classes, "image_size": cfg.image_size, "train": [list(t) for t in train], "val": [list(t) for t in val]}
+    else:  # cifar10
+        classes, train_images, train_labels = sources.read_cifar10(cfg.root, train=True, download=cfg.download)
+        _, val_images, val_labels = sources.read_cifar10(cfg.root, train=False, download=cfg.download)
+        index = {
+            "source": "cifar10",
+            "classes": classes,
+            "image_size": cfg.image_size,
+            "train": sources.write_array_images(out, "images/train", train_images, train_labels, classes),
+            "val": sources.write_array_images(out, "images/val", val_images, val_labels, classes),
+        }
+    write_json(out / "index.json", index, indent=None)
+    n_train = len(index["train"])
+    for percent in cfg.labeled_percents:
+        for fold in range(cfg.folds):
+            labeled, _ = splits.labeled_split(range(n_train), percent, fold, seed)
+            write_json(out / "splits" / f"labeled_{pct_name(percent)}_fold{fold}.json", {"percent": percent, "fold": fold, "labeled": labeled}, indent=None)
+    return {"classes": len(index["classes"]), "train": n_train, "val": len(index["val"]), "skipped": skipped}
+
+
+def detection_dataset(cfg: DetectionData, seed: int, on_error: str, out: Path) -> dict:
+    skipped: dict[str, int] = {}
+    if cfg.source == "shapes":
+        train, val = shapes.write_shapes_detection(out, cfg.image_size, cfg.num_train, cfg.num_val, cfg.min_objects, cfg.max_objects, seed)
+    else:  # coco: validated, image roots recorded as absolute paths
+        train, skipped_train = sources.read_coco(cfg.train_annotations, on_error=on_error, image_root=Path(cfg.train_images).expanduser().resolve(), check_images=True)
+        val, skipped_val = sources.read_coco(cfg.val_annotations, on_error=on_error, image_root=Path(cfg.val_images).expanduser().resolve(), check_images=True)
+        skipped = {f"train_{k}": v for k, v in skipped_train.items() if v} | {f"val_{k}": v for k, v in skipped_val.items() if v}
+    write_json(out / "train.json", train, indent=None)
+    write_json(out / "val.json", val, indent=None)
+    ids = [im["id"] for im in train["images"]]
+    split_sizes = {}
+    for percent in cfg.labeled_percents:
+        for fold in range(cfg.folds):
+            labeled_ids, _ = splits.labeled_split(ids, percent, fold, seed)
+            labeled, unlabeled = splits.split_coco(train, labeled_ids)
+            d = out / "splits" / f"{pct_name(percent)}_fold{fold}"
+            for part in (labeled, unlabeled):  # image_root stays valid from the split's own directory
+                root = Path(train["info"]["image_root"])
+                if not root.is_absolute():
+                    part["info"] = {**train["info"], "image_root": os.path.relpath(out / root, d)}
+            write_json(d / "labeled.json", labeled, indent=None)
+            write_json(d / "unlabeled.json", unlabeled, indent=None)
+            split_sizes[f"{pct_name(percent)}_fold{fold}"] = {"labeled": len(labeled["images"]), "unlabeled": len(unlabeled["images"])}
+    return {
+        "categories": len(train["categories"]),
+        "train_images": len(train["images"]),
+        "train_boxes": len(train["annotations"]),
+        "val_images": len(val["images"]),
+        "val_boxes": len(val["annotations"]),
+        "splits": split_sizes,
+        "skipped": skipped,
+    }
+
+
+def prepare(ctx: StageContext) -> dict:
+    """Write the classification and detection datasets, their splits, and a contact sheet."""
+    cfg = ctx.section
+    data = ctx.root / "data"
+    cls_counts = build_in_place(data / "classification", lambda tmp: classification_dataset(cfg.classification, ctx.seed, cfg.on_error, tmp))
+    log.info("classification: %s", cls_counts)
+    det_counts = build_in_place(data / "detection", lambda tmp: detection_dataset(cfg.detection, ctx.seed, cfg.on_error, tmp))
+    log.info("detection: %s", det_counts)
+
+    n = cfg.contact_sheet_samples
+    index = sources.load_classification_index(data / "classification" / "index.json")
+    cls_sheet = ctx.plots_dir / "classification_samples.png"
+    save_image(cls_sheet, classification_sheet(index.train, index.classes, per_class=max(1, n // 2)))
+    det_sheet = ctx.plots_dir / "detection_samples.png"
+    save_image(det_sheet, coco_sheet(sources.load_coco(data / "detection" / "train.json"), num_images=n))
+    for fig in (cls_sheet, det_sheet):
+        ctx.log_figure(fig)
+    return {"classification": cls_counts, "detection": det_counts}
+
+
+if __name__ == "__main__":
+    run_stage("prepare", prepare)

@@ -1,0 +1,71 @@
+"""Stage tests run the real CLI (`dvc repro`, `python -m pipelines.<stage>`) in a temporary git + DVC
+copy of the project whose params.yaml is tests/micro.params.yaml and whose MLflow store is a temporary
+SQLite file."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+COPY = ["components", "pipelines", "dvc.yaml", ".dvcignore", "pyproject.toml", ".gitignore"]
+
+
+def make_project(dest: Path, params: Path = REPO / "tests" / "micro.params.yaml") -> Path:
+    """Copy the project's code and dvc.yaml into ``dest`` as a fresh git + DVC repository."""
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in COPY:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    (dest / ".dvc").mkdir(exist_ok=True)
+    shutil.copy2(REPO / ".dvc" / "config", dest / ".dvc" / "config")
+    (dest / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
+    shutil.copy2(params, dest / "params.yaml")
+    env = project_env(dest)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
+    return dest
+
+
+def project_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+        PREFECT_HOME=str(root / ".prefect"),
+        DO_NOT_TRACK="1",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONPATH=str(root),
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+    )
+    env.pop("MIMFLOW_PARENT_RUN_ID", None)
+    return env
+
+
+def run(root: Path, *cmd: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a command in the project; on an unexpected exit code fail with its output."""
+    proc = subprocess.run(list(cmd), cwd=root, env=project_env(root), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def dvc_repro(root: Path, *targets: str) -> subprocess.CompletedProcess:
+    return run(root, str(BIN / "dvc"), "repro", *targets)
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    """One micro project shared by the stage tests (stages reuse upstream outputs through DVC)."""
+    return make_project(tmp_path_factory.mktemp("micro") / "project")
