@@ -42,7 +42,7 @@ def stage_order(root: Path = ROOT) -> list[str]:
         stages = [s for s in graph.nodes if getattr(s, "cmd", None)]
         position = {s: i for i, s in enumerate(repo.index.stages)}
         ordered = nx.lexicographical_topological_sort(graph.reverse(copy=True).subgraph(stages), key=lambda s: f"{position.get(s, 0):06d}")
-        return [s.addressing for s in ordered]
+        return [s.name for s in ordered]
 
 
 def stage_metrics_files(stage: str, root: Path = ROOT) -> list[Path]:
@@ -51,7 +51,7 @@ def stage_metrics_files(stage: str, root: Path = ROOT) -> list[Path]:
 
     with Repo(str(root)) as repo:
         for s in repo.index.stages:
-            if s.addressing == stage:
+            if s.name == stage:
                 return [Path(o.fs_path) for o in s.outs if o.metric]
     return []
 

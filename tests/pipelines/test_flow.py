@@ -1,0 +1,61 @@
+"""The Prefect flow drives the DVC stages in dvc.yaml's order and nests their MLflow runs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.pipelines.conftest import dvc_repro, project_env
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_stage_order_comes_from_dvc_yaml(project):
+    from pipelines.flow import stage_order
+
+    order = stage_order(project)
+    assert order[0] == "prepare"
+    import yaml
+
+    declared = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    assert {s.split("@")[0] for s in order} == set(declared)
+    if "report" in declared:
+        assert order[-1] == "report"
+
+
+def test_flow_runs_stages_and_nests_their_mlflow_runs(project, harness, monkeypatch):
+    import mlflow
+
+    from pipelines.flow import mimflow_pipeline
+
+    dvc_repro(project, "prepare")
+    for key, value in project_env(project).items():
+        if key in ("MLFLOW_TRACKING_URI", "PATH", "PYTHONPATH") or key.startswith(("DO_NOT", "DVC_", "MLFLOW_DISABLE")):
+            monkeypatch.setenv(key, value)
+    monkeypatch.chdir(project)
+    result = mimflow_pipeline(stages=["prepare"], force=True, retries=0, root=str(project))
+    assert "prepare" in result and any("prepare.json" in k for k in result["prepare"])
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["mimflow"], output_format="list")
+    parents = [r for r in runs if r.info.run_name == "flow"]
+    assert parents, [r.info.run_name for r in runs]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert [r.info.run_name for r in children] == ["prepare"]
+    child = children[0]
+    assert child.data.tags["stage"] == "prepare" and "mlflow.source.git.commit" in child.data.tags
+    assert child.data.metrics["classification.train"] == 96
+    assert "prepare.classification.image_size" in child.data.params
+
+
+def test_flow_rejects_unknown_stages(project, harness):
+    from pipelines.flow import mimflow_pipeline
+
+    with pytest.raises(ValueError, match="unknown stage"):
+        mimflow_pipeline(stages=["no_such_stage"], root=str(project))
