@@ -99,6 +99,9 @@ def run_dvc_stage(stage: str, root: str, env: dict[str, str], force: bool = Fals
     markdown = metrics_markdown(stage, files)
     key = re.sub(r"[^a-z0-9-]", "-", stage.lower())
     create_markdown_artifact(key=f"{key}-metrics", markdown=markdown, description=f"metrics of {stage}")
+    summary = Path(root) / "reports" / "summary.md"
+    if stage == "report" and summary.is_file():
+        create_markdown_artifact(key="mimflow-report", markdown=summary.read_text(), description="the results page (reports/index.html)")
     return {str(p): json.loads(p.read_text()) for p in files if p.is_file()}
 
 
