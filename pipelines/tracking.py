@@ -99,6 +99,19 @@ def dependency_hashes(root: Path, stage: str) -> dict[str, str]:
     return {f"dvc.dep.{p}": str(outs[p]) for p in deps if outs.get(p)}
 
 
+def model_requirements() -> list[str]:
+    """``name==version`` of the packages a logged classifier or detector needs to load and run."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "torchvision", "timm"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
 class Tracker:
     """A thin wrapper over one MLflow run; every method is a no-op when tracking is off or on ranks > 0."""
 
@@ -167,12 +180,28 @@ class Tracker:
                 out = model(input_example)
             signature = infer_signature(input_example.cpu().numpy(), out.detach().cpu().numpy())
             input_example = input_example.cpu().numpy()
-        info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=input_example, registered_model_name=registered_name)
+        # Pinned from the running environment: MLflow's own requirement inference costs ~20 s per model.
+        info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=input_example,
+                                        registered_model_name=registered_name, pip_requirements=model_requirements())
         if registered_name and alias:
             client = self._mlflow.MlflowClient()
             version = getattr(info, "registered_model_version", None)
             if version is not None:
                 client.set_registered_model_alias(registered_name, self.cfg.registry_alias, str(version))
+
+    def alias_metric(self, registered_name: str, metric: str) -> float | None:
+        """``metric`` of the run whose model version holds the registry alias; None when tracking or model
+        logging is off, or there is no such model, alias, run or metric (the caller's run is then the best)."""
+        if self._mlflow is None or not self.cfg.log_models:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        client = self._mlflow.MlflowClient()
+        try:
+            version = client.get_model_version_by_alias(registered_name, self.cfg.registry_alias)
+            return client.get_run(version.run_id).data.metrics.get(metric) if version.run_id else None
+        except MlflowException:
+            return None
 
     def end(self, status: str = "FINISHED") -> None:
         if self._mlflow is not None:

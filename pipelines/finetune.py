@@ -1,0 +1,253 @@
+"""Stage ``finetune@<init>``: fine-tune a classifier on the labeled split, for init in scratch | mae | ibot | cnn.
+
+ViTs follow MAE's fine-tuning recipe (layer-wise lr decay for pretrained encoders, avg pool + fc_norm,
+drop path, Mixup/CutMix + label smoothing, RandAugment, random erasing, AdamW, warmup + cosine);
+``cnn`` is a ResNet trained from scratch with the same data and schedule, the baseline CKA compares
+against. Before fine-tuning, each ViT encoder is also evaluated frozen: a linear probe and a weighted
+k-NN on its [CLS] feature (for ``scratch`` that is the random init, the floor the pretrained ones must beat).
+
+Writes ``models/finetune/<init>/model.{safetensors,json}``, ``metrics/finetune/<init>.json``,
+``plots/finetune/<init>/`` (per-epoch train/val CSVs, predictions for dvc's confusion template and a
+confusion-matrix figure), resumable checkpoints in ``checkpoints/finetune/<init>/``, and the
+classifier to MLflow (registered as ``mimflow-finetune-<init>``; the registry alias moves to this
+version when its top-1 is at least that of the version holding it).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from components.data.sources import DataError, ImageListDataset, load_classification_index
+from components.data.splits import read_labeled_indices
+from components.evaluation.classification import confusion_figure, evaluate_classifier
+from components.evaluation.knn import knn_accuracy
+from components.evaluation.linear_probe import extract_pooled_features, fit_probe_head, probe_head
+from components.io import atomic_write, read_json, write_text
+from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
+from components.models.vit import ENCODER_SPEC, ENCODER_WEIGHTS, ViTSpec, create_vit, load_encoder, read_spec
+from components.training.distributed import EpochLoader
+from components.training.engine import TrainConfig, Trainer
+from components.training.finetune import FinetuneStep, build_mixup, finetune_criterion, finetune_optimizer, finetune_transforms
+from components.training.schedules import warmup_cosine
+from pipelines.common import StageContext, run_stage
+
+log = logging.getLogger("mimflow.finetune")
+
+INITS = ("scratch", "mae", "ibot", "cnn")
+ENCODER_DIRS = {"mae": Path("models/pretrain_mae"), "ibot": Path("models/pretrain_ibot")}
+DATA = Path("data/classification")
+
+
+def file_digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def labeled_split(ctx: StageContext, num_train: int) -> tuple[Path, list[int]]:
+    cfg = ctx.section
+    path = ctx.root / DATA / "splits" / f"labeled_{cfg.labeled_percent:g}_fold{cfg.fold}.json"
+    if not path.is_file():
+        have = ctx.params.prepare.classification
+        raise DataError(
+            f"{path}: no labeled split for finetune.labeled_percent = {cfg.labeled_percent:g}, finetune.fold = {cfg.fold} "
+            f"(prepare.classification.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
+        )
+    return path, read_labeled_indices(path, num_train)
+
+
+def build_model(ctx: StageContext, init: str, num_classes: int, image_size: int, classes: list[str]):
+    """(model, meta for model.json, ViT depth or None, layer decay or None, encoder dir or None)."""
+    cfg = ctx.section
+    if init == "cnn":
+        c = cfg.cnn
+        model = build_cnn_classifier(c.arch, num_classes, image_size, c.width)
+        return model, cnn_meta(c.arch, num_classes, image_size, c.width, classes), None, None, None
+    v = cfg.vit
+    encoder_dir = ctx.root / ENCODER_DIRS[init] if init in ENCODER_DIRS else None
+    if encoder_dir is not None:
+        spec = read_spec(encoder_dir)
+        if spec.img_size != image_size:
+            raise ValueError(f"{encoder_dir / 'encoder.json'}: encoder img_size {spec.img_size} differs from the data's image_size {image_size}")
+        model, spec = build_vit_classifier(num_classes, encoder_dir=encoder_dir, global_pool=v.global_pool, drop_path_rate=v.drop_path)
+        layer_decay = v.layer_decay  # BEiT/MAE: protect the pretrained lower layers
+    else:
+        spec = v.scratch_model.spec()
+        if spec.img_size != image_size:
+            raise ValueError(f"finetune.vit.scratch_model: img_size {spec.img_size} differs from the data's image_size {image_size} (set finetune.vit.scratch_model.img_size)")
+        model, spec = build_vit_classifier(num_classes, spec=spec, global_pool=v.global_pool, drop_path_rate=v.drop_path)
+        layer_decay = None  # a random init has no lower layers worth protecting
+    return model, vit_meta(spec, num_classes, v.global_pool, classes), spec.depth, layer_decay, encoder_dir
+
+
+def normalisation(cfg, encoder_dir: Path | None) -> tuple[tuple, tuple]:
+    """Input mean/std: a pretrained encoder's own (when its encoder.json records them), else finetune.mean/std."""
+    mean, std = tuple(cfg.mean), tuple(cfg.std)
+    if encoder_dir is not None:
+        meta = read_json(encoder_dir / ENCODER_SPEC)
+        if "mean" in meta and "std" in meta:
+            mean, std = tuple(meta["mean"]), tuple(meta["std"])
+    return mean, std
+
+
+def frozen_evaluation(ctx: StageContext, init: str, spec_or_dir, train_loader, val_loader, num_classes: int) -> dict:
+    """Linear probe and weighted k-NN on the frozen encoder's pooled feature (before fine-tuning)."""
+    cfg = ctx.section
+    with torch.random.fork_rng(devices=[]):  # the fine-tuning run's random stream stays the same with or without this
+        torch.manual_seed(ctx.seed + 1)
+        if isinstance(spec_or_dir, Path):
+            encoder, _ = load_encoder(spec_or_dir, num_classes=0, global_pool="token")
+        else:
+            encoder = create_vit(spec_or_dir, num_classes=0, global_pool="token")
+        encoder.to(ctx.device)
+        pool = cfg.linear_probe.pool
+        train_x, train_y = extract_pooled_features(encoder, train_loader, pool, ctx.device)
+        val_x, val_y = extract_pooled_features(encoder, val_loader, pool, ctx.device)
+        out = {}
+        if cfg.knn.enabled:
+            out["knn_top1"] = knn_accuracy(train_x, train_y, val_x, val_y, num_classes, k=cfg.knn.k, T=cfg.knn.temperature)
+        if cfg.linear_probe.enabled:
+            p = cfg.linear_probe
+            head = probe_head(train_x.shape[1], num_classes)
+            fit_probe_head(head, train_x, train_y, p.epochs, p.batch_size, p.blr, p.weight_decay, p.warmup_epochs, seed=ctx.seed)
+            with torch.no_grad():
+                out["linear_probe_top1"] = 100.0 * float((head(val_x).argmax(1) == val_y).float().mean())
+    log.info("%s frozen encoder: %s", init, out)
+    return out
+
+
+def finetune(ctx: StageContext) -> dict:
+    """Fine-tune one initialisation on the labeled split and evaluate it on the held-out set."""
+    cfg, init = ctx.section, ctx.variant
+    index_path = ctx.root / DATA / "index.json"
+    index = load_classification_index(index_path)
+    split_path, labeled = labeled_split(ctx, len(index.train))
+    num_classes, size = len(index.classes), index.image_size
+    world = ctx.info.world_size
+    if cfg.batch_size * world > len(labeled):
+        raise ValueError(f"finetune.batch_size = {cfg.batch_size}: larger than the {len(labeled)} labeled images ({world} process(es))")
+
+    model, meta, depth, layer_decay, encoder_dir = build_model(ctx, init, num_classes, size, index.classes)
+    mean, std = normalisation(cfg, encoder_dir)
+    train_tf, eval_tf = finetune_transforms(size, cfg.rand_augment or None, cfg.re_prob, tuple(cfg.crop_scale), mean, std)
+    train_items = [index.train[i] for i in labeled]
+    loader = EpochLoader(ImageListDataset(train_items, train_tf), cfg.batch_size, seed=ctx.seed, info=ctx.info, num_workers=ctx.num_workers)
+    eval_loader = lambda items: DataLoader(ImageListDataset(items, eval_tf), batch_size=cfg.eval_batch_size, num_workers=ctx.num_workers)  # noqa: E731
+    val_loader = eval_loader(index.val)
+
+    metrics: dict = {"init": init, "labeled_images": len(labeled), "val_images": len(index.val), "classes": num_classes}
+    if init != "cnn" and ctx.is_main and (cfg.linear_probe.enabled or cfg.knn.enabled):
+        t = time.perf_counter()
+        metrics.update(frozen_evaluation(ctx, init, encoder_dir or read_meta_spec(meta), eval_loader(train_items), val_loader, num_classes))
+        metrics["frozen_eval_s"] = round(time.perf_counter() - t, 2)
+
+    blr = cfg.cnn.blr if init == "cnn" else cfg.vit.blr
+    wd = cfg.cnn.weight_decay if init == "cnn" else cfg.vit.weight_decay
+    steps_per_epoch = len(loader) // cfg.accum_steps
+    total = cfg.epochs * steps_per_epoch
+    lr = blr * cfg.batch_size * cfg.accum_steps * world / 256
+    optimizer = finetune_optimizer(model, wd, layer_decay, depth, ctx.device)
+    mixup = build_mixup(num_classes, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
+    step_fn = FinetuneStep(finetune_criterion(mixup, cfg.label_smoothing), mixup, seed=ctx.seed)
+    digest = file_digest(index_path, split_path, *([encoder_dir / ENCODER_WEIGHTS] if encoder_dir else []))
+    train_cfg = TrainConfig(
+        total_steps=total, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, precision=ctx.precision,
+        ckpt_dir=ctx.checkpoint_dir, ckpt_every=cfg.ckpt_every, log_every=1, fingerprint=ctx.fingerprint(digest),
+        desc=ctx.stage_id, progress=ctx.params.runtime.progress, compile=ctx.params.runtime.compile,
+    )
+    trainer = Trainer(model, optimizer, train_cfg, ctx.device, ctx.info,
+                      lr_fn=lambda s: warmup_cosine(s, total, cfg.warmup_epochs * steps_per_epoch, lr, cfg.min_lr),
+                      on_log=lambda step, rec: ctx.log_metrics({k: v for k, v in rec.items() if k.startswith("val_")}, step) if "val_top1" in rec else None)
+
+    def on_epoch_end(epoch: int) -> dict | None:
+        if (epoch + 1) % cfg.eval_every or epoch + 1 == cfg.epochs:  # the last epoch is evaluated after fit
+            return None
+        res = evaluate_classifier(model, val_loader, num_classes, ctx.device)
+        return {"val_top1": res["top1"], "val_top5": res["top5"], "val_loss": res["loss"]}
+
+    t = time.perf_counter()
+    history = trainer.fit(loader, step_fn, on_epoch_end)
+    train_s = time.perf_counter() - t
+    final = evaluate_classifier(model, val_loader, num_classes, ctx.device)
+    if not ctx.is_main:
+        return {}
+
+    # ---- per-epoch curves, best epoch
+    train_rows, val_rows = epoch_curves(history)
+    val_rows.append({"epoch": cfg.epochs, "val_top1": final["top1"], "val_top5": final["top5"], "val_loss": final["loss"]})
+    best = max(val_rows, key=lambda r: r["val_top1"])
+    plots = ctx.plots_dir
+    write_csv(plots / "train.csv", train_rows, ["epoch", "train_loss", "lr"])
+    write_csv(plots / "val.csv", val_rows, ["epoch", "val_top1", "val_top5", "val_loss"])
+    cm = final["confusion"]
+    pred_rows = [{"actual": index.classes[i], "predicted": index.classes[j]} for i in range(num_classes) for j in range(num_classes) for _ in range(int(cm[i, j]))]
+    write_csv(plots / "predictions.csv", pred_rows, ["actual", "predicted"])
+    fig = confusion_figure(cm, index.classes, title=f"{ctx.stage_id}: top-1 {final['top1']:.1f} %")
+    figure = plots / "confusion.png"
+    atomic_write(figure, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    ctx.log_figure(figure)
+    for row in train_rows:
+        ctx.log_metrics({"epoch_train_loss": row["train_loss"]}, step=row["epoch"])
+
+    # ---- weights for cka/report, and the model registry
+    model = model.cpu().eval()
+    save_classifier(model, ctx.models_dir, meta)
+    steps_done = [r for r in history if "images_per_s" in r]
+    metrics.update({
+        "top1": final["top1"], "top5": final["top5"], "val_loss": final["loss"],
+        "best_top1": best["val_top1"], "best_epoch": int(best["epoch"]), "epochs": cfg.epochs,
+        "steps": total, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "train_s": round(train_s, 2),
+        "train_images_per_s": round(sum(r["images_per_s"] for r in steps_done) / max(len(steps_done), 1), 1),
+    })
+    register(ctx, model, init, final["top1"], val_loader)
+    return metrics
+
+
+def read_meta_spec(meta: dict) -> ViTSpec:
+    return ViTSpec(**{k: meta[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans")})
+
+
+def epoch_curves(history: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Mean training loss and last lr per epoch, and the validation records, from the engine's history."""
+    by_epoch: dict[int, list[dict]] = {}
+    val_rows = []
+    for rec in history:
+        if "val_top1" in rec:
+            val_rows.append({"epoch": rec["epoch"] + 1, **{k: rec[k] for k in ("val_top1", "val_top5", "val_loss")}})
+        elif "loss" in rec:
+            by_epoch.setdefault(rec["epoch"], []).append(rec)
+    train_rows = [
+        {"epoch": e + 1, "train_loss": sum(r["loss"] for r in recs) / len(recs), "lr": recs[-1]["lr"]} for e, recs in sorted(by_epoch.items())
+    ]
+    return train_rows, val_rows
+
+
+def register(ctx: StageContext, model: torch.nn.Module, init: str, top1: float, val_loader) -> None:
+    """Log the classifier to MLflow with a signature, register it, and move the alias when this run is the best."""
+    name = f"mimflow-finetune-{init}"
+    previous = ctx.tracker.alias_metric(name, "top1")
+    example = next(iter(val_loader))[0][:2]  # [2, 3, H, W]: a batch of 2 keeps the exported batch dimension dynamic
+    t = time.perf_counter()
+    ctx.tracker.log_model(model, name="classifier", input_example=example, registered_name=name, alias=previous is None or top1 >= previous)
+    log.info("logged %s to MLflow in %.1f s (alias %s)", name, time.perf_counter() - t, "moved" if previous is None or top1 >= previous else "kept")
+
+
+if __name__ == "__main__":
+    run_stage("finetune", finetune, variant_arg="init", variants=INITS)
