@@ -19,6 +19,21 @@ from components.training.distributed import sample_seed
 from components.training.optim import adamw, param_groups
 
 
+# Pillow >= 10 refuses to posterize to 0 bits, which timm's increasing-severity posterize asks for at
+# magnitude 10 (the top of the scale, hit whenever the magnitude noise is clipped there). Unless the
+# config sets its own bound, magnitudes are clipped to [0, 9] (timm's ``mmax`` takes integers only);
+# with MAE's m9 that trims only the noise above 9.
+RAND_AUGMENT_MMAX = 9
+
+
+def rand_augment_config(config: str) -> str:
+    """timm's RandAugment string with the magnitude bound ``mmax`` set (see ``RAND_AUGMENT_MMAX``)."""
+    parts = config.split("-")
+    if any(p.startswith("mmax") for p in parts[1:]):
+        return config
+    return f"{config}-mmax{RAND_AUGMENT_MMAX}"
+
+
 def finetune_transforms(
     img_size: int,
     rand_augment: str | None = "rand-m9-mstd0.5-inc1",
@@ -33,7 +48,7 @@ def finetune_transforms(
         img_size,
         is_training=True,
         scale=tuple(crop_scale),
-        auto_augment=rand_augment or None,
+        auto_augment=rand_augment_config(rand_augment) if rand_augment else None,
         interpolation=interpolation,
         re_prob=re_prob,
         re_mode="pixel",

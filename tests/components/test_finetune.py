@@ -20,7 +20,7 @@ from components.models.cnn import create_cnn, residual_blocks
 from components.models.vit import EncoderLoadError, ViTSpec, create_vit, encoder_state, save_encoder
 from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer
-from components.training.finetune import FinetuneStep, build_mixup, finetune_criterion, finetune_optimizer
+from components.training.finetune import FinetuneStep, build_mixup, finetune_criterion, finetune_optimizer, finetune_transforms
 
 torch.set_num_threads(1)
 SPEC = ViTSpec(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)
@@ -167,3 +167,17 @@ def test_finetune_step_mixes_reproducibly_without_touching_numpy_state():
     for mixed in (a, c):
         lam = ((mixed - flipped) / (x - flipped)).median()
         assert torch.allclose(mixed, lam * x + (1 - lam) * flipped, atol=1e-5) or bool(((mixed == x) | (mixed == flipped)).all())
+
+
+def test_train_transform_survives_the_strongest_rand_augment():
+    """At magnitude 10 timm's posterize asks for 0 bits, which Pillow >= 10 refuses; the cap avoids it."""
+    from PIL import Image
+
+    train, evaluation = finetune_transforms(16, "rand-m10-mstd0.5-inc1-n15-p1.0", re_prob=1.0)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    np.random.seed(0)
+    outs = [train(img) for _ in range(20)]
+    assert all(o.shape == (3, 16, 16) and torch.isfinite(o).all() for o in outs)
+    assert not torch.equal(outs[0], outs[1])
+    assert torch.equal(evaluation(img), evaluation(img))  # evaluation is deterministic
