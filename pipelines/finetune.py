@@ -246,7 +246,8 @@ def register(ctx: StageContext, model: torch.nn.Module, init: str, top1: float, 
     example = next(iter(val_loader))[0][:2]  # [2, 3, H, W]: a batch of 2 keeps the exported batch dimension dynamic
     t = time.perf_counter()
     ctx.tracker.log_model(model, name="classifier", input_example=example, registered_name=name, alias=previous is None or top1 >= previous)
-    log.info("logged %s to MLflow in %.1f s (alias %s)", name, time.perf_counter() - t, "moved" if previous is None or top1 >= previous else "kept")
+    if ctx.tracker.enabled and ctx.params.tracking.log_models:
+        log.info("logged %s to MLflow in %.1f s (alias %s)", name, time.perf_counter() - t, "moved" if previous is None or top1 >= previous else "kept")
 
 
 if __name__ == "__main__":
