@@ -126,7 +126,18 @@ class Detect(Section):
 
 
 class CKA(Section):
-    pass
+    """Minibatch CKA (Kornblith et al. 2019; Nguyen et al. 2021) between every layer of the MAE ViT,
+    the iBOT ViT, one fine-tuned ViT and the CNN, on the held-out (val) images."""
+
+    finetuned: Literal["scratch", "mae", "ibot"] = "mae"  # which finetune@<init> ViT is compared
+    kernel: Literal["linear", "rbf"] = "linear"
+    rbf_threshold: float = Field(1.0, gt=0)  # rbf: sigma = threshold * sqrt(median squared distance)
+    debiased: bool = True  # unbiased HSIC (U-centering); false: the biased estimator
+    pooling: Literal["mean", "cls", "flatten"] = "mean"  # ViT tokens / CNN maps -> one row per image
+    vit_layers: list[str] = Field(default_factory=lambda: ["blocks.*"], min_length=1)  # names or globs (* = one name part)
+    cnn_layers: list[str] = Field(default_factory=lambda: ["layer*.*"], min_length=1)
+    batch_size: int = Field(256, ge=4)  # upper bound; the images are split into equal batches
+    max_images: int | None = Field(None, ge=4)  # the first N held-out images (null: all)
 
 
 class Report(Section):

@@ -1,0 +1,171 @@
+"""Stage ``cka``: minibatch CKA between every layer of the MAE-pretrained ViT, the iBOT-pretrained ViT,
+one fine-tuned ViT and the CNN baseline, on the held-out images (Raghu et al. 2021, Sec. 3-4).
+
+One pass over the val split, in index order, feeds every model each batch (each with its own input
+normalisation), and one ``MinibatchCKA`` accumulates the HSIC of every layer pair of every model at
+once, so every model sees exactly the same images. Writes ``metrics/cka.json`` (each model's layer
+names, the CKA matrix of each model with itself and with every other model, and a few summaries),
+``plots/cka/<a>__<b>.png`` heatmaps and ``plots/cka/summary.png``, all logged to MLflow.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torchvision.transforms as T
+from torch import nn
+from torch.utils.data import DataLoader
+
+from components.analysis.cka import MinibatchCKA
+from components.analysis.features import paired_features, select_layers
+from components.analysis.heatmap import plot_cka_grid, plot_cka_heatmap, save_figure
+from components.data.sources import DataError, ImageListDataset, load_classification_index
+from components.io import read_json
+from components.models.classifier import CLASSIFIER_SPEC, load_classifier
+from components.models.vit import ENCODER_SPEC, load_encoder
+from pipelines.common import StageContext, run_stage
+
+log = logging.getLogger("mimflow.cka")
+
+DATA = Path("data/classification")
+ENCODERS = {"mae": Path("models/pretrain_mae"), "ibot": Path("models/pretrain_ibot")}
+FINETUNE = Path("models/finetune")
+
+
+def model_dirs(finetuned: str) -> dict[str, Path]:
+    """The compared models, in the order of the heatmaps: name -> weights directory."""
+    return {**ENCODERS, "finetuned": FINETUNE / finetuned, "cnn": FINETUNE / "cnn"}
+
+
+def titles(finetuned: str, cnn_arch: str) -> dict[str, str]:
+    return {"mae": "ViT (MAE)", "ibot": "ViT (iBOT)", "finetuned": f"ViT (fine-tuned, {finetuned} init)", "cnn": f"CNN ({cnn_arch})"}
+
+
+def normalisation(ctx: StageContext, name: str, meta: dict) -> tuple[list[float], list[float]]:
+    """The input mean/std a model was trained with: its own JSON's, else (a fine-tuned ViT) its
+    encoder's, else the finetune section's (what finetune falls back to)."""
+    sources = [meta]
+    if name == "finetuned" and ctx.section.finetuned in ENCODERS:
+        enc = ctx.root / ENCODERS[ctx.section.finetuned] / ENCODER_SPEC
+        if enc.is_file():
+            sources.append(read_json(enc))
+    for m in sources:
+        if "mean" in m and "std" in m:
+            return list(m["mean"]), list(m["std"])
+    return list(ctx.params.finetune.mean), list(ctx.params.finetune.std)
+
+
+def load_models(ctx: StageContext, image_size: int) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+    """name -> model (eval, on the device), and name -> {"path", "arch", "mean", "std"}."""
+    models, info = {}, {}
+    for name, rel in model_dirs(ctx.section.finetuned).items():
+        path = ctx.root / rel
+        if name in ENCODERS:
+            model, spec = load_encoder(path)
+            meta = read_json(path / ENCODER_SPEC)
+            size = spec.img_size
+        else:
+            model = load_classifier(path)
+            meta = read_json(path / CLASSIFIER_SPEC)
+            size = int(meta["img_size"])
+        if size != image_size:
+            raise ValueError(f"{path}: model img_size {size} differs from the held-out images' image_size {image_size} ({ctx.root / DATA / 'index.json'})")
+        mean, std = normalisation(ctx, name, meta)
+        models[name] = model.eval().to(ctx.device)
+        info[name] = {"path": str(rel), "arch": meta["arch"], "mean": mean, "std": std}
+    return models, info
+
+
+def equal_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Indices 0..n-1 in order, split into ceil(n / batch_size) batches whose sizes differ by at most 1
+    (no tiny last batch: the debiased estimator needs at least 4 examples per batch)."""
+    k = -(-n // batch_size)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
+
+
+def pair_summary(m: torch.Tensor, same_model: bool) -> dict:
+    """Scalars for MLflow and `dvc metrics`: mean CKA, the mean over corresponding layers (square
+    matrices), the mean off-diagonal self-similarity (a model with itself: how uniform its layers are)."""
+    out = {"mean": float(m.mean())}
+    if m.shape[0] == m.shape[1]:
+        out["diagonal"] = float(m.diagonal().mean())
+    if same_model and m.shape[0] > 1:
+        off = ~torch.eye(m.shape[0], dtype=torch.bool)
+        out["offdiagonal"] = float(m[off].mean())
+    return out
+
+
+def cka(ctx: StageContext) -> dict:
+    """CKA between every layer of the MAE, iBOT, fine-tuned ViTs and the CNN on the held-out images."""
+    cfg = ctx.section
+    index = load_classification_index(ctx.root / DATA / "index.json")
+    items = index.val[: cfg.max_images] if cfg.max_images else index.val
+    if cfg.debiased and len(items) < 4:
+        raise DataError(f"{ctx.root / DATA / 'index.json'}: {len(items)} held-out images; debiased CKA needs at least 4")
+    models, info = load_models(ctx, index.image_size)
+    layers = {}
+    for name, model in models.items():
+        patterns = cfg.cnn_layers if name == "cnn" else cfg.vit_layers
+        try:
+            layers[name] = select_layers(model, patterns)
+        except ValueError as e:
+            raise ValueError(f"cka.{'cnn' if name == 'cnn' else 'vit'}_layers: {e}") from None
+        info[name]["layers"] = layers[name]
+    names = [f"{m}/{layer}" for m in models for layer in layers[m]]
+
+    size = index.image_size
+    to_tensor = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor()])  # [3, H, W] in [0, 1]
+    batches = equal_batches(len(items), cfg.batch_size)
+    loader = DataLoader(ImageListDataset(items, to_tensor), batch_sampler=batches, num_workers=ctx.num_workers)
+    norms = {name: T.Normalize(i["mean"], i["std"]) for name, i in info.items()}
+    autocast = ctx.device.type == "cuda" and ctx.precision in ("bf16", "fp16")
+    dtype = torch.bfloat16 if ctx.precision == "bf16" else torch.float16
+
+    acc = MinibatchCKA(names, kernel=cfg.kernel, debiased=cfg.debiased, threshold=cfg.rbf_threshold, device=ctx.device)
+    t = time.perf_counter()
+    with torch.autocast(ctx.device.type, dtype=dtype, enabled=autocast):
+        for feats in paired_features(models, layers, loader, cfg.pooling, ctx.device, transforms=norms):
+            acc.update(feats)
+    matrix = acc.compute()  # [L, L]
+    seconds = time.perf_counter() - t
+    log.info("CKA of %d layers over %d images in %d batches: %.1f s", len(names), acc.num_examples, acc.num_batches, seconds)
+    degenerate = acc.degenerate()
+    if degenerate:
+        log.warning("layers without any variation on these images (CKA 0 with everything): %s", ", ".join(degenerate))
+    if not ctx.is_main:
+        return {}
+
+    heads = titles(cfg.finetuned, info["cnn"]["arch"])
+    order = list(models)
+    pairs, summary, panels = {}, {}, []
+    for i, a in enumerate(order):
+        for b in order[i:]:
+            rows, cols = [f"{a}/{n}" for n in layers[a]], [f"{b}/{n}" for n in layers[b]]
+            m = acc.block(matrix, rows, cols)  # [La, Lb]
+            key = f"{a}__{b}"
+            pairs[key] = {"rows": a, "cols": b, "cka": [[round(float(v), 6) for v in row] for row in m]}
+            summary[key] = pair_summary(m, a == b)
+            panel = {"matrix": m, "rows": layers[a], "cols": layers[b], "row_label": heads[a], "col_label": heads[b], "title": f"{heads[a]} vs {heads[b]}", "at": (i, order.index(b))}
+            panels.append(panel)
+            fig = plot_cka_heatmap(m, layers[a], layers[b], heads[a], heads[b], f"{'debiased' if cfg.debiased else 'biased'} {cfg.kernel} CKA, {acc.num_examples} images")
+            ctx.log_figure(save_figure(fig, ctx.plots_dir / f"{key}.png"))
+    ctx.log_figure(save_figure(plot_cka_grid(panels, f"CKA between every layer ({cfg.kernel}, {'debiased' if cfg.debiased else 'biased'}, {acc.num_examples} held-out images)"), ctx.plots_dir / "summary.png"))
+    return {
+        "kernel": cfg.kernel,
+        "debiased": cfg.debiased,
+        "pooling": cfg.pooling,
+        "images": acc.num_examples,
+        "batches": acc.num_batches,
+        "cka_s": round(seconds, 2),
+        "models": info,
+        "degenerate_layers": degenerate,
+        "summary": summary,
+        "pairs": pairs,
+    }
+
+
+if __name__ == "__main__":
+    run_stage("cka", cka)
