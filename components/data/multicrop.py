@@ -9,14 +9,15 @@ first global crop, 0.1 on the second and 0.5 on local crops; solarisation (thres
 the second global crop only. DINO blurs with sigma in (0.1, 2.0) px at 224 px; ``blur_sigma`` is a
 parameter so smaller images can keep the same relative blur.
 
-All randomness is torch's global RNG, which the project's loader seeds per sample.
+The transforms work on PIL images, as DINO's do (several times faster than tensor kernels on
+small crops). All randomness is torch's global RNG, which the project's loader seeds per sample.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
+from PIL import Image, ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
@@ -25,9 +26,17 @@ from torchvision.transforms import v2
 from components.data.masking import BlockMaskGenerator
 
 
-def _blur(sigma: tuple[float, float], p: float) -> v2.Transform:
-    kernel = 2 * math.ceil(3 * sigma[1]) + 1  # covers +-3 sigma of the widest blur
-    return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel, sigma=sigma)], p=p)
+class GaussianBlur:
+    """DINO's ``utils.GaussianBlur``: with probability ``p``, PIL Gaussian blur of radius ~ U(sigma)."""
+
+    def __init__(self, p: float, sigma: tuple[float, float]) -> None:
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if torch.rand(()).item() >= self.p:
+            return img
+        radius = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
 
 
 class MultiCropAugmentation:
@@ -57,18 +66,21 @@ class MultiCropAugmentation:
             v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
         ]
-        normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+        normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
         def crop(size: int, scale: tuple[float, float]) -> v2.Transform:
             return v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
 
-        self.global_1 = v2.Compose([v2.ToImage(), crop(global_size, global_scale), *flip_and_color_jitter, _blur(blur_sigma, 1.0), *normalize])
+        self.global_1 = v2.Compose([crop(global_size, global_scale), *flip_and_color_jitter, GaussianBlur(1.0, blur_sigma), *normalize])
         self.global_2 = v2.Compose(
-            [v2.ToImage(), crop(global_size, global_scale), *flip_and_color_jitter, _blur(blur_sigma, 0.1), v2.RandomSolarize(threshold=128, p=0.2), *normalize]
+            [crop(global_size, global_scale), *flip_and_color_jitter, GaussianBlur(0.1, blur_sigma), v2.RandomSolarize(threshold=128, p=0.2), *normalize]
         )
-        self.local = v2.Compose([v2.ToImage(), crop(local_size, local_scale), *flip_and_color_jitter, _blur(blur_sigma, 0.5), *normalize])
+        self.local = v2.Compose([crop(local_size, local_scale), *flip_and_color_jitter, GaussianBlur(0.5, blur_sigma), *normalize])
 
     def __call__(self, image) -> list[torch.Tensor]:
+        if isinstance(image, torch.Tensor):
+            image = v2.functional.to_pil_image(image)
+        image = image.convert("RGB")
         crops = [self.global_1(image), self.global_2(image)]
         crops += [self.local(image) for _ in range(self.num_local)]
         return [c.as_subclass(torch.Tensor) for c in crops]

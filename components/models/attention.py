@@ -48,7 +48,8 @@ def cls_attention_maps(model: VisionTransformer, images: torch.Tensor) -> torch.
 
 def attention_figure(images: torch.Tensor, maps: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], title: str = "") -> plt.Figure:
     """One row per image: the image, then the [CLS] attention map of each head (nearest-upsampled
-    to the image size, each map scaled to its own maximum).
+    to the image size, each map stretched to its own min-max range, as DINO's figures), with the
+    map's peak share of attention written under it.
 
     ``images``: normalised [B, 3, H, W]; ``maps``: [B, heads, G, G]; ``mean``/``std``: the
     normalisation to undo for display.
@@ -63,7 +64,9 @@ def attention_figure(images: torch.Tensor, maps: torch.Tensor, mean: tuple[float
         axes[i, 0].imshow(pix[i])
         for j in range(heads):
             a = up[i, j].numpy()
-            axes[i, j + 1].imshow(a / max(float(np.max(a)), 1e-12), cmap="inferno", vmin=0.0, vmax=1.0)
+            lo, hi = float(np.min(a)), float(np.max(a))
+            axes[i, j + 1].imshow((a - lo) / max(hi - lo, 1e-12), cmap="inferno", vmin=0.0, vmax=1.0)
+            axes[i, j + 1].text(0.5, -0.04, f"max {hi:.2f}", fontsize=6, ha="center", va="top", transform=axes[i, j + 1].transAxes)
             if i == 0:
                 axes[i, j + 1].set_title(f"head {j}", fontsize=8)
         if i == 0:
@@ -71,6 +74,6 @@ def attention_figure(images: torch.Tensor, maps: torch.Tensor, mean: tuple[float
     for ax in axes.flat:
         ax.set_axis_off()
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=8, wrap=True)
     fig.tight_layout()
     return fig

@@ -25,6 +25,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from components.training.ema import ema_update
 from components.training.schedules import cosine, linear_warmup_then_constant
 
 
@@ -274,3 +275,73 @@ def output_entropy(probs: torch.Tensor) -> dict[str, float]:
     mean_p = p.mean(dim=0)
     marg = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
     return {"entropy": float(ent), "marginal_entropy": float(marg), "kl": float(marg - ent)}
+
+
+# --------------------------------------------------------------------------------------------- training
+class IBOTTraining:
+    """The iBOT step for the shared engine (``main_ibot.py: train_one_epoch``), one object holding
+    the teacher, the loss (with its centres) and the per-step schedules.
+
+    - ``step_fn(student, batch, step)``: teacher on the two unmasked global crops, student on the
+      masked global crops and the local crops, iBOT loss; logs the teacher's collapse diagnostics;
+    - ``grad_hook(step)``: cancels the last layer's gradients during the first
+      ``freeze_last_layer_epochs`` epochs;
+    - ``after_step(step)``: EMA of the student into the teacher, momentum cosine ``momentum`` -> 1;
+    - ``extra_state``: teacher and loss (centres), for the engine's checkpoints.
+
+    ``student`` is the unwrapped module (the engine hands ``step_fn`` the DDP-wrapped one).
+    """
+
+    def __init__(
+        self,
+        student: IBOTViT,
+        teacher: IBOTViT,
+        loss: IBOTLoss,
+        steps_per_epoch: int,
+        total_steps: int,
+        momentum: float = 0.996,
+        teacher_temp: tuple[float, float] = (0.04, 0.07),
+        teacher_patch_temp: tuple[float, float] = (0.04, 0.07),
+        warmup_teacher_temp_epochs: int = 30,
+        freeze_last_layer_epochs: int = 1,
+    ) -> None:
+        self.student, self.teacher, self.loss = student, teacher, loss
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.momentum = momentum
+        self.teacher_temp, self.teacher_patch_temp = teacher_temp, teacher_patch_temp
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def extra_state(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher, "ibot_loss": self.loss}
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def temperatures(self, step: int) -> tuple[float, float]:
+        epoch = self.epoch_of(step)
+        return (
+            teacher_temperature(epoch, self.warmup_teacher_temp_epochs, *self.teacher_temp),
+            teacher_temperature(epoch, self.warmup_teacher_temp_epochs, *self.teacher_patch_temp),
+        )
+
+    def step_fn(self, student: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        glob, loc, masks = batch["global"], batch["local"], batch["masks"]
+        with torch.no_grad():
+            t = self.teacher(glob)  # the teacher sees only the unmasked global crops
+        s = student(glob, loc, masks)
+        temp, temp2 = self.temperatures(step)
+        diag = output_entropy(teacher_probs(t["cls"], self.loss.center, temp))  # before the centre moves
+        loss, logs = self.loss(s["cls"], s["patch"], t["cls"], t["patch"], torch.cat(list(masks)), temp, temp2)
+        logs.update(teacher_entropy=diag["entropy"], teacher_kl=diag["kl"], teacher_temp=temp)
+        return loss, logs
+
+    def grad_hook(self, step: int) -> None:
+        cancel_gradients_last_layer(self.student, self.epoch_of(step), self.freeze_last_layer_epochs)
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        ema_update(self.teacher, self.student, teacher_momentum(step, self.total_steps, self.momentum, 1.0))

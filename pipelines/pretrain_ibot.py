@@ -1,0 +1,225 @@
+"""Stage ``pretrain_ibot``: iBOT pretraining (Zhou et al. 2021) on the unlabeled train images.
+
+The recipe of ``main_ibot.py``: two global crops (the encoder's image size) and ``num_local`` local
+crops with DINO's augmentations; block-wise masks on the global crops; the student (drop path) sees
+the masked global crops and the local crops, the EMA teacher only the unmasked global crops; loss =
+[CLS] self-distillation over cross-view pairs + MIM distillation over same-view pairs; AdamW with
+lr = base_lr x batch / 256, linear warmup then cosine to ``min_lr``, weight decay cosine
+``weight_decay`` -> ``weight_decay_end``, per-parameter gradient clipping, the head's last layer frozen
+for ``freeze_last_layer_epochs``, teacher momentum cosine to 1, teacher temperature warm-up, and the
+centres all-reduced across processes.
+
+Writes the *teacher's* encoder (the one the paper evaluates) as ``models/pretrain_ibot/encoder.*``,
+``metrics/pretrain_ibot.json`` (losses, the teacher's weighted k-NN accuracy on the labeled split ->
+val, collapse diagnostics, images/s), ``plots/pretrain_ibot/loss.csv`` and
+``plots/pretrain_ibot/attention.png`` (the teacher's [CLS] attention in the last block on held-out images).
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+
+import torch
+from torchvision import transforms as T
+
+from components.data.masking import BlockMaskGenerator
+from components.data.multicrop import MaskedMultiCropDataset, MultiCropAugmentation
+from components.data.sources import DataError, ImageListDataset, load_classification_index
+from components.data.splits import read_labeled_indices
+from components.evaluation.knn import extract_features, knn_accuracy
+from components.io import atomic_write, write_text
+from components.models.attention import attention_figure, cls_attention_maps
+from components.models.ibot import IBOTHead, IBOTLoss, IBOTTraining, IBOTViT
+from components.models.vit import create_vit, save_encoder
+from components.training.distributed import EpochLoader
+from components.training.ema import copy_as_teacher
+from components.training.engine import Trainer, TrainConfig
+from components.training.optim import adamw, param_groups
+from components.training.schedules import cosine, warmup_cosine
+from pipelines.common import StageContext, run_stage
+from pipelines.config import ParamsError, PretrainIBOT
+
+log = logging.getLogger("mimflow.pretrain_ibot")
+DATA = "data/classification"
+CURVE_COLUMNS = ("loss", "loss_cls", "loss_mim", "lr", "teacher_entropy", "teacher_kl", "teacher_temp")
+
+
+def eval_transform(cfg: PretrainIBOT, img_size: int) -> T.Compose:
+    return T.Compose([
+        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize(cfg.mean, cfg.std),
+    ])
+
+
+def build_networks(cfg: PretrainIBOT) -> tuple[IBOTViT, IBOTViT]:
+    """Student (drop path) and teacher (an exact, frozen copy of the student at step 0)."""
+    spec, h = cfg.model.spec(), cfg.head
+
+    def network(drop_path: float) -> IBOTViT:
+        head = IBOTHead(spec.embed_dim, h.out_dim, h.patch_out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.norm_last_layer, h.shared_head)
+        return IBOTViT(create_vit(spec, drop_path_rate=drop_path), head)
+
+    student = network(cfg.drop_path)
+    teacher = copy_as_teacher(network(0.0), student)
+    return student, teacher
+
+
+def train_items(cfg: PretrainIBOT, items: list, seed: int) -> list:
+    """All train images, or a fixed random subset of ``train_images`` of them (labels are ignored)."""
+    if cfg.train_images is None or cfg.train_images >= len(items):
+        return items
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in sorted(order[: cfg.train_images])]
+
+
+def knn_top1(ctx: StageContext, teacher: IBOTViT, labeled: list, val: list, num_classes: int) -> float:
+    """The teacher encoder's weighted k-NN top-1 (percent): labeled split as memory, val as queries."""
+    cfg: PretrainIBOT = ctx.section
+    tf = eval_transform(cfg, cfg.model.spec().img_size)
+
+    def feats(items):
+        loader = torch.utils.data.DataLoader(ImageListDataset(items, tf), batch_size=cfg.knn.batch_size, num_workers=ctx.num_workers)
+        return extract_features(teacher.encoder, loader, ctx.device)
+
+    train_f, train_l = feats(labeled)
+    val_f, val_l = feats(val)
+    return knn_accuracy(train_f, train_l, val_f, val_l, num_classes, k=cfg.knn.k, T=cfg.knn.temperature)
+
+
+def write_curve(ctx: StageContext, history: list[dict]) -> None:
+    rows = [r for r in history if "loss" in r]
+    lines = ["step," + ",".join(CURVE_COLUMNS) + "\n"]
+    lines += [f"{r['step']}," + ",".join(f"{r.get(c, float('nan')):.6g}" for c in CURVE_COLUMNS) + "\n" for r in rows]
+    write_text(ctx.plots_dir / "loss.csv", "".join(lines))
+    ctx.tracker.log_artifact(ctx.plots_dir / "loss.csv", "plots")
+
+
+def pretrain_ibot(ctx: StageContext) -> dict:
+    """Pretrain a ViT encoder with iBOT and save the teacher in the shared encoder format."""
+    cfg: PretrainIBOT = ctx.section
+    spec = cfg.model.spec()
+    index = load_classification_index(ctx.root / DATA / "index.json")
+    split = ctx.root / DATA / "splits" / f"labeled_{cfg.knn.labeled_percent:g}_fold{cfg.knn.fold}.json"
+    if not split.is_file():
+        have = ctx.params.prepare.classification
+        raise DataError(
+            f"{split}: no labeled split for pretrain_ibot.knn.labeled_percent = {cfg.knn.labeled_percent:g}, fold = {cfg.knn.fold} "
+            f"(prepare.classification.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
+        )
+    labeled = [index.train[i] for i in read_labeled_indices(split, len(index.train))]
+
+    mc = cfg.multicrop
+    augment = MultiCropAugmentation(spec.img_size, mc.local_size, mc.num_local, mc.global_scale, mc.local_scale, mc.blur_sigma, cfg.mean, cfg.std)
+    masking = BlockMaskGenerator(cfg.masking.prob, cfg.masking.ratio, cfg.masking.aspect, cfg.masking.min_block_area)
+    train_set = MaskedMultiCropDataset(ImageListDataset(train_items(cfg, index.train, ctx.seed)), augment, masking, spec.patch_size)
+    if len(train_set) < cfg.batch_size * ctx.info.world_size:
+        raise ParamsError(f"pretrain_ibot.batch_size = {cfg.batch_size}: larger than the {len(train_set)} training images per {ctx.info.world_size} process(es)")
+    loader = EpochLoader(train_set, cfg.batch_size, ctx.seed, ctx.info, ctx.num_workers, pin_memory=ctx.device.type == "cuda")
+    steps_per_epoch = len(loader)
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    batch = cfg.batch_size * ctx.info.world_size
+    lr = cfg.base_lr * batch / 256
+
+    student, teacher = build_networks(cfg)
+    teacher.to(ctx.device)
+    lc = cfg.loss
+    loss = IBOTLoss(cfg.head.out_dim, cfg.head.patch_out_dim, 2, mc.num_local, lc.student_temp, lc.center_momentum, lc.center_momentum2, lc.lambda1, lc.lambda2).to(ctx.device)
+    ibot = IBOTTraining(
+        student,
+        teacher,
+        loss,
+        steps_per_epoch,
+        total_steps,
+        momentum=cfg.momentum_teacher,
+        teacher_temp=(lc.warmup_teacher_temp, lc.teacher_temp),
+        teacher_patch_temp=(lc.warmup_teacher_patch_temp, lc.teacher_patch_temp),
+        warmup_teacher_temp_epochs=lc.warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs=cfg.freeze_last_layer_epochs,
+    )
+    optimizer = adamw(param_groups(student, cfg.weight_decay), lr=lr, betas=cfg.betas, device=ctx.device)
+    log.info(
+        "%s, %d train images (%d global + %d x %d px local crops), %d epochs x %d steps, batch %d (%d x %d procs), lr %.3g",
+        spec, len(train_set), 2, mc.num_local, mc.local_size, cfg.epochs, steps_per_epoch, batch, cfg.batch_size, ctx.info.world_size, lr,
+    )
+    runtime = ctx.params.runtime
+    trainer = Trainer(
+        student,
+        optimizer,
+        TrainConfig(
+            total_steps=total_steps,
+            batch_size=cfg.batch_size,
+            clip_grad=cfg.clip_grad,
+            clip_mode="per_param",
+            precision=ctx.precision,
+            ckpt_dir=ctx.checkpoint_dir,
+            ckpt_every=cfg.ckpt_every,
+            log_every=cfg.log_every,
+            fingerprint=ctx.fingerprint(ctx.info.world_size),
+            desc="pretrain_ibot",
+            progress=runtime.progress,
+            compile=runtime.compile,
+        ),
+        ctx.device,
+        ctx.info,
+        lr_fn=lambda step: warmup_cosine(step, total_steps, warmup_steps, lr, cfg.min_lr),
+        wd_fn=lambda step: cosine(step, total_steps, cfg.weight_decay, cfg.weight_decay_end),
+        grad_hook=ibot.grad_hook,
+        after_step=ibot.after_step,
+        extra_state=ibot.extra_state,
+        on_log=lambda step, record: ctx.log_metrics({k: v for k, v in record.items() if k not in ("step", "epoch")}, step),
+    )
+
+    def on_epoch_end(epoch: int) -> dict | None:
+        every = cfg.knn.every_epochs
+        if not ctx.is_main or every is None or (epoch + 1) % every or epoch + 1 == cfg.epochs:
+            return None
+        return {"knn_top1": knn_top1(ctx, teacher, labeled, index.val, len(index.classes))}
+
+    history = trainer.fit(loader, ibot.step_fn, on_epoch_end)
+    if not ctx.is_main:
+        return {}
+
+    teacher.eval()
+    out = ctx.models_dir
+    save_encoder(teacher.encoder, spec, out, source="pretrain_ibot", mean=list(cfg.mean), std=list(cfg.std))
+    ctx.tracker.log_artifact(out / "encoder.json", "encoder")
+    knn = knn_top1(ctx, teacher, labeled, index.val, len(index.classes))
+    log.info("teacher k-NN top-1 %.2f %% (chance %.2f %%)", knn, 100 / len(index.classes))
+
+    ctx.plots_dir.mkdir(parents=True, exist_ok=True)
+    write_curve(ctx, history)
+    tf = eval_transform(cfg, spec.img_size)
+    n = min(cfg.attention_images, len(index.val))
+    step_ = max(1, len(index.val) // n)  # spread over the classes (val is grouped by class)
+    images = torch.stack([tf(ImageListDataset(index.val)[i][0]) for i in range(0, step_ * n, step_)])
+    maps = cls_attention_maps(teacher.encoder.float().cpu(), images)
+    title = f"iBOT teacher, last block: [CLS] attention per head on held-out images\n(k-NN top-1 {knn:.1f} %, chance {100 / len(index.classes):.1f} %)"
+    fig = attention_figure(images, maps, cfg.mean, cfg.std, title)
+    ctx.log_figure(atomic_write(ctx.plots_dir / "attention.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
+
+    curve = [r for r in history if "loss" in r]
+    last = curve[-1]
+    speeds = [r["images_per_s"] for r in curve if trainer.resumed_from is None or r["step"] > trainer.resumed_from]
+    return {
+        "loss": round(last["loss"], 5),
+        "loss_cls": round(last["loss_cls"], 5),
+        "loss_mim": round(last["loss_mim"], 5),
+        "loss_first": round(curve[0]["loss"], 5),
+        "knn_top1": round(knn, 3),
+        "knn_chance": round(100 / len(index.classes), 3),
+        "teacher_entropy": round(last["teacher_entropy"], 5),
+        "teacher_kl": round(last["teacher_kl"], 5),
+        "images_per_s": round(statistics.median(speeds), 1) if speeds else None,
+        "steps": total_steps,
+        "epochs": cfg.epochs,
+        "batch": batch,
+        "lr": lr,
+        "encoder_params_m": round(sum(p.numel() for p in teacher.encoder.parameters()) / 1e6, 3),
+        "resumed_from_step": trainer.resumed_from,
+    }
+
+
+if __name__ == "__main__":
+    run_stage("pretrain_ibot", pretrain_ibot)
