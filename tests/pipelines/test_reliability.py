@@ -1,0 +1,92 @@
+"""Reliability under bad input, an unreachable tracking server, concurrent runs and kills."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from components.io import torch_load
+from tests.pipelines.conftest import BIN, dvc_repro, make_project, project_env, run
+
+
+def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path):
+    root = make_project(tmp_path / "p")
+    env = {**project_env(root), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    start = time.perf_counter()
+    proc = subprocess.run([str(BIN / "python"), "-m", "pipelines.prepare"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "http://127.0.0.1:9" in last and "unreachable" in last, last
+    assert time.perf_counter() - start < 60
+    assert not (root / "data").exists()
+
+
+def test_a_bad_params_value_anywhere_stops_the_dag_at_its_first_stage(tmp_path):
+    root = make_project(tmp_path / "p")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["cka"] = {**params.get("cka", {}), "no_such_knob": 1}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run(root, str(BIN / "dvc"), "repro", check=False)
+    assert proc.returncode != 0
+    assert "cka.no_such_knob: unknown key" in proc.stderr
+    assert not (root / "data").exists() and not (root / "models").exists()
+
+
+def test_a_second_dvc_repro_in_the_same_workspace_is_refused(tmp_path):
+    root = make_project(tmp_path / "p")
+    first = subprocess.Popen([str(BIN / "dvc"), "repro", "prepare"], cwd=root, env=project_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (root / ".dvc" / "tmp" / "rwlock").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        second = run(root, str(BIN / "dvc"), "repro", "prepare", check=False)
+        assert second.returncode != 0
+        assert "busy" in second.stderr or "lock" in second.stderr, second.stderr
+    finally:
+        out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    assert json.loads((root / "metrics" / "prepare.json").read_text())["classification"]["train"] > 0
+
+
+def _long_mae(root) -> int:
+    """Make pretrain_mae long enough to be killed mid-run; returns its total optimizer steps."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["pretrain_mae"].update(epochs=40, ckpt_every=8, log_every=8)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    run(root, "git", "commit", "-qam", "long mae")
+    return 40 * (96 // params["pretrain_mae"]["batch_size"])
+
+
+def test_kill_9_mid_training_then_dvc_repro_resumes_to_the_same_result(tmp_path):
+    straight = make_project(tmp_path / "straight")
+    total = _long_mae(straight)
+    dvc_repro(straight, "pretrain_mae")
+
+    killed = make_project(tmp_path / "killed")
+    _long_mae(killed)
+    dvc_repro(killed, "prepare")
+    ckpt = killed / "checkpoints" / "pretrain_mae" / "last.pt"
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "pretrain_mae"], cwd=killed, env=project_env(killed),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc and the training process with it
+    proc.wait()
+    step = torch_load(ckpt)["step"]
+    assert 0 < step < total, f"killed at step {step} of {total}"
+    assert not (killed / "metrics" / "pretrain_mae.json").exists()
+
+    dvc_repro(killed, "pretrain_mae")
+    a = json.loads((straight / "metrics" / "pretrain_mae.json").read_text())
+    b = json.loads((killed / "metrics" / "pretrain_mae.json").read_text())
+    for key in ("train_loss", "val_masked_loss"):
+        assert a[key] == b[key], key
+    weights = "models/pretrain_mae/encoder.safetensors"
+    assert (straight / weights).read_bytes() == (killed / weights).read_bytes()
