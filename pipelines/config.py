@@ -109,8 +109,89 @@ class Prepare(Section):
 
 
 # --------------------------------------------------------------------------- stages (owned by their stage modules)
+class EncoderArch(Section):
+    """A ViT encoder: a preset of ``components.models.vit.PRESETS``, optionally with dims overridden."""
+
+    preset: str = "vit_micro_patch4_32"
+    img_size: int | None = Field(None, ge=8, le=1024)
+    patch_size: int | None = Field(None, ge=1, le=64)
+    embed_dim: int | None = Field(None, ge=4, le=8192)
+    depth: int | None = Field(None, ge=1, le=128)
+    num_heads: int | None = Field(None, ge=1, le=128)
+    mlp_ratio: float | None = Field(None, gt=0, le=16)
+
+    @model_validator(mode="after")
+    def _check(self):
+        from components.models.vit import PRESETS
+
+        if self.preset not in PRESETS:
+            raise KeyValueError("preset", self.preset, f"unknown ViT preset; known: {', '.join(PRESETS)}")
+        d = self.dims()
+        if d["img_size"] % d["patch_size"]:
+            key = "img_size" if self.img_size is not None or self.patch_size is None else "patch_size"
+            raise KeyValueError(key, d[key], f"img_size {d['img_size']} must be divisible by patch_size {d['patch_size']}")
+        if d["embed_dim"] % d["num_heads"]:
+            raise KeyValueError("embed_dim", d["embed_dim"], f"must be divisible by num_heads ({d['num_heads']})")
+        if d["embed_dim"] % 4:
+            raise KeyValueError("embed_dim", d["embed_dim"], "must be divisible by 4 (2D sin-cos position embedding)")
+        return self
+
+    def dims(self) -> dict:
+        from components.models.vit import PRESETS
+
+        overrides = {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
+        return {"mlp_ratio": 4.0, **PRESETS[self.preset], **overrides}
+
+    def spec(self):
+        """The ``ViTSpec`` these params describe."""
+        from components.models.vit import ViTSpec
+
+        return ViTSpec(**self.dims())
+
+
 class PretrainMAE(Section):
-    pass
+    """MAE pretraining (He et al. 2021); the paper's recipe, scaled to the data at hand."""
+
+    model: EncoderArch = EncoderArch()
+    decoder_embed_dim: int = Field(64, ge=4, le=8192)
+    decoder_depth: int = Field(2, ge=1, le=64)
+    decoder_num_heads: int = Field(4, ge=1, le=128)
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    norm_pix_loss: bool = True
+    epochs: int = Field(12, ge=1)
+    warmup_epochs: float = Field(1, ge=0)
+    batch_size: int = Field(128, ge=1)  # per process, per micro-batch
+    effective_batch: int | None = Field(None, ge=1)  # batch_size x accumulation x processes; null: no accumulation
+    base_lr: float = Field(1.5e-3, gt=0)  # lr = base_lr * effective_batch / 256
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = Field(None, gt=0)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # input normalisation (ImageNet's)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    val_images: int | None = Field(None, ge=1)  # held-out images for the masked-patch loss (null: all)
+    figure_images: int = Field(6, ge=1, le=64)
+    ckpt_every: int = Field(200, ge=1)  # optimizer steps between checkpoints
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise KeyValueError("decoder_embed_dim", self.decoder_embed_dim, f"must be divisible by decoder_num_heads ({self.decoder_num_heads})")
+        if self.decoder_embed_dim % 4:
+            raise KeyValueError("decoder_embed_dim", self.decoder_embed_dim, "must be divisible by 4 (2D sin-cos position embedding)")
+        if self.warmup_epochs > self.epochs:
+            raise KeyValueError("warmup_epochs", self.warmup_epochs, f"must be <= epochs ({self.epochs})")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise KeyValueError("crop_scale", list(self.crop_scale), "must be [min, max] with 0 < min <= max <= 1")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise KeyValueError("betas", list(self.betas), "each beta must be in [0, 1)")
+        if not all(s > 0 for s in self.std):
+            raise KeyValueError("std", list(self.std), "must be positive")
+        if self.effective_batch is not None and self.effective_batch % self.batch_size:
+            raise KeyValueError("effective_batch", self.effective_batch, f"must be a multiple of batch_size ({self.batch_size})")
+        return self
 
 
 class PretrainIBOT(Section):
