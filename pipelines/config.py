@@ -198,8 +198,168 @@ class PretrainIBOT(Section):
     pass
 
 
+class FinetuneViT(Section):
+    """ViT fine-tuning (MAE ``main_finetune.py``); layer decay applies to pretrained encoders only."""
+
+    scratch_model: EncoderArch = EncoderArch()  # the scratch ViT; keep it equal to the pretrained encoders
+    global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens + fc_norm (MAE); token: [CLS]
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    layer_decay: float = Field(0.65, gt=0, le=1)
+    blr: float = Field(5e-4, gt=0)  # lr = blr * effective batch / 256
+    weight_decay: float = Field(0.05, ge=0)
+
+
+class FinetuneCNN(Section):
+    """The CNN baseline (a torchvision ResNet, CIFAR stem on small images), trained from scratch."""
+
+    arch: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet18"
+    width: int = Field(16, ge=1, le=256)  # channels of the first stage (torchvision: 64)
+    blr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+
+
+class FinetuneProbe(Section):
+    """Frozen encoder -> BatchNorm (no affine) -> Linear, trained on cached features (MAE Sec. A.2)."""
+
+    enabled: bool = True
+    pool: Literal["token", "avg"] = "token"
+    epochs: int = Field(90, ge=1)
+    warmup_epochs: int = Field(10, ge=0)
+    batch_size: int = Field(256, ge=2)
+    blr: float = Field(0.1, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class FinetuneKNN(Section):
+    """Weighted k-NN on frozen features (DINO/iBOT: k 20, T 0.07)."""
+
+    enabled: bool = True
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.07, gt=0)
+
+
 class Finetune(Section):
-    pass
+    """Fine-tuning of every init (scratch, mae, ibot, cnn) on one labeled split; shared data and schedule."""
+
+    labeled_percent: float = Field(10.0, gt=0, le=100)  # one of prepare.classification.labeled_percents
+    fold: int = Field(0, ge=0)
+    epochs: int = Field(30, ge=1)
+    warmup_epochs: int = Field(5, ge=0)
+    batch_size: int = Field(64, ge=1)  # per process, per micro-batch
+    accum_steps: int = Field(1, ge=1)
+    min_lr: float = Field(1e-6, ge=0)
+    clip_grad: float | None = Field(None, gt=0)
+    mixup: float = Field(0.8, ge=0)  # Mixup alpha (0: off)
+    cutmix: float = Field(1.0, ge=0)  # CutMix alpha (0: off)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null: off
+    re_prob: float = Field(0.25, ge=0, le=1)  # random erasing
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # overridden by a pretrained encoder.json's own
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    eval_every: int = Field(5, ge=1)  # epochs between held-out evaluations (the last epoch always)
+    eval_batch_size: int = Field(256, ge=1)
+    ckpt_every: int = Field(200, ge=1)  # optimizer steps between checkpoints
+    vit: FinetuneViT = FinetuneViT()
+    cnn: FinetuneCNN = FinetuneCNN()
+    linear_probe: FinetuneProbe = FinetuneProbe()
+    knn: FinetuneKNN = FinetuneKNN()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.warmup_epochs > self.epochs:
+            raise KeyValueError("warmup_epochs", self.warmup_epochs, f"must be <= epochs ({self.epochs})")
+        if self.linear_probe.warmup_epochs > self.linear_probe.epochs:
+            raise KeyValueError("linear_probe.warmup_epochs", self.linear_probe.warmup_epochs, f"must be <= linear_probe.epochs ({self.linear_probe.epochs})")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise KeyValueError("crop_scale", list(self.crop_scale), "must be [min, max] with 0 < min <= max <= 1")
+        if not all(s > 0 for s in self.std):
+            raise KeyValueError("std", list(self.std), "must be positive")
+        if self.rand_augment:
+            from timm.data import rand_augment_transform
+
+            try:
+                rand_augment_transform(self.rand_augment, {})
+            except Exception:  # noqa: BLE001 (timm raises assorted errors for bad strings)
+                raise KeyValueError("rand_augment", self.rand_augment, "not a timm RandAugment string like 'rand-m9-mstd0.5-inc1'") from None
+        return self
+
+
+class DetectModel(Section):
+    """The detector: torchvision Faster R-CNN with a ResNet-FPN, or a pretrained ViT + simple pyramid."""
+
+    backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50", "vit"] = "resnet18"
+    init: str = "scratch"  # scratch | torchvision (ImageNet weights, downloaded) | mae | ibot (vit) | path to a ResNet state dict
+    width: int = Field(64, ge=4, le=256)  # ResNet stage widths width * (1, 2, 4, 8); torchvision: 64
+    norm: Literal["gn", "bn", "frozen_bn"] = "gn"  # ResNet norm: gn from scratch, frozen_bn with pretrained weights
+    trainable_layers: int = Field(5, ge=0, le=5)
+    fpn_channels: int = Field(256, ge=8)
+    representation_size: int = Field(1024, ge=8)  # box head width
+    anchor_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512], min_length=5, max_length=5)
+    aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
+    min_size: int = Field(800, ge=16)  # test-time resize (training views keep the size the views give them)
+    max_size: int = Field(1333, ge=16)
+    rpn_batch_size_per_image: int = Field(256, ge=1)
+    box_batch_size_per_image: int = Field(512, ge=1)
+    rpn_post_nms_top_n_train: int = Field(2000, ge=1)
+    rpn_post_nms_top_n_test: int = Field(1000, ge=1)
+    box_detections_per_img: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.init in ("mae", "ibot") and self.backbone != "vit":
+            raise KeyValueError("init", self.init, f"a {self.init} encoder needs backbone: vit (got {self.backbone})")
+        if self.backbone == "vit" and self.init not in ("scratch", "mae", "ibot"):
+            raise KeyValueError("init", self.init, "backbone vit starts from scratch, mae or ibot")
+        if self.backbone != "vit" and self.init != "scratch" and self.norm == "gn":
+            raise KeyValueError("norm", self.norm, f"pretrained ResNet weights need norm frozen_bn or bn (init: {self.init})")
+        if self.init != "scratch" and self.backbone != "vit" and (self.width != 64 or self.backbone == "resnet10"):
+            raise KeyValueError("width", self.width, f"pretrained weights exist for torchvision's ResNets at width 64 (init: {self.init})")
+        if any(s <= 0 for s in self.anchor_sizes) or any(a <= 0 for a in self.aspect_ratios):
+            raise KeyValueError("anchor_sizes", self.anchor_sizes, "anchor sizes and aspect ratios must be positive")
+        if self.min_size > self.max_size:
+            raise KeyValueError("min_size", self.min_size, f"must be <= max_size ({self.max_size})")
+        return self
+
+
+class DetectViews(Section):
+    """Soft Teacher's views: weak (resize + flip) for the teacher and the labeled images, strong for the student."""
+
+    resize_range: tuple[float, float] = (0.8, 1.2)  # random resize factor of the scene
+    flip_p: float = Field(0.5, ge=0, le=1)
+    translate: float = Field(0.1, ge=0, lt=1)  # strong: fraction of the size
+    rotate: float = Field(30.0, ge=0, le=180)  # strong: degrees
+    shear: float = Field(30.0, ge=0, lt=90)  # strong: degrees
+    erase_n: tuple[int, int] = (1, 5)  # strong: random erases
+    erase_size: float = Field(0.2, ge=0, lt=1)  # strong: max side of an erase (fraction of the shorter side)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 0 < self.resize_range[0] <= self.resize_range[1]:
+            raise KeyValueError("resize_range", list(self.resize_range), "must be [min, max] with 0 < min <= max")
+        if not 0 <= self.erase_n[0] <= self.erase_n[1]:
+            raise KeyValueError("erase_n", list(self.erase_n), "must be [min, max] with 0 <= min <= max")
+        return self
+
+
+class DetectSoftTeacher(Section):
+    """Soft Teacher (Xu et al. 2021); official defaults except where the short CPU schedule needs otherwise."""
+
+    unsup_weight: float = Field(4.0, ge=0)  # alpha in L = L_sup + alpha * L_unsup
+    unlabeled_ratio: int = Field(4, ge=1, le=64)  # unlabeled images per labeled image in a batch (paper 1:4)
+    rpn_threshold: float = Field(0.9, ge=0, le=1)  # pseudo boxes for the RPN: score > threshold
+    cls_threshold: float = Field(0.9, ge=0, le=1)  # pseudo boxes for classification: score > threshold
+    initial_threshold: float = Field(0.5, ge=0, le=1)  # candidates for box jitter: score > threshold
+    reg_uncertainty: float = Field(0.02, gt=0)  # regression targets: jitter uncertainty < this
+    jitter_times: int = Field(10, ge=2)
+    jitter_scale: float = Field(0.06, gt=0)
+    ema_momentum: float = Field(0.999, ge=0, lt=1)  # teacher momentum min(m, 1 - 1/(t+1))
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.initial_threshold > min(self.rpn_threshold, self.cls_threshold):
+            raise KeyValueError("initial_threshold", self.initial_threshold, "must be <= rpn_threshold and cls_threshold")
+        return self
 
 
 class Detect(Section):
