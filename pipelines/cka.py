@@ -86,15 +86,20 @@ def equal_batches(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
 
 
-def pair_summary(m: torch.Tensor, same_model: bool) -> dict:
-    """Scalars for MLflow and `dvc metrics`: mean CKA, the mean over corresponding layers (square
-    matrices), the mean off-diagonal self-similarity (a model with itself: how uniform its layers are)."""
+def pair_summary(m: torch.Tensor, a: str, b: str) -> dict:
+    """Scalars for MLflow and `dvc metrics`: the mean CKA; the mean over corresponding layers (square
+    matrices); a model with itself: the mean off-diagonal similarity (how uniform its layers are,
+    Raghu et al. 2021 Fig. 1); a ViT with the CNN: the lowest layers' CKA and the best match any CNN
+    layer finds for the top ViT block (Raghu et al. Fig. 2: high, and low)."""
     out = {"mean": float(m.mean())}
     if m.shape[0] == m.shape[1]:
         out["diagonal"] = float(m.diagonal().mean())
-    if same_model and m.shape[0] > 1:
+    if a == b and m.shape[0] > 1:
         off = ~torch.eye(m.shape[0], dtype=torch.bool)
         out["offdiagonal"] = float(m[off].mean())
+    if b == "cnn" and a != "cnn":
+        out["lowest_layers"] = float(m[0, 0])
+        out["top_vit_best_cnn"] = float(m[-1].max())
     return out
 
 
@@ -146,8 +151,8 @@ def cka(ctx: StageContext) -> dict:
             rows, cols = [f"{a}/{n}" for n in layers[a]], [f"{b}/{n}" for n in layers[b]]
             m = acc.block(matrix, rows, cols)  # [La, Lb]
             key = f"{a}__{b}"
-            pairs[key] = {"rows": a, "cols": b, "cka": [[round(float(v), 6) for v in row] for row in m]}
-            summary[key] = pair_summary(m, a == b)
+            pairs[key] = {"row_layers": rows, "col_layers": cols, "cka": [[round(float(v), 6) for v in row] for row in m]}
+            summary[key] = pair_summary(m, a, b)
             panel = {"matrix": m, "rows": layers[a], "cols": layers[b], "row_label": heads[a], "col_label": heads[b], "title": f"{heads[a]} vs {heads[b]}", "at": (i, order.index(b))}
             panels.append(panel)
             fig = plot_cka_heatmap(m, layers[a], layers[b], heads[a], heads[b], f"{'debiased' if cfg.debiased else 'biased'} {cfg.kernel} CKA, {acc.num_examples} images")
