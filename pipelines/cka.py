@@ -80,7 +80,8 @@ def load_models(ctx: StageContext, image_size: int) -> tuple[dict[str, nn.Module
 
 def equal_batches(n: int, batch_size: int) -> list[list[int]]:
     """Indices 0..n-1 in order, split into ceil(n / batch_size) batches whose sizes differ by at most 1
-    (no tiny last batch: the debiased estimator needs at least 4 examples per batch)."""
+    (no tiny last batch: the debiased estimator needs at least 4 examples per batch; every batch holds
+    more than batch_size / 2 images when there are several, so batch_size >= 8 guarantees 4)."""
     k = -(-n // batch_size)
     bounds = [round(i * n / k) for i in range(k + 1)]
     return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]

@@ -377,7 +377,7 @@ class CKA(Section):
     pooling: Literal["mean", "cls", "flatten"] = "mean"  # ViT tokens / CNN maps -> one row per image
     vit_layers: list[str] = Field(default_factory=lambda: ["blocks.*"], min_length=1)  # names or globs (* = one name part)
     cnn_layers: list[str] = Field(default_factory=lambda: ["layer*.*"], min_length=1)
-    batch_size: int = Field(256, ge=4)  # upper bound; the images are split into equal batches
+    batch_size: int = Field(256, ge=8)  # upper bound; equal batches of >= 4 images (debiased CKA needs 4)
     max_images: int | None = Field(None, ge=4)  # the first N held-out images (null: all)
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
 from components.models.vit import ViTSpec, create_vit, save_encoder
+from pipelines.cka import equal_batches
 from tests.pipelines.conftest import BIN, make_project, run
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -90,3 +91,12 @@ def test_a_layer_pattern_matching_nothing_is_one_line_naming_the_key_and_the_lay
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert "cka.cnn_layers" in last and "'blocks.*' matches no module" in last and "layer1.0" in last, last
+
+
+@pytest.mark.parametrize("n, batch_size", [(48, 16), (801, 256), (9, 8), (4, 8), (1000, 1000), (1001, 1000), (17, 8)])
+def test_equal_batches_take_every_image_once_in_order_and_none_is_tiny(n, batch_size):
+    batches = equal_batches(n, batch_size)
+    assert [i for b in batches for i in b] == list(range(n))
+    sizes = [len(b) for b in batches]
+    assert len(batches) == -(-n // batch_size) and max(sizes) <= batch_size and max(sizes) - min(sizes) <= 1
+    assert min(sizes) >= 4
