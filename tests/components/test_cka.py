@@ -171,6 +171,7 @@ def test_a_layer_that_never_fires_gives_zero_not_nan():
     assert m[0, 1] == 0 and m[1, 1] == 0 and m[0, 0] == 1
     assert acc.degenerate() == ["dead"]
     assert cka(x, torch.full((32, 8), 7.0), "rbf", debiased=True) == 0.0
+    assert cka(x, torch.full((32, 8), 0.1, dtype=torch.float64), "linear", debiased=True) == 0.0  # mean rounding
 
 
 def test_debiased_estimator_rejects_batches_smaller_than_four():
@@ -213,3 +214,18 @@ def test_heatmap_labels_axes_with_layer_names_and_has_a_colour_bar(tmp_path):
     grid = plot_cka_grid([{"matrix": m, "rows": ["a", "b"], "cols": ["c", "d", "e"], "at": (0, 1)}, {"matrix": m[:, :2], "rows": ["a", "b"], "cols": ["c", "d"], "at": (1, 1)}])
     assert sum(ax.axison for ax in grid.axes[:-1]) == 2  # the unused grid cells are blank
     save_figure(grid, tmp_path / "g.png")
+
+
+def test_low_precision_features_with_small_variation_are_not_mistaken_for_constant():
+    """bfloat16 keeps ~3 significant digits: features varying by 5 % around a large value are still a
+    representation (only exactly constant features count as a layer that never fires)."""
+    x, y = _related(n=64, seed=9)
+    xb = (100 + 5 * x / x.abs().max()).bfloat16()
+    acc = MinibatchCKA(["x", "y"], debiased=True)
+    acc.update({"x": xb, "y": y})
+    assert acc.degenerate() == []
+    assert acc.compute()[0, 1].item() == pytest.approx(cka(xb.double(), y, "linear", True), abs=1e-12)
+    assert acc.compute()[0, 1].item() > 0.2
+    const = MinibatchCKA(["c", "y"], debiased=True)
+    const.update({"c": torch.full((64, 3), 100.3, dtype=torch.bfloat16), "y": y})
+    assert const.degenerate() == ["c"]
