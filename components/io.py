@@ -15,12 +15,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(path, 'w')`` would give (mkstemp's 0600 is too strict for outputs)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, FILE_MODE)
     try:
         write(tmp)
         os.replace(tmp, path)
