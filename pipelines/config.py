@@ -158,7 +158,7 @@ class PretrainMAE(Section):
     decoder_num_heads: int = Field(4, ge=1, le=128)
     mask_ratio: float = Field(0.75, gt=0, lt=1)
     norm_pix_loss: bool = True
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(10, ge=1)
     warmup_epochs: float = Field(1, ge=0)
     batch_size: int = Field(128, ge=1)  # per process, per micro-batch
     effective_batch: int | None = Field(None, ge=1)  # batch_size x accumulation x processes; null: no accumulation
