@@ -83,8 +83,9 @@ def knn_top1(ctx: StageContext, teacher: IBOTViT, labeled: list, val: list, num_
         loader = torch.utils.data.DataLoader(ImageListDataset(items, tf), batch_size=cfg.knn.batch_size, num_workers=ctx.num_workers)
         return extract_features(teacher.encoder, loader, ctx.device)
 
-    train_f, train_l = feats(labeled)
-    val_f, val_l = feats(val)
+    with torch.random.fork_rng(devices=[]):  # evaluating never shifts the training's random stream
+        train_f, train_l = feats(labeled)
+        val_f, val_l = feats(val)
     return knn_accuracy(train_f, train_l, val_f, val_l, num_classes, k=cfg.knn.k, T=cfg.knn.temperature)
 
 
@@ -137,6 +138,8 @@ def pretrain_ibot(ctx: StageContext) -> dict:
         teacher_patch_temp=(lc.warmup_teacher_patch_temp, lc.teacher_patch_temp),
         warmup_teacher_temp_epochs=lc.warmup_teacher_temp_epochs,
         freeze_last_layer_epochs=cfg.freeze_last_layer_epochs,
+        seed=ctx.seed,
+        rank=ctx.info.rank,
     )
     optimizer = adamw(param_groups(student, cfg.weight_decay), lr=lr, betas=cfg.betas, device=ctx.device)
     log.info(
@@ -185,7 +188,8 @@ def pretrain_ibot(ctx: StageContext) -> dict:
     out = ctx.models_dir
     save_encoder(teacher.encoder, spec, out, source="pretrain_ibot", mean=list(cfg.mean), std=list(cfg.std))
     ctx.tracker.log_artifact(out / "encoder.json", "encoder")
-    knn = knn_top1(ctx, teacher, labeled, index.val, len(index.classes))
+    knn = round(knn_top1(ctx, teacher, labeled, index.val, len(index.classes)), 3)
+    ctx.log_metrics({"knn_top1": knn}, step=total_steps)  # the end of the k-NN curve
     log.info("teacher k-NN top-1 %.2f %% (chance %.2f %%)", knn, 100 / len(index.classes))
 
     ctx.plots_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +211,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
         "loss_cls": round(last["loss_cls"], 5),
         "loss_mim": round(last["loss_mim"], 5),
         "loss_first": round(curve[0]["loss"], 5),
-        "knn_top1": round(knn, 3),
+        "knn_top1": knn,
         "knn_chance": round(100 / len(index.classes), 3),
         "teacher_entropy": round(last["teacher_entropy"], 5),
         "teacher_kl": round(last["teacher_kl"], 5),

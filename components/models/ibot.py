@@ -25,6 +25,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from components.training.distributed import sample_seed
 from components.training.ema import ema_update
 from components.training.schedules import cosine, linear_warmup_then_constant
 
@@ -289,7 +290,11 @@ class IBOTTraining:
     - ``after_step(step)``: EMA of the student into the teacher, momentum cosine ``momentum`` -> 1;
     - ``extra_state``: teacher and loss (centres), for the engine's checkpoints.
 
-    ``student`` is the unwrapped module (the engine hands ``step_fn`` the DDP-wrapped one).
+    ``student`` is the unwrapped module (the engine hands ``step_fn`` the DDP-wrapped one). With a
+    ``seed``, each step reseeds torch's RNG from (seed, step, rank) before the student's forward, so
+    the student's drop path draws the same masks in a run resumed mid-epoch as in an uninterrupted one
+    (creating a DataLoader iterator draws from the global RNG, and a resumed run creates one at a
+    different step).
     """
 
     def __init__(
@@ -304,8 +309,11 @@ class IBOTTraining:
         teacher_patch_temp: tuple[float, float] = (0.04, 0.07),
         warmup_teacher_temp_epochs: int = 30,
         freeze_last_layer_epochs: int = 1,
+        seed: int | None = None,
+        rank: int = 0,
     ) -> None:
         self.student, self.teacher, self.loss = student, teacher, loss
+        self.seed, self.rank = seed, rank
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.momentum = momentum
         self.teacher_temp, self.teacher_patch_temp = teacher_temp, teacher_patch_temp
@@ -332,6 +340,8 @@ class IBOTTraining:
         glob, loc, masks = batch["global"], batch["local"], batch["masks"]
         with torch.no_grad():
             t = self.teacher(glob)  # the teacher sees only the unmasked global crops
+        if self.seed is not None:
+            torch.manual_seed(sample_seed(self.seed, step, self.rank))  # drop path, resumable
         s = student(glob, loc, masks)
         temp, temp2 = self.temperatures(step)
         diag = output_entropy(teacher_probs(t["cls"], self.loss.center, temp))  # before the centre moves

@@ -1,0 +1,169 @@
+"""The pretrain_ibot stage: through `dvc repro` on the micro params, its params and data errors,
+resuming after a kill, and DDP (centres all-reduced) against one process with the whole batch."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import time
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from components.io import load_safetensors, read_json, torch_load
+from components.models.vit import load_encoder
+from pipelines.config import ParamsError, load_params, validate_params
+from tests.pipelines.conftest import BIN, REPO, dvc_repro, make_project, project_env, run
+
+MICRO = REPO / "tests" / "micro.params.yaml"
+STAGE = "pretrain_ibot"
+
+
+def _copy_with_data(project, dest, **overrides):
+    """A fresh project with the micro params (``overrides`` into pretrain_ibot) and the fixture's prepared data."""
+    root = make_project(dest)
+    shutil.copytree(project / "data" / "classification", root / "data" / "classification")
+    if overrides:
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params[STAGE].update(overrides)
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def _encoder(root):
+    return load_safetensors(root / "models" / STAGE / "encoder.safetensors")
+
+
+def _metrics(root):
+    return json.loads((root / "metrics" / f"{STAGE}.json").read_text())
+
+
+def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflow_run(project):
+    dvc_repro(project, STAGE)
+    cfg = load_params(MICRO).pretrain_ibot
+    out = project / "models" / STAGE
+    encoder, spec = load_encoder(out)  # the shared format every later stage loads
+    assert spec == cfg.model.spec()
+    meta = read_json(out / "encoder.json")
+    assert meta["source"] == STAGE and meta["mean"] == list(cfg.mean) and meta["std"] == list(cfg.std)
+    # the saved encoder is the EMA teacher of the last checkpoint, not the student
+    ckpt = torch_load(project / "checkpoints" / STAGE / "last.pt")
+    teacher = {k.removeprefix("encoder."): v for k, v in ckpt["extra"]["teacher"].items() if k.startswith("encoder.")}
+    student = {k.removeprefix("encoder."): v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    saved = _encoder(project)
+    assert all(torch.equal(saved[k], teacher[k]) for k in saved)
+    assert not torch.equal(saved["blocks.0.attn.qkv.weight"], student["blocks.0.attn.qkv.weight"])
+    assert ckpt["extra"]["ibot_loss"]["center"].abs().sum() > 0  # the centres are checkpointed
+
+    metrics = _metrics(project)
+    steps = cfg.epochs * (8 * 12 // cfg.batch_size)
+    assert metrics["steps"] == steps and metrics["batch"] == cfg.batch_size
+    for key in ("loss", "loss_cls", "loss_mim", "teacher_entropy", "teacher_kl"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["loss"] == pytest.approx(metrics["loss_cls"] + metrics["loss_mim"], abs=1e-4)
+    assert 0 <= metrics["knn_top1"] <= 100 and metrics["knn_chance"] == 12.5 and metrics["images_per_s"] > 0
+    rows = (project / "plots" / STAGE / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,loss_cls,loss_mim,lr,teacher_entropy,teacher_kl,teacher_temp"
+    assert int(rows[-1].split(",")[0]) == steps and len(rows) - 1 == steps // cfg.log_every
+    png = project / "plots" / STAGE / "attention.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert STAGE in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["mimflow"], filter_string=f"tags.stage = '{STAGE}'", output_format="list")
+    assert runs, "no MLflow run for pretrain_ibot"
+    last = runs[0]
+    assert last.data.metrics["knn_top1"] == pytest.approx(metrics["knn_top1"])
+    assert last.data.params["pretrain_ibot.momentum_teacher"] == str(cfg.momentum_teacher)
+    client = mlflow.MlflowClient()
+    curve = [m for m in client.get_metric_history(last.info.run_id, "loss_mim") if m.step > 0]  # step 0: the final metrics
+    assert [m.step for m in curve] == [int(r.split(",")[0]) for r in rows[1:]]
+    # k-NN during training (knn.every_epochs: 1: at the end of every epoch but the last) and at the end
+    knn_curve = {m.step: m.value for m in client.get_metric_history(last.info.run_id, "knn_top1") if m.step > 0}
+    assert sorted(knn_curve) == [steps * (e + 1) // cfg.epochs for e in range(cfg.epochs)]
+    assert knn_curve[steps] == pytest.approx(metrics["knn_top1"])
+    assert "figures/attention.png" in {a.path for a in client.list_artifacts(last.info.run_id, "figures")}
+
+
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("head", {"out_dim": 32, "patch_out_dim": 64}, "pretrain_ibot.head.patch_out_dim = 64"),
+        ("multicrop", {"local_size": 10}, "pretrain_ibot.multicrop.local_size = 10"),
+        ("multicrop", {"local_scale": [0.3, 0.1]}, "pretrain_ibot.multicrop.local_scale = [0.3, 0.1]"),
+        ("masking", {"ratio": [0.2, 1.0]}, "pretrain_ibot.masking.ratio = [0.2, 1.0]"),
+        ("masking", {"prob": 1.5}, "pretrain_ibot.masking.prob = 1.5"),
+        ("loss", {"teacher_temp": 0}, "pretrain_ibot.loss.teacher_temp = 0"),
+        ("weight_decay", 0, "pretrain_ibot.weight_decay = 0"),
+        ("warmup_epochs", 5, "pretrain_ibot.warmup_epochs = 5"),
+        ("momentum_teacher", 1.2, "pretrain_ibot.momentum_teacher = 1.2"),
+    ],
+)
+def test_bad_params_are_one_line_naming_the_key(key, value, expected):
+    raw = yaml.safe_load(MICRO.read_text())
+    raw[STAGE][key] = {**raw[STAGE].get(key, {}), **value} if isinstance(value, dict) else value
+    with pytest.raises(ParamsError) as e:
+        validate_params(raw, "params.yaml")
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_bad_params_and_a_missing_split_stop_the_stage_before_writing(tmp_path, project):
+    dvc_repro(project, "prepare")
+    root = _copy_with_data(project, tmp_path / "params", multicrop={"local_size": 10})
+    proc = run(root, str(BIN / "python"), "-m", f"pipelines.{STAGE}", check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {STAGE}: params.yaml: pretrain_ibot.multicrop.local_size = 10"), last
+
+    root = _copy_with_data(project, tmp_path / "split", knn={"labeled_percent": 30})
+    proc = run(root, str(BIN / "python"), "-m", f"pipelines.{STAGE}", check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "labeled_30_fold0.json" in last and "pretrain_ibot.knn.labeled_percent = 30" in last, last
+    assert not (root / "models").exists() and not (root / "metrics").exists()
+
+
+def test_a_killed_run_resumes_to_the_teacher_of_an_uninterrupted_run(tmp_path, project):
+    dvc_repro(project, STAGE)  # the uninterrupted reference (up to date after the first test)
+    root = _copy_with_data(project, tmp_path / "kill")
+    ckpt = root / "checkpoints" / STAGE / "last.pt"
+    proc = subprocess.Popen([str(BIN / "python"), "-m", f"pipelines.{STAGE}"], cwd=root, env=project_env(root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (root / "metrics" / f"{STAGE}.json").exists(), "the run ended before it could be killed"
+    run(root, str(BIN / "python"), "-m", f"pipelines.{STAGE}")
+    metrics, reference = _metrics(root), _metrics(project)
+    assert metrics["resumed_from_step"] is not None and 0 < metrics["resumed_from_step"] < metrics["steps"]
+    ref, resumed = _encoder(project), _encoder(root)
+    assert all(torch.equal(resumed[k], ref[k]) for k in ref)  # teacher, centres and RNG state all restored
+    for key in ("loss", "loss_cls", "loss_mim", "knn_top1", "teacher_kl"):
+        assert metrics[key] == reference[key], key
+
+
+def test_two_processes_match_one_process_with_the_whole_batch(tmp_path, project):
+    """torchrun x 2 with half the batch each = one process with the whole batch: gradients are averaged
+    by DDP, the centres are all-reduced, the teacher follows the same student (drop path off in both,
+    its per-process draws are the one thing that would differ)."""
+    dvc_repro(project, "prepare")
+    batch = load_params(MICRO).pretrain_ibot.batch_size
+    single = _copy_with_data(project, tmp_path / "single", drop_path=0.0)
+    run(single, str(BIN / "python"), "-m", f"pipelines.{STAGE}")
+    ddp = _copy_with_data(project, tmp_path / "ddp", drop_path=0.0, batch_size=batch // 2)
+    run(ddp, str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", f"pipelines.{STAGE}")
+    m1, m2 = _metrics(single), _metrics(ddp)
+    assert m2["batch"] == m1["batch"] == batch and m2["steps"] == m1["steps"] and m2["lr"] == m1["lr"]
+    assert m2["loss"] == pytest.approx(m1["loss"], abs=1e-3)
+    c1 = torch_load(single / "checkpoints" / STAGE / "last.pt")["extra"]["ibot_loss"]
+    c2 = torch_load(ddp / "checkpoints" / STAGE / "last.pt")["extra"]["ibot_loss"]
+    for key in ("center", "center2"):
+        assert float((c1[key] - c2[key]).abs().max()) < 1e-4, key
+    e1, e2 = _encoder(single), _encoder(ddp)
+    assert max(float((e1[k] - e2[k]).abs().max()) for k in e1) < 1e-4
