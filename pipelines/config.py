@@ -194,8 +194,129 @@ class PretrainMAE(Section):
         return self
 
 
+class IBOTHeadParams(Section):
+    """iBOT projection head (paper: 3 layers, hidden 2048, bottleneck 256, 8192 outputs, shared)."""
+
+    out_dim: int = Field(256, ge=2)  # [CLS] prototypes K
+    patch_out_dim: int = Field(256, ge=2)  # patch prototypes K' (must equal out_dim with a shared head)
+    hidden_dim: int = Field(256, ge=1)
+    bottleneck_dim: int = Field(64, ge=1)
+    nlayers: int = Field(3, ge=1, le=8)
+    norm_last_layer: bool = True  # keep the weight-norm magnitude fixed at 1
+    shared_head: bool = True  # one head for [CLS] and patch tokens
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.shared_head and self.out_dim != self.patch_out_dim:
+            raise KeyValueError("patch_out_dim", self.patch_out_dim, f"must equal out_dim ({self.out_dim}) with shared_head: true")
+        return self
+
+
+class IBOTLossParams(Section):
+    """L = lambda1 L_cls + lambda2 L_mim; temperatures and centre momenta (paper values as defaults)."""
+
+    lambda1: float = Field(1.0, ge=0)  # [CLS] self-distillation
+    lambda2: float = Field(1.0, ge=0)  # masked image modelling
+    student_temp: float = Field(0.1, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)  # [CLS]: linear warm-up ...
+    teacher_temp: float = Field(0.07, gt=0)  # ... to this, over warmup_teacher_temp_epochs
+    warmup_teacher_patch_temp: float = Field(0.04, gt=0)
+    teacher_patch_temp: float = Field(0.07, gt=0)
+    warmup_teacher_temp_epochs: int = Field(30, ge=0)
+    center_momentum: float = Field(0.9, ge=0, lt=1)  # [CLS] centre
+    center_momentum2: float = Field(0.9, ge=0, lt=1)  # patch centre
+
+
+class IBOTMaskingParams(Section):
+    """BEiT block-wise masking of the global crops (paper: p 0.5, ratio U(0.1, 0.5), aspect 0.3-1/0.3)."""
+
+    prob: float = Field(0.5, ge=0, le=1)  # probability that a global crop is masked at all
+    ratio: tuple[float, float] = (0.1, 0.5)  # mask ratio range of a masked crop
+    aspect: tuple[float, float] = (0.3, 1 / 0.3)  # block aspect-ratio range
+    min_block_area: int | None = Field(None, ge=1)  # null: (grid // 3) ** 2, 16 on a 14x14 grid
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 0 <= self.ratio[0] <= self.ratio[1] < 1:
+            raise KeyValueError("ratio", list(self.ratio), "must be [low, high] with 0 <= low <= high < 1")
+        if not 0 < self.aspect[0] <= self.aspect[1]:
+            raise KeyValueError("aspect", list(self.aspect), "must be [low, high] with 0 < low <= high")
+        return self
+
+
+class IBOTMultiCropParams(Section):
+    """DINO multi-crop; the global crops have the encoder's img_size (paper: 224 + 10 x 96)."""
+
+    num_local: int = Field(2, ge=0, le=32)
+    local_size: int = Field(16, ge=1)  # must be a multiple of the patch size
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # PIL Gaussian-blur radius range (DINO: 0.1-2 px at 224 px)
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, key)
+            if not 0 < lo <= hi <= 1:
+                raise KeyValueError(key, [lo, hi], "must be [min, max] with 0 < min <= max <= 1")
+        if not 0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise KeyValueError("blur_sigma", list(self.blur_sigma), "must be [min, max] with 0 <= min <= max")
+        return self
+
+
+class IBOTKNNParams(Section):
+    """The teacher's weighted k-NN accuracy (DINO/iBOT: k 20, T 0.07): labeled split -> val."""
+
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.07, gt=0)
+    labeled_percent: float = Field(10.0, gt=0, le=100)  # one of prepare.classification.labeled_percents
+    fold: int = Field(0, ge=0)
+    batch_size: int = Field(256, ge=1)
+    every_epochs: int | None = Field(None, ge=1)  # also evaluate during training (null: at the end only)
+
+
 class PretrainIBOT(Section):
-    pass
+    """iBOT pretraining (Zhou et al. 2021); the paper's recipe, scaled to the data at hand."""
+
+    model: EncoderArch = EncoderArch()
+    head: IBOTHeadParams = IBOTHeadParams()
+    loss: IBOTLossParams = IBOTLossParams()
+    masking: IBOTMaskingParams = IBOTMaskingParams()
+    multicrop: IBOTMultiCropParams = IBOTMultiCropParams()
+    knn: IBOTKNNParams = IBOTKNNParams()
+    epochs: int = Field(100, ge=1)
+    train_images: int | None = Field(None, ge=1)  # unlabeled images used (a fixed subset; null: all)
+    warmup_epochs: float = Field(10, ge=0)
+    batch_size: int = Field(64, ge=1)  # per process
+    base_lr: float = Field(5e-4, gt=0)  # lr = base_lr * batch_size * processes / 256
+    min_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(0.04, ge=0)  # cosine schedule weight_decay -> weight_decay_end
+    weight_decay_end: float = Field(0.4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = Field(3.0, gt=0)  # per-parameter gradient-norm clipping
+    freeze_last_layer_epochs: int = Field(1, ge=0)
+    momentum_teacher: float = Field(0.996, ge=0, le=1)  # cosine to 1 over training
+    drop_path: float = Field(0.1, ge=0, lt=1)  # student only
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # input normalisation, recorded in encoder.json
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    attention_images: int = Field(6, ge=1, le=64)  # held-out images in the [CLS] attention figure
+    ckpt_every: int = Field(200, ge=1)  # optimizer steps between checkpoints
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.warmup_epochs > self.epochs:
+            raise KeyValueError("warmup_epochs", self.warmup_epochs, f"must be <= epochs ({self.epochs})")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise KeyValueError("betas", list(self.betas), "each beta must be in [0, 1)")
+        if not all(s > 0 for s in self.std):
+            raise KeyValueError("std", list(self.std), "must be positive")
+        if self.weight_decay == 0 and self.weight_decay_end > 0:
+            raise KeyValueError("weight_decay", 0, "must be > 0 when weight_decay_end > 0 (0 marks a group that never decays)")
+        spec = self.model.dims()
+        if self.multicrop.local_size % spec["patch_size"]:
+            raise KeyValueError("multicrop.local_size", self.multicrop.local_size, f"must be a multiple of the patch size ({spec['patch_size']})")
+        return self
 
 
 class FinetuneViT(Section):
