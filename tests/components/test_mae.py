@@ -215,3 +215,16 @@ def test_reconstruction_panels_and_figure(tmp_path):
     assert len(fig.axes) == 2 * len(PANELS)
     path = save_figure(fig, tmp_path / "rec.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_weight_decay_spares_norms_biases_tokens_and_the_frozen_position_embeddings():
+    from components.training.optim import param_groups
+
+    mae = tiny_mae()
+    groups = param_groups(mae, 0.05)
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    exempt = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    assert {"mask_token", "encoder.cls_token", "encoder.norm.weight", "decoder_norm.bias", "decoder_pred.bias"} <= exempt
+    assert {"encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= decayed
+    assert all(mae.get_parameter(n).ndim >= 2 for n in decayed)
+    assert "encoder.pos_embed" not in decayed | exempt and "decoder_pos_embed" not in decayed | exempt  # frozen
