@@ -176,7 +176,7 @@ def random_erase(view: View, n_range: tuple[int, int] = (1, 5), max_size: float 
 
 # --------------------------------------------------------------------------- the two views
 def weak_view(view: View, resize_range: tuple[float, float] = (1.0, 1.0), flip_p: float = 0.5) -> View:
-    """The teacher's view (and the labeled images'): random resize + horizontal flip."""
+    """The teacher's view: random resize + horizontal flip."""
     return random_hflip(random_resize(view, resize_range), flip_p)
 
 
@@ -220,9 +220,15 @@ class ViewConfig:
     erase_size: float = 0.2
 
     def weak(self, view: View) -> View:
+        """The teacher's view of an unlabeled image."""
         return to_float(weak_view(view, self.resize_range, self.flip_p))
 
+    def labeled(self, view: View) -> View:
+        """Labeled images: the weak view plus one colour op (the official supervised pipeline)."""
+        return to_float(random_colour(weak_view(view, self.resize_range, self.flip_p)))
+
     def strong(self, view: View) -> View:
+        """The student's view of an unlabeled image."""
         return to_float(strong_view(view, self.resize_range, self.flip_p, self.translate, self.rotate, self.shear, self.erase_n, self.erase_size))
 
 
@@ -234,7 +240,7 @@ def _as_view(image: torch.Tensor, target: dict, category_to_label: dict[int, int
 
 
 class SemiSupervisedViews(torch.utils.data.Dataset):
-    """Item ``i``: labeled image ``i`` as a weak view with its boxes, plus ``ratio`` unlabeled images
+    """Item ``i``: labeled image ``i`` (weak view + a colour op) with its boxes, plus ``ratio`` unlabeled images
     (drawn with the sample's RNG) each as a (weak, strong) pair with both transform matrices.
 
     One epoch is one pass over the labeled images; with ``ratio = 0`` (or no unlabeled set) items are
@@ -251,7 +257,7 @@ class SemiSupervisedViews(torch.utils.data.Dataset):
         return len(self.labeled)
 
     def __getitem__(self, i: int) -> dict:
-        v = self.views.weak(_as_view(*self.labeled[i], self.category_to_label))
+        v = self.views.labeled(_as_view(*self.labeled[i], self.category_to_label))
         item = {"labeled": v.image, "target": {"boxes": v.boxes.float(), "labels": v.labels}}
         if self.ratio > 0:
             pairs = []

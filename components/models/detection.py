@@ -169,11 +169,31 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------- ViT + simple pyramid
-class SimpleFeaturePyramid(nn.Module):
-    """ViTDet's simple feature pyramid over a ViT (Li et al. 2022, Fig. 2c).
+PYRAMID_STRIDES = (4, 8, 16, 32)  # levels "0".."3", as the ResNet-FPN's C2..C5; "pool" adds 64
 
-    The ViT runs on the whole image (no [CLS] in the output map); its last map [B, D, H/p, W/p] gives
-    levels at strides p/4, p/2, p, 2p ("0".."3") and a max-pooled level at 4p ("pool").
+
+def rescale(dim: int, factor: float) -> tuple[nn.Module, int]:
+    """ViTDet's rescaling of the last ViT map by ``factor`` (a power of 2): stride-2 deconvolutions
+    (LayerNorm + GELU between two) to upsample, max-pooling to downsample; returns (module, width)."""
+    if factor == 4:
+        return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(), nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)), dim // 4
+    if factor == 2:
+        return nn.ConvTranspose2d(dim, dim // 2, 2, 2), dim // 2
+    if factor == 1:
+        return nn.Identity(), dim
+    if factor < 1 and (1 / factor).is_integer():
+        k = int(1 / factor)
+        return nn.MaxPool2d(kernel_size=k, stride=k), dim
+    raise ValueError(f"simple feature pyramid: cannot rescale a ViT map by {factor} (patch sizes 1-128, powers of 2)")
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid over a ViT (Li et al. 2022, Sec. 3, Fig. 2c).
+
+    Only the ViT's last map [B, D, H/p, W/p] is used: it is rescaled to strides 4, 8, 16 and 32
+    (for ViT-B/16: x4, x2, x1, x0.5 as in the paper; for a patch-4 ViT: x1, x0.5, x0.25, x0.125), each
+    level followed by a 1x1 and a 3x3 convolution with LayerNorm; a max-pooled level at stride 64
+    ("pool") feeds the RPN, as with torchvision's FPN.
     """
 
     def __init__(self, vit: nn.Module, out_channels: int):
@@ -182,27 +202,19 @@ class SimpleFeaturePyramid(nn.Module):
         self.out_channels = out_channels
         dim = vit.embed_dim
         self.patch_size = vit.patch_embed.patch_size[0]
-
-        def deconv(i, o):
-            return nn.ConvTranspose2d(i, o, kernel_size=2, stride=2)
-
-        scales = [
-            nn.Sequential(deconv(dim, dim // 2), LayerNorm2d(dim // 2), nn.GELU(), deconv(dim // 2, dim // 4)),  # x4
-            deconv(dim, dim // 2),  # x2
-            nn.Identity(),  # x1
-            nn.MaxPool2d(kernel_size=2, stride=2),  # x0.5
-        ]
-        widths = [dim // 4, dim // 2, dim, dim]
-        self.scales = nn.ModuleList(
-            nn.Sequential(
-                s,
-                nn.Conv2d(w, out_channels, 1, bias=False),
-                LayerNorm2d(out_channels),
-                nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-                LayerNorm2d(out_channels),
+        levels = []
+        for stride in PYRAMID_STRIDES:
+            scale, width = rescale(dim, self.patch_size / stride)
+            levels.append(
+                nn.Sequential(
+                    scale,
+                    nn.Conv2d(width, out_channels, 1, bias=False),
+                    LayerNorm2d(out_channels),
+                    nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                    LayerNorm2d(out_channels),
+                )
             )
-            for s, w in zip(scales, widths)
-        )
+        self.scales = nn.ModuleList(levels)
 
     def forward_vit(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, D, H/p, W/p]; H and W are padded up to a multiple of p."""
@@ -220,8 +232,8 @@ class SimpleFeaturePyramid(nn.Module):
         return x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, gh, gw)  # [B, D, Gh, Gw]
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        x = self.forward_vit(images)
-        out = OrderedDict((name, scale(x)) for name, scale in zip(FEATURE_NAMES, self.scales))
+        x = self.forward_vit(images)  # [B, D, H/p, W/p]
+        out = OrderedDict((name, scale(x)) for name, scale in zip(FEATURE_NAMES, self.scales))  # strides 4, 8, 16, 32
         out["pool"] = F.max_pool2d(out[FEATURE_NAMES[-1]], kernel_size=1, stride=2)  # torchvision's LastLevelMaxPool
         return out
 

@@ -180,7 +180,13 @@ def teacher_pseudo_boxes(teacher: FasterRCNN, weak_images: list[torch.Tensor], c
     images = batch_images(teacher, weak_images)
     features = teacher.backbone(images.tensors)
     proposals, _ = teacher.rpn(images, features)
-    detections, _ = teacher.roi_heads(features, proposals, images.image_sizes)
+    # boxes scoring below the initial threshold are dropped anyway; dropping them before NMS saves time
+    # and changes nothing above it (a lower-scoring box never suppresses a higher-scoring one)
+    score_thresh, teacher.roi_heads.score_thresh = teacher.roi_heads.score_thresh, max(teacher.roi_heads.score_thresh, cfg.initial_threshold)
+    try:
+        detections, _ = teacher.roi_heads(features, proposals, images.image_sizes)
+    finally:
+        teacher.roi_heads.score_thresh = score_thresh
     boxes, labels, scores = [], [], []
     for det in detections:
         keep = det["scores"] > cfg.initial_threshold

@@ -50,11 +50,13 @@ def test_resnet_fpn_levels_have_strides_4_to_64():
     assert all(f.shape[1] == 32 for f in feats.values())
 
 
-def test_simple_feature_pyramid_strides_and_any_image_size():
-    pyramid = create_detector(spec(backbone="vit", vit=VIT.to_dict())).backbone
+@pytest.mark.parametrize("patch", [4, 8, 16])
+def test_simple_feature_pyramid_has_strides_4_to_64_for_any_patch_and_image_size(patch):
+    vit = ViTSpec(img_size=32, patch_size=patch, embed_dim=32, depth=1, num_heads=2)
+    pyramid = create_detector(spec(backbone="vit", vit=vit.to_dict())).backbone
     assert isinstance(pyramid, SimpleFeaturePyramid)
-    feats = pyramid(torch.rand(2, 3, 64, 96))  # not the encoder's 32 px: position embedding resampled
-    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]  # strides 2, 4, 8, 16, 32
+    feats = pyramid(torch.rand(2, 3, 128, 192))  # not the encoder's 32 px: position embedding resampled
+    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]  # strides 4 ... 64
     assert all(f.shape[:2] == (2, 32) for f in feats.values())
 
 

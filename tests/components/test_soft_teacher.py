@@ -24,6 +24,7 @@ from components.semisup.soft_teacher import (
     select_reliable_boxes,
     soft_classification_loss,
     teacher_momentum,
+    teacher_pseudo_boxes,
     update_teacher,
 )
 
@@ -175,3 +176,18 @@ def test_soft_teacher_step_trains_only_the_student():
     # without unlabeled images the step is the supervised baseline
     base = st([img], [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}])
     assert set(base) == {"sup_loss_classifier", "sup_loss_box_reg", "sup_loss_objectness", "sup_loss_rpn_box_reg", "loss"}
+
+
+def test_teacher_pseudo_boxes_are_its_detections_above_the_initial_threshold():
+    teacher = tiny_detector().eval()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    cfg = SoftTeacherConfig(initial_threshold=0.3, jitter_times=3)
+    out = teacher_pseudo_boxes(teacher, images, cfg)
+    with torch.no_grad():
+        full = teacher(images)  # test-time path (score threshold 0.05), 64 px images are not resized
+    assert teacher.roi_heads.score_thresh == 0.05  # restored
+    for det, boxes, scores, unc in zip(full, out.boxes, out.scores, out.uncertainty):
+        keep = det["scores"] > 0.3
+        assert torch.allclose(boxes, det["boxes"][keep]) and torch.allclose(scores, det["scores"][keep])
+        assert unc.shape == scores.shape and (unc >= 0).all()
+    assert sum(len(b) for b in out.boxes) > 0  # the random teacher's scores straddle the threshold
