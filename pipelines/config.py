@@ -41,6 +41,7 @@ class Runtime(Section):
     threads: int | None = Field(None, ge=1, le=512)  # torch intra-op threads on CPU; None = torch's default
     compile: bool = False  # torch.compile the training model (GPU)
     progress: bool = True  # tqdm bars
+    launcher: str = "python"  # how dvc.yaml starts training stages, e.g. "torchrun --standalone --nproc-per-node=8"
 
 
 class Tracking(Section):
