@@ -486,7 +486,38 @@ class DetectSoftTeacher(Section):
 
 
 class Detect(Section):
-    pass
+    """detect@<method>-<percent>: the supervised baseline and Soft Teacher on the same detector and
+    schedule, for every labeled percent of prepare.detection.labeled_percents (the dvc.yaml matrix)."""
+
+    fold: int = Field(0, ge=0)  # which fold of prepare's splits
+    model: DetectModel = DetectModel()
+    views: DetectViews = DetectViews()
+    soft_teacher: DetectSoftTeacher = DetectSoftTeacher()
+    steps: int = Field(180_000, ge=1)  # optimizer steps (both methods)
+    batch_size: int = Field(1, ge=1)  # labeled images per step and process (+ batch_size * unlabeled_ratio unlabeled)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    weight_decay: float = Field(1e-4, ge=0)  # norms and biases exempt
+    warmup_steps: int = Field(500, ge=0)
+    lr_milestones: list[float] = Field(default_factory=lambda: [2 / 3, 8 / 9])  # fractions of steps where lr x0.1 (paper: 120k, 160k of 180k)
+    clip_grad: float | None = Field(None, gt=0)
+    eval_every: int = Field(4000, ge=1)  # steps between held-out evaluations (AP curve); the last step always
+    eval_batch_size: int = Field(8, ge=1)
+    val_images: int | None = Field(None, ge=1)  # held-out scenes evaluated (null: all)
+    figure_images: int = Field(8, ge=1, le=64)
+    figure_score: float = Field(0.5, ge=0, le=1)  # detections drawn in the figure: score >= this
+    ckpt_every: int = Field(1000, ge=1)
+    log_every: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(not 0 < m < 1 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(self.lr_milestones):
+            raise KeyValueError("lr_milestones", self.lr_milestones, "must be increasing fractions of steps in (0, 1)")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise KeyValueError("betas", list(self.betas), "each beta must be in [0, 1)")
+        return self
 
 
 class CKA(Section):

@@ -164,9 +164,12 @@ class Tracker:
     def log_figure(self, path: str | Path) -> None:
         self.log_artifact(path, "figures")
 
-    def log_model(self, model, name: str, input_example=None, registered_name: str | None = None, alias: bool = False) -> None:
+    def log_model(self, model, name: str, input_example=None, registered_name: str | None = None, alias: bool = False,
+                  serialization_format: str | None = None) -> None:
         """Log a PyTorch model (with a signature inferred from ``input_example``) and register it;
-        ``alias`` puts the registry alias (tracking.registry_alias) on this version."""
+        ``alias`` puts the registry alias (tracking.registry_alias) on this version. ``serialization_format``
+        "pickle" logs models torch.export cannot trace (detectors: lists of images in, lists of dicts out);
+        None is MLflow's default ("pt2", which needs ``input_example``)."""
         if self._mlflow is None or not self.cfg.log_models:
             return
         import mlflow.pytorch
@@ -182,7 +185,8 @@ class Tracker:
             input_example = input_example.cpu().numpy()
         # Pinned from the running environment: MLflow's own requirement inference costs ~20 s per model.
         info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=input_example,
-                                        registered_model_name=registered_name, pip_requirements=model_requirements())
+                                        registered_model_name=registered_name, pip_requirements=model_requirements(),
+                                        serialization_format=serialization_format)
         if registered_name and alias:
             client = self._mlflow.MlflowClient()
             version = getattr(info, "registered_model_version", None)

@@ -1,0 +1,248 @@
+"""Stage ``detect@<method>-<percent>``: semi-supervised detection with Soft Teacher vs the supervised baseline.
+
+``softteacher`` trains a Faster R-CNN on batches of labeled and unlabeled scenes (1:4) with an EMA
+teacher that pseudo-labels weak views for the student's strong views (Xu et al. 2021);
+``supervised`` trains the same detector with the same schedule on the labeled scenes only. Both keep
+the EMA teacher, so the two are evaluated the same way (teacher and student, COCO AP with pycocotools
+on the held-out scenes). The labeled percents are prepare's (``prepare.detection.labeled_percents``).
+
+Writes ``metrics/detect/<method>-<percent>.json``, ``plots/detect/<method>-<percent>/`` (AP and loss
+over training for dvc plots, predictions against ground truth on held-out scenes),
+``models/detect/<method>-<percent>/`` (the teacher at the top, the student in ``student/``:
+safetensors + detector.json), resumable checkpoints in ``checkpoints/detect/<method>-<percent>/``, and
+the teacher to MLflow (registered as ``mimflow-detect-<method>-<percent>``).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from components.data.box_transforms import SemiSupervisedViews, ViewConfig, collate_views
+from components.data.sources import CocoDetection, DataError, load_coco
+from components.evaluation.coco import AP_KEYS, coco_evaluate, predict, prediction_figure, to_coco_results
+from components.io import atomic_write, write_text
+from components.models.detection import DetectorSpec, create_detector, save_detector
+from components.models.vit import ENCODER_SPEC, ENCODER_WEIGHTS, read_spec
+from components.semisup.soft_teacher import SoftTeacher, SoftTeacherConfig
+from components.training.distributed import EpochLoader
+from components.training.engine import TrainConfig, Trainer
+from components.training.optim import param_groups
+from components.training.schedules import multistep
+from pipelines.common import StageContext, run_stage
+
+log = logging.getLogger("mimflow.detect")
+
+METHODS = ("supervised", "softteacher")
+DATA = Path("data/detection")
+ENCODER_DIRS = {"mae": Path("models/pretrain_mae"), "ibot": Path("models/pretrain_ibot")}
+
+
+def pct_name(percent: float) -> str:
+    """10.0 -> '10', 0.5 -> '0.5': the names prepare gives its split directories."""
+    return f"{percent:g}"
+
+
+def file_digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def parse_variant(variant: str) -> tuple[str, float]:
+    """'softteacher-10' -> ('softteacher', 10.0); errors name the expected form."""
+    method, _, pct = variant.partition("-")
+    try:
+        percent = float(pct)
+    except ValueError:
+        percent = -1.0
+    if method not in METHODS or not 0 < percent <= 100:
+        raise ValueError(f"detect: variant {variant!r} is not <method>-<percent> with method in {', '.join(METHODS)} and percent in (0, 100]")
+    return method, percent
+
+
+def load_split(ctx: StageContext, percent: float) -> tuple[dict, dict, dict, list[Path]]:
+    """(labeled, unlabeled, val) COCO dicts of the split, and their files (for the checkpoint fingerprint).
+
+    Split files hold subsets of train.json's images, so they are read against its image directory."""
+    root = ctx.root / DATA
+    split_dir = root / "splits" / f"{pct_name(percent)}_fold{ctx.section.fold}"
+    if not split_dir.is_dir():
+        have = ctx.params.prepare.detection
+        raise DataError(
+            f"{split_dir}: no detection split for percent {pct_name(percent)}, detect.fold = {ctx.section.fold} "
+            f"(prepare.detection.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
+        )
+    train = load_coco(root / "train.json")
+    image_root = train["info"]["image_root"]
+    labeled = load_coco(split_dir / "labeled.json", image_root=image_root)
+    unlabeled = load_coco(split_dir / "unlabeled.json", image_root=image_root)
+    val = load_coco(root / "val.json")
+    if ctx.section.val_images is not None:
+        keep = {im["id"] for im in val["images"][: ctx.section.val_images]}
+        val = {**val, "images": [im for im in val["images"] if im["id"] in keep], "annotations": [a for a in val["annotations"] if a["image_id"] in keep]}
+    if not labeled["images"]:
+        raise DataError(f"{split_dir / 'labeled.json'}: no labeled images")
+    return labeled, unlabeled, val, [root / "train.json", split_dir / "labeled.json", split_dir / "unlabeled.json", root / "val.json"]
+
+
+def detector_spec(ctx: StageContext, num_classes: int) -> tuple[DetectorSpec, Path | None]:
+    """The detector's spec from detect.model, and the pretrained ViT encoder's directory if any."""
+    m = ctx.section.model
+    encoder_dir, vit = None, None
+    if m.backbone == "vit":
+        if m.init in ENCODER_DIRS:
+            encoder_dir = ctx.root / ENCODER_DIRS[m.init]
+            vit = read_spec(encoder_dir).to_dict()
+        else:
+            vit = ctx.params.pretrain_mae.model.spec().to_dict()  # a scratch ViT shaped like the pretrained ones
+    fields = m.model_dump(exclude={"init"})
+    return DetectorSpec(num_classes=num_classes, vit=vit, **fields), encoder_dir
+
+
+def evaluate(model: torch.nn.Module, val: dict, dataset: CocoDetection, label_to_category: list[int], ctx: StageContext) -> tuple[dict, list[dict]]:
+    items = ((dataset.images[i]["id"], dataset[i][0]) for i in range(len(dataset)))
+    detections = predict(model, items, ctx.device, ctx.section.eval_batch_size)
+    return coco_evaluate(val, to_coco_results(detections, label_to_category)), detections
+
+
+def detect(ctx: StageContext) -> dict:
+    """Train one method on one labeled split and evaluate teacher and student on the held-out scenes."""
+    cfg = ctx.section
+    method, percent = parse_variant(ctx.variant)
+    labeled, unlabeled, val, data_files = load_split(ctx, percent)
+    categories = sorted(c["id"] for c in labeled["categories"])
+    names = {c["id"]: c["name"] for c in labeled["categories"]}
+    category_to_label = {c: i + 1 for i, c in enumerate(categories)}  # torchvision: 0 is background
+    st = cfg.soft_teacher
+    ratio = st.unlabeled_ratio if method == "softteacher" else 0
+    if ratio and not unlabeled["images"]:
+        raise DataError(f"detect@{ctx.variant}: the split has no unlabeled images for Soft Teacher")
+    world = ctx.info.world_size
+    if cfg.batch_size * world > len(labeled["images"]):
+        raise ValueError(f"detect.batch_size = {cfg.batch_size}: larger than the {len(labeled['images'])} labeled images ({world} process(es))")
+
+    spec, encoder_dir = detector_spec(ctx, len(categories))
+    pretrained = cfg.model.init if spec.backbone != "vit" and cfg.model.init != "scratch" else "none"
+    student = create_detector(spec, pretrained=pretrained, encoder_dir=encoder_dir)
+    teacher = create_detector(spec)
+    st_cfg = SoftTeacherConfig(
+        unsup_weight=st.unsup_weight, rpn_threshold=st.rpn_threshold, cls_threshold=st.cls_threshold, initial_threshold=st.initial_threshold,
+        reg_uncertainty=st.reg_uncertainty, jitter_times=st.jitter_times, jitter_scale=st.jitter_scale, ema_momentum=st.ema_momentum,
+    )
+    model = SoftTeacher(student, teacher, st_cfg)
+
+    v = cfg.views
+    views = ViewConfig(tuple(v.resize_range), v.flip_p, v.translate, v.rotate, v.shear, tuple(v.erase_n), v.erase_size)
+    dataset = SemiSupervisedViews(CocoDetection(labeled), CocoDetection(unlabeled) if ratio else None, category_to_label, ratio, views)
+    loader = EpochLoader(dataset, cfg.batch_size, seed=ctx.seed, info=ctx.info, num_workers=ctx.num_workers, collate_fn=collate_views)
+    val_set = CocoDetection(val)
+    label_to_category = categories
+
+    groups = param_groups(student, cfg.weight_decay)
+    clean = [{k: val_ for k, val_ in g.items() if k != "names"} for g in groups]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(clean, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        optimizer = torch.optim.AdamW(clean, lr=cfg.lr, betas=tuple(cfg.betas), fused=ctx.device.type == "cuda" or None)
+    milestones = [round(f * cfg.steps) for f in cfg.lr_milestones]
+    digest = file_digest(*data_files, *([encoder_dir / ENCODER_WEIGHTS, encoder_dir / ENCODER_SPEC] if encoder_dir else []))
+    train_cfg = TrainConfig(
+        total_steps=cfg.steps, batch_size=cfg.batch_size * (1 + ratio), clip_grad=cfg.clip_grad, precision=ctx.precision,
+        ckpt_dir=ctx.checkpoint_dir, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, fingerprint=ctx.fingerprint(method, percent, digest),
+        desc=ctx.stage_id, progress=ctx.params.runtime.progress, compile=ctx.params.runtime.compile,
+    )
+
+    def on_log(step: int, record: dict) -> None:
+        ctx.log_metrics({k: v for k, v in record.items() if k not in ("step", "epoch")}, step)
+
+    trainer = Trainer(model, optimizer, train_cfg, ctx.device, ctx.info, lr_fn=lambda s: multistep(s, cfg.lr, milestones, 0.1, cfg.warmup_steps),
+                      after_step=model.update_teacher, on_log=on_log)
+    steps_per_epoch = len(loader)
+
+    def on_epoch_end(epoch: int) -> dict | None:
+        """AP of teacher and student whenever training crossed a multiple of eval_every steps."""
+        end = (epoch + 1) * steps_per_epoch
+        if end // cfg.eval_every == (end - steps_per_epoch) // cfg.eval_every or end >= cfg.steps or not ctx.is_main:
+            return None
+        teacher_ap, _ = evaluate(model.teacher, val, val_set, label_to_category, ctx)
+        student_ap, _ = evaluate(model.student, val, val_set, label_to_category, ctx)
+        return {**{f"teacher_{k}": v for k, v in teacher_ap.items()}, **{f"student_{k}": v for k, v in student_ap.items()}}
+
+    def step_fn(m, batch, step):
+        out = m(batch["labeled"], batch["targets"], batch.get("weak"), batch.get("strong"), batch.get("weak_matrix"), batch.get("strong_matrix"))
+        return out["loss"], {k: float(v.detach()) for k, v in out.items() if k != "loss"}
+
+    t = time.perf_counter()
+    history = trainer.fit(loader, step_fn, on_epoch_end)
+    train_s = time.perf_counter() - t
+    if not ctx.is_main:
+        return {}
+
+    t = time.perf_counter()
+    teacher_ap, teacher_dets = evaluate(model.teacher, val, val_set, label_to_category, ctx)
+    student_ap, _ = evaluate(model.student, val, val_set, label_to_category, ctx)
+    eval_s = time.perf_counter() - t
+
+    # ---- curves for dvc plots
+    plots = ctx.plots_dir
+    ap_rows = [{"step": r["step"], **{k: r[k] for k in r if k.startswith(("teacher_", "student_"))}} for r in history if "teacher_AP" in r]
+    ap_rows.append({"step": cfg.steps, **{f"teacher_{k}": v for k, v in teacher_ap.items()}, **{f"student_{k}": v for k, v in student_ap.items()}})
+    write_csv(plots / "ap.csv", ap_rows, ["step", *(f"{who}_{k}" for who in ("teacher", "student") for k in AP_KEYS)])
+    loss_keys = ["loss", "sup_loss_classifier", "sup_loss_box_reg", "sup_loss_objectness", "sup_loss_rpn_box_reg", "unsup_loss_classifier",
+                 "unsup_loss_box_reg", "unsup_loss_objectness", "unsup_loss_rpn_box_reg", "pseudo_boxes_cls", "pseudo_boxes_reg", "lr"]
+    loss_rows = [r for r in history if "loss" in r]
+    write_csv(plots / "loss.csv", loss_rows, ["step", *(k for k in loss_keys if loss_rows and k in loss_rows[0])])
+
+    # ---- predictions of the teacher against ground truth on held-out scenes
+    n = min(cfg.figure_images, len(val_set))
+    samples = [val_set[i] for i in range(n)]
+    truths = [{"boxes": torch.as_tensor(tg["boxes"]), "labels": torch.tensor([category_to_label[int(c)] for c in tg["labels"]], dtype=torch.int64)} for _, tg in samples]
+    fig = prediction_figure([img for img, _ in samples], truths, teacher_dets[:n], [names[c] for c in categories], cfg.figure_score,
+                            title=f"{ctx.stage_id}: teacher AP {100 * teacher_ap['AP']:.1f} (green dashed: ground truth, red: detections >= {cfg.figure_score:g})")
+    figure = plots / "predictions.png"
+    atomic_write(figure, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    ctx.log_figure(figure)
+
+    # ---- weights (teacher at the top, student below) and the model registry
+    meta = {"method": method, "percent": percent, "classes": [names[c] for c in categories], "category_ids": categories}
+    save_detector(model.teacher.cpu(), spec, ctx.models_dir, role="teacher", **meta)
+    save_detector(model.student.cpu(), spec, ctx.models_dir / "student", role="student", **meta)
+    steps_done = [r for r in history if "images_per_s" in r]
+    metrics = {
+        "method": method, "percent": percent, "fold": cfg.fold,
+        "labeled_images": len(labeled["images"]), "unlabeled_images": len(unlabeled["images"]) if ratio else 0,
+        "val_images": len(val["images"]), "steps": cfg.steps,
+        "AP": teacher_ap["AP"], "AP50": teacher_ap["AP50"],
+        "teacher": teacher_ap, "student": student_ap,
+        "params_m": round(sum(p.numel() for p in model.student.parameters()) / 1e6, 3),
+        "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
+        "train_images_per_s": round(sum(r["images_per_s"] for r in steps_done) / max(len(steps_done), 1), 2),
+    }
+    register(ctx, model.teacher.eval(), teacher_ap["AP"])
+    return metrics
+
+
+def register(ctx: StageContext, model: torch.nn.Module, ap: float) -> None:
+    """Log the teacher to MLflow, register it, and move the alias when this run's AP is the best."""
+    name = f"mimflow-detect-{ctx.variant}"
+    previous = ctx.tracker.alias_metric(name, "AP")
+    ctx.tracker.log_model(model, name="detector", registered_name=name, alias=previous is None or ap >= previous, serialization_format="pickle")
+
+
+if __name__ == "__main__":
+    run_stage("detect", detect, variant_arg="variant")

@@ -1,0 +1,81 @@
+"""The detect@{supervised,softteacher}-<pct> matrix through `dvc repro` on the micro params, resume, and errors."""
+from __future__ import annotations
+
+import csv
+import json
+
+import torch
+import yaml
+
+from components.models.detection import load_detector
+from tests.pipelines.conftest import BIN, dvc_repro, run
+
+AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+
+def variants(project) -> list[str]:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    return [f"{m}-{p:g}" for p in params["prepare"]["detection"]["labeled_percents"] for m in ("supervised", "softteacher")]
+
+
+def test_each_method_through_dvc_repro_writes_metrics_plots_and_weights(project):
+    dvc_repro(project, "detect")
+    params = yaml.safe_load((project / "params.yaml").read_text())["detect"]
+    for variant in variants(project):
+        method = variant.split("-")[0]
+        m = json.loads((project / "metrics" / "detect" / f"{variant}.json").read_text())
+        assert m["method"] == method and m["steps"] == params["steps"] and m["labeled_images"] > 0 and m["val_images"] > 0
+        assert (m["unlabeled_images"] > 0) == (method == "softteacher")
+        for who in ("teacher", "student"):
+            assert set(m[who]) == AP_KEYS and all(0.0 <= v <= 1.0 for v in m[who].values())
+        assert m["AP"] == m["teacher"]["AP"]
+        # AP over training (an evaluation every eval_every steps, and the last step) and the losses
+        plots = project / "plots" / "detect" / variant
+        ap = list(csv.DictReader((plots / "ap.csv").open()))
+        assert [int(r["step"]) for r in ap][-1] == params["steps"] and len(ap) >= 2
+        assert float(ap[-1]["teacher_AP"]) == m["teacher"]["AP"] and float(ap[-1]["student_AP"]) == m["student"]["AP"]
+        loss = list(csv.DictReader((plots / "loss.csv").open()))
+        assert len(loss) == params["steps"] // params["log_every"]
+        assert ("unsup_loss_classifier" in loss[0]) == (method == "softteacher")
+        assert (plots / "predictions.png").stat().st_size > 1000
+        # teacher and student weights load strictly from safetensors + detector.json
+        for d in (project / "models" / "detect" / variant, project / "models" / "detect" / variant / "student"):
+            model, spec, meta = load_detector(d)
+            assert meta["method"] == method and len(meta["classes"]) == spec.num_classes
+            with torch.no_grad():
+                (det,) = model.eval()([torch.rand(3, 64, 64)])
+            assert set(det) == {"boxes", "scores", "labels"}
+    # the Soft Teacher run saw pseudo boxes (the micro params keep every teacher detection)
+    loss = list(csv.DictReader((project / "plots" / "detect" / variants(project)[1] / "loss.csv").open()))
+    assert any(float(r["pseudo_boxes_cls"]) > 0 for r in loss)
+    # MLflow: each teacher registered as a model, the alias on a version of this stage
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    for variant in variants(project):
+        version = client.get_model_version_by_alias(f"mimflow-detect-{variant}", "best")
+        assert client.get_run(version.run_id).data.tags["mimflow.stage"] == f"detect@{variant}"
+    # nothing changed: nothing re-runs
+    assert "Running stage 'detect@" not in dvc_repro(project, "detect").stdout
+
+
+def test_a_rerun_resumes_from_the_checkpoint_with_the_same_teacher(project):
+    """The checkpoint holds the student, the EMA teacher and the RNG state: a re-run trains no further
+    and evaluates to the same AP."""
+    dvc_repro(project, "detect")
+    variant = variants(project)[1]
+    before = json.loads((project / "metrics" / "detect" / f"{variant}.json").read_text())
+    proc = run(project, str(BIN / "python"), "-m", "pipelines.detect", "--variant", variant)
+    assert f"resumed detect@{variant}" in proc.stderr
+    after = json.loads((project / "metrics" / "detect" / f"{variant}.json").read_text())
+    assert after["teacher"] == before["teacher"] and after["student"] == before["student"]
+
+
+def test_a_percent_without_split_is_a_one_line_error(project):
+    dvc_repro(project, "prepare")
+    proc = run(project, str(BIN / "python"), "-m", "pipelines.detect", "--variant", "softteacher-30", check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: detect@softteacher-30:") and "30_fold0" in last and "prepare.detection.labeled_percents" in last
+    proc = run(project, str(BIN / "python"), "-m", "pipelines.detect", "--variant", "fancy-10", check=False)
+    assert proc.returncode == 1 and "not <method>-<percent>" in proc.stderr.strip().splitlines()[-1]
