@@ -37,7 +37,9 @@ def default_uri(root: Path) -> str:
 
 
 def resolve_uri(cfg: Tracking, root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or default_uri(root)
+    """MLFLOW_TRACKING_URI, else tracking.uri, else the project's mlflow.db (also from the temporary
+    workspace of a queued ``dvc exp run``, whose original root DVC passes as DVC_ROOT)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or default_uri(Path(os.environ.get("DVC_ROOT") or root))
 
 
 def check_reachable(uri: str, timeout: float) -> None:
@@ -135,6 +137,8 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 (MLflow raises many kinds)
             raise TrackingError(f"MLflow at {uri}: cannot open experiment {self.cfg.experiment!r} ({str(e).splitlines()[0]})") from None
         all_tags = {"stage": stage.split("@")[0], "mimflow.stage": stage, **dependency_hashes(self.root, stage), **(tags or {})}
+        if os.environ.get("DVC_EXP_NAME"):
+            all_tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]  # groups the stages of one `dvc exp run`
         commit = git_commit(self.root)
         if commit:
             all_tags["mlflow.source.git.commit"] = commit
