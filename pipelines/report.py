@@ -79,9 +79,9 @@ class Table:
 def pretraining_table(metrics: Path) -> Table:
     t = Table("Pretraining", ["method", "final train loss", "held-out loss", "k-NN top-1 (%)", "images/s", "wall time (s)"])
     mae = read_metrics(metrics / "pretrain_mae.json")
-    t.add("MAE", pick(mae, "train_loss", "loss"), pick(mae, "val_masked_loss", "val_loss"), pick(mae, "knn_top1"), pick(mae, "images_per_s"), pick(mae, "wall_time_s"))
+    t.add("MAE", mae.get("train_loss"), mae.get("val_masked_loss"), None, mae.get("images_per_s"), mae.get("wall_time_s"))
     ibot = read_metrics(metrics / "pretrain_ibot.json")
-    t.add("iBOT", pick(ibot, "train_loss", "loss"), pick(ibot, "val_loss"), pick(ibot, "knn_top1", "teacher_knn_top1"), pick(ibot, "images_per_s"), pick(ibot, "wall_time_s"))
+    t.add("iBOT", ibot.get("loss"), None, ibot.get("knn_top1"), ibot.get("images_per_s"), ibot.get("wall_time_s"))
     return t
 
 
@@ -89,30 +89,31 @@ def finetune_table(metrics: Path) -> Table:
     t = Table("Classification (held-out top-1 %)", ["init", "fine-tune top-1", "top-5", "linear probe top-1", "k-NN top-1", "best epoch", "wall time (s)"])
     for init in FINETUNE_INITS:
         m = read_metrics(metrics / "finetune" / f"{init}.json")
-        t.add(init, pick(m, "top1"), pick(m, "top5"), pick(m, "linear_probe_top1", "linprobe_top1"), pick(m, "knn_top1"), pick(m, "best_epoch"), pick(m, "wall_time_s"))
+        t.add(init, pick(m, "top1"), pick(m, "top5"), m.get("linear_probe_top1"), pick(m, "knn_top1"), pick(m, "best_epoch"), pick(m, "wall_time_s"))
     return t
 
 
 def detection_table(metrics: Path) -> Table:
-    t = Table("Detection (COCO mAP on held-out scenes, pycocotools)", ["method", "labeled %", "AP", "AP50", "AP75", "AP (student)", "wall time (s)"])
+    t = Table("Detection (COCO mAP on held-out scenes, pycocotools)", ["method", "labeled %", "AP (teacher)", "AP50", "AP75", "AP (student)", "wall time (s)"])
     for path in sorted((metrics / "detect").glob("*.json"), key=lambda p: (p.stem.rsplit("-", 1)[-1].zfill(8), p.stem)):
         method, pct = path.stem.rsplit("-", 1)
         m = read_metrics(path)
-        t.add(method, pct, pick(m, "teacher.AP", "AP"), pick(m, "teacher.AP50", "AP50"), pick(m, "teacher.AP75", "AP75"), pick(m, "student.AP"), pick(m, "wall_time_s"))
+        t.add(method, pct, pick(m, "teacher.AP"), pick(m, "teacher.AP50"), pick(m, "teacher.AP75"), pick(m, "student.AP"), m.get("wall_time_s"))
     return t
 
 
 def cka_table(metrics: Path) -> Table:
-    t = Table("CKA (debiased, linear kernel)", ["pair", "layers", "mean diagonal", "mean off-diagonal"], note="Mean CKA over matching layer depths and over all other layer pairs.")
     m = read_metrics(metrics / "cka.json")
+    kind = f"{'debiased' if m.get('debiased') else 'biased'}, {m.get('kernel', 'linear')} kernel"
+    t = Table(
+        f"CKA ({kind}, {m.get('images', '?')} held-out images)",
+        ["pair", "layers", "mean CKA", "lowest layers", "top ViT layer vs best CNN layer"],
+        note="ViTs are uniform across depth; a ResNet's stages differ; the lowest layers agree and the top of the ViT matches no ResNet layer well (Raghu et al. 2021).",
+    )
     for name, pair in (m.get("pairs") or {}).items():
-        matrix = pair.get("matrix") if isinstance(pair, dict) else None
-        if not matrix:
-            continue
-        rows, cols = len(matrix), len(matrix[0])
-        diag = [matrix[round(i * (rows - 1) / max(1, cols - 1))][i] for i in range(cols)] if rows and cols else []
-        off = [v for i, r in enumerate(matrix) for j, v in enumerate(r) if not (rows == cols and i == j)]
-        t.add(name, f"{rows}×{cols}", sum(diag) / len(diag) if diag else None, sum(off) / len(off) if off else None)
+        summary = (m.get("summary") or {}).get(name, {})
+        matrix = pair.get("cka") or []
+        t.add(name.replace("__", " vs "), f"{len(matrix)}×{len(matrix[0]) if matrix else 0}", summary.get("mean"), summary.get("lowest_layers"), summary.get("top_vit_best_cnn"))
     return t
 
 
