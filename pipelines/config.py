@@ -214,15 +214,15 @@ class IBOTHeadParams(Section):
 
 
 class IBOTLossParams(Section):
-    """L = lambda1 L_cls + lambda2 L_mim; temperatures and centre momenta (paper values as defaults)."""
+    """L = lambda1 L_cls + lambda2 L_mim; temperatures and centre momenta."""
 
     lambda1: float = Field(1.0, ge=0)  # [CLS] self-distillation
     lambda2: float = Field(1.0, ge=0)  # masked image modelling
     student_temp: float = Field(0.1, gt=0)
     warmup_teacher_temp: float = Field(0.04, gt=0)  # [CLS]: linear warm-up ...
-    teacher_temp: float = Field(0.07, gt=0)  # ... to this, over warmup_teacher_temp_epochs
+    teacher_temp: float = Field(0.04, gt=0)  # ... to this, over warmup_teacher_temp_epochs (paper: 0.07)
     warmup_teacher_patch_temp: float = Field(0.04, gt=0)
-    teacher_patch_temp: float = Field(0.07, gt=0)
+    teacher_patch_temp: float = Field(0.04, gt=0)  # paper: 0.07
     warmup_teacher_temp_epochs: int = Field(2, ge=0)  # paper: 30
     center_momentum: float = Field(0.9, ge=0, lt=1)  # [CLS] centre
     center_momentum2: float = Field(0.9, ge=0, lt=1)  # patch centre
@@ -286,7 +286,7 @@ class PretrainIBOT(Section):
     masking: IBOTMaskingParams = IBOTMaskingParams()
     multicrop: IBOTMultiCropParams = IBOTMultiCropParams()
     knn: IBOTKNNParams = IBOTKNNParams()
-    epochs: int = Field(6, ge=1)
+    epochs: int = Field(5, ge=1)
     train_images: int | None = Field(1200, ge=1)  # unlabeled images used (a fixed subset; null: all)
     warmup_epochs: float = Field(1, ge=0)
     batch_size: int = Field(64, ge=1)  # per process
