@@ -16,7 +16,9 @@ import yaml
 
 from components.io import load_safetensors, read_json, torch_load
 from components.models.vit import load_encoder
+from components.training.optim import param_groups
 from pipelines.config import ParamsError, load_params, validate_params
+from pipelines.pretrain_ibot import build_networks
 from tests.pipelines.conftest import BIN, REPO, dvc_repro, make_project, project_env, run
 
 MICRO = REPO / "tests" / "micro.params.yaml"
@@ -58,9 +60,18 @@ def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflo
     assert all(torch.equal(saved[k], teacher[k]) for k in saved)
     assert not torch.equal(saved["blocks.0.attn.qkv.weight"], student["blocks.0.attn.qkv.weight"])
     assert ckpt["extra"]["ibot_loss"]["center"].abs().sum() > 0  # the centres are checkpointed
+    # weight decay followed its cosine schedule to weight_decay_end on the decaying groups only
+    groups = ckpt["optimizer"]["param_groups"]
+    assert {round(g["weight_decay"], 6) for g in groups} == {0.0, round(cfg.weight_decay_end, 6)}
+    # AdamW's step counts: the head's last layer was frozen for freeze_last_layer_epochs, the rest trained every step
+    student_net, _ = build_networks(cfg)
+    names = [n for g in param_groups(student_net, cfg.weight_decay) for n in g["names"]]
+    updates = {names[i]: int(st["step"]) for i, st in ckpt["optimizer"]["state"].items()}
+    steps = cfg.epochs * (8 * 12 // cfg.batch_size)
+    assert updates["head.last_layer.parametrizations.weight.original1"] == steps - cfg.freeze_last_layer_epochs * steps // cfg.epochs
+    assert updates["encoder.blocks.0.attn.qkv.weight"] == updates["masked_embed"] == steps
 
     metrics = _metrics(project)
-    steps = cfg.epochs * (8 * 12 // cfg.batch_size)
     assert metrics["steps"] == steps and metrics["batch"] == cfg.batch_size
     for key in ("loss", "loss_cls", "loss_mim", "teacher_entropy", "teacher_kl"):
         assert math.isfinite(metrics[key]), key
