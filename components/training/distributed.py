@@ -159,6 +159,9 @@ class EpochLoader:
             pin_memory=pin_memory,
             drop_last=True,
             persistent_workers=num_workers > 0,
+            # Workers' base seed comes from this generator, not the global RNG: starting an iterator
+            # must not shift the model's random stream (drop path, masking), or a resumed run diverges.
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def __len__(self) -> int:

@@ -64,11 +64,11 @@ def flat(model):
 
 
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path):
-    straight, _ = train(tmp_path / "a", steps=20)
+    straight, _ = train(tmp_path / "a", steps=20, ckpt_every=5)
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "b", steps=20, fail_at=14)  # checkpoints at 3, 6, 9, 12; killed mid-epoch
-    resumed, trainer = train(tmp_path / "b", steps=20)
-    assert trainer.resumed_from == 12
+        train(tmp_path / "b", steps=20, ckpt_every=5, fail_at=14)  # 12 steps an epoch; last checkpoint mid-epoch
+    resumed, trainer = train(tmp_path / "b", steps=20, ckpt_every=5)
+    assert trainer.resumed_from == 10
     assert torch.equal(flat(straight), flat(resumed))
     assert [r["step"] for r in trainer.history] == list(range(1, 21))
 
