@@ -1,0 +1,70 @@
+"""The finetune@{scratch,mae,ibot,cnn} matrix through `dvc repro` on the micro params, and its error path."""
+from __future__ import annotations
+
+import csv
+import json
+
+import torch
+import yaml
+
+from components.data.sources import load_classification_index
+from components.io import load_safetensors
+from components.models.classifier import load_classifier, read_classifier_meta
+from tests.pipelines.conftest import BIN, dvc_repro, run
+
+INITS = ("scratch", "mae", "ibot", "cnn")
+
+
+def test_each_init_through_dvc_repro_writes_metrics_and_weights(project):
+    dvc_repro(project, "finetune")
+    params = yaml.safe_load((project / "params.yaml").read_text())["finetune"]
+    index = load_classification_index(project / "data" / "classification" / "index.json")
+    x = torch.randn(2, 3, index.image_size, index.image_size)
+    for init in INITS:
+        m = json.loads((project / "metrics" / "finetune" / f"{init}.json").read_text())
+        assert m["init"] == init and m["labeled_images"] == 48 and m["val_images"] == len(index.val)
+        assert 0 <= m["top1"] <= m["top5"] <= 100 and 1 <= m["best_epoch"] <= params["epochs"]
+        frozen = {"knn_top1", "linear_probe_top1"}
+        assert frozen <= m.keys() if init != "cnn" else not frozen & m.keys()
+        # weights for cka: the JSON names the architecture and the classes, and they load strictly
+        d = project / "models" / "finetune" / init
+        meta = read_classifier_meta(d)
+        assert meta["arch"] == ("vit" if init != "cnn" else params["cnn"]["arch"]) and meta["classes"] == index.classes
+        model = load_classifier(d)
+        assert model(x).shape == (2, len(index.classes))
+        # curves for dvc plots and the confusion figure
+        plots = project / "plots" / "finetune" / init
+        train = list(csv.DictReader((plots / "train.csv").open()))
+        val = list(csv.DictReader((plots / "val.csv").open()))
+        assert [int(r["epoch"]) for r in train] == list(range(1, params["epochs"] + 1))
+        assert int(val[-1]["epoch"]) == params["epochs"] and float(val[-1]["val_top1"]) == m["top1"]
+        assert len(list(csv.DictReader((plots / "predictions.csv").open()))) == len(index.val)
+        assert (plots / "confusion.png").stat().st_size > 1000
+    # a pretrained init really started from its encoder: with the pretrained weights loaded back, the
+    # fine-tuned patch embedding is closer to them than the scratch model's
+    enc = load_safetensors(project / "models" / "pretrain_mae" / "encoder.safetensors")["patch_embed.proj.weight"]
+    mae = load_safetensors(project / "models" / "finetune" / "mae" / "model.safetensors")["patch_embed.proj.weight"]
+    scratch = load_safetensors(project / "models" / "finetune" / "scratch" / "model.safetensors")["patch_embed.proj.weight"]
+    if enc.shape == scratch.shape:
+        assert (mae - enc).norm() < (scratch - enc).norm()
+    # MLflow: every classifier registered, the alias on a version
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    for init in INITS:
+        version = client.get_model_version_by_alias(f"mimflow-finetune-{init}", "best")
+        assert client.get_run(version.run_id).data.tags["mimflow.stage"] == f"finetune@{init}"
+    # nothing changed: nothing re-runs
+    out = dvc_repro(project, "finetune").stdout
+    assert "Running stage 'finetune@" not in out
+
+
+def test_a_labeled_percent_without_split_is_a_one_line_error(project):
+    dvc_repro(project, "prepare")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune"]["labeled_percent"] = 30
+    (project / "bad.params.yaml").write_text(yaml.safe_dump(params))
+    proc = run(project, str(BIN / "python"), "-m", "pipelines.finetune", "--params", "bad.params.yaml", "--init", "cnn", check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: finetune@cnn:") and "labeled_30_fold0.json" in last and "finetune.labeled_percent = 30" in last
