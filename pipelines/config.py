@@ -477,6 +477,7 @@ class DetectSoftTeacher(Section):
     jitter_times: int = Field(10, ge=2)
     jitter_scale: float = Field(0.06, gt=0)
     ema_momentum: float = Field(0.999, ge=0, lt=1)  # teacher momentum min(m, 1 - 1/(t+1))
+    burn_in_steps: int = Field(0, ge=0)  # supervised-only steps first (0: end-to-end, the paper); the teacher restarts as a copy
 
     @model_validator(mode="after")
     def _check(self):
@@ -490,6 +491,7 @@ class Detect(Section):
     schedule, for every labeled percent of prepare.detection.labeled_percents (the dvc.yaml matrix)."""
 
     fold: int = Field(0, ge=0)  # which fold of prepare's splits
+    class_agnostic: bool = False  # merge every category into one "object" class (training and AP)
     model: DetectModel = DetectModel()
     views: DetectViews = DetectViews()
     soft_teacher: DetectSoftTeacher = DetectSoftTeacher()
@@ -513,6 +515,8 @@ class Detect(Section):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.soft_teacher.burn_in_steps >= self.steps:
+            raise KeyValueError("soft_teacher.burn_in_steps", self.soft_teacher.burn_in_steps, f"must be < steps ({self.steps})")
         if any(not 0 < m < 1 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(self.lr_milestones):
             raise KeyValueError("lr_milestones", self.lr_milestones, "must be increasing fractions of steps in (0, 1)")
         if not all(0 <= b < 1 for b in self.betas):

@@ -75,6 +75,12 @@ def parse_variant(variant: str) -> tuple[str, float]:
     return method, percent
 
 
+def merge_categories(coco: dict, name: str = "object") -> dict:
+    """The same COCO dict with every category merged into one (class-agnostic detection)."""
+    return {**coco, "categories": [{"id": 1, "name": name, "supercategory": name}],
+            "annotations": [{**a, "category_id": 1} for a in coco["annotations"]]}
+
+
 def load_split(ctx: StageContext, percent: float) -> tuple[dict, dict, dict, list[Path]]:
     """(labeled, unlabeled, val) COCO dicts of the split, and their files (for the checkpoint fingerprint).
 
@@ -97,6 +103,8 @@ def load_split(ctx: StageContext, percent: float) -> tuple[dict, dict, dict, lis
         val = {**val, "images": [im for im in val["images"] if im["id"] in keep], "annotations": [a for a in val["annotations"] if a["image_id"] in keep]}
     if not labeled["images"]:
         raise DataError(f"{split_dir / 'labeled.json'}: no labeled images")
+    if ctx.section.class_agnostic:
+        labeled, unlabeled, val = merge_categories(labeled), merge_categories(unlabeled), merge_categories(val)
     return labeled, unlabeled, val, [root / "train.json", split_dir / "labeled.json", split_dir / "unlabeled.json", root / "val.json"]
 
 
@@ -143,6 +151,7 @@ def detect(ctx: StageContext) -> dict:
     st_cfg = SoftTeacherConfig(
         unsup_weight=st.unsup_weight, rpn_threshold=st.rpn_threshold, cls_threshold=st.cls_threshold, initial_threshold=st.initial_threshold,
         reg_uncertainty=st.reg_uncertainty, jitter_times=st.jitter_times, jitter_scale=st.jitter_scale, ema_momentum=st.ema_momentum,
+        burn_in_steps=st.burn_in_steps if method == "softteacher" else 0,
     )
     model = SoftTeacher(student, teacher, st_cfg)
 
@@ -184,7 +193,8 @@ def detect(ctx: StageContext) -> dict:
         return {**{f"teacher_{k}": v for k, v in teacher_ap.items()}, **{f"student_{k}": v for k, v in student_ap.items()}}
 
     def step_fn(m, batch, step):
-        out = m(batch["labeled"], batch["targets"], batch.get("weak"), batch.get("strong"), batch.get("weak_matrix"), batch.get("strong_matrix"))
+        unlabeled = [batch.get(k) for k in ("weak", "strong", "weak_matrix", "strong_matrix")] if model.semi_supervised(step) else []
+        out = m(batch["labeled"], batch["targets"], *unlabeled)
         return out["loss"], {k: float(v.detach()) for k, v in out.items() if k != "loss"}
 
     t = time.perf_counter()
@@ -206,7 +216,7 @@ def detect(ctx: StageContext) -> dict:
     loss_keys = ["loss", "sup_loss_classifier", "sup_loss_box_reg", "sup_loss_objectness", "sup_loss_rpn_box_reg", "unsup_loss_classifier",
                  "unsup_loss_box_reg", "unsup_loss_objectness", "unsup_loss_rpn_box_reg", "pseudo_boxes_cls", "pseudo_boxes_reg", "lr"]
     loss_rows = [r for r in history if "loss" in r]
-    write_csv(plots / "loss.csv", loss_rows, ["step", *(k for k in loss_keys if loss_rows and k in loss_rows[0])])
+    write_csv(plots / "loss.csv", loss_rows, ["step", *(k for k in loss_keys if any(k in r for r in loss_rows))])
 
     # ---- predictions of the teacher against ground truth on held-out scenes
     n = min(cfg.figure_images, len(val_set))
@@ -224,7 +234,8 @@ def detect(ctx: StageContext) -> dict:
     save_detector(model.student.cpu(), spec, ctx.models_dir / "student", role="student", **meta)
     steps_done = [r for r in history if "images_per_s" in r]
     metrics = {
-        "method": method, "percent": percent, "fold": cfg.fold,
+        "method": method, "percent": percent, "fold": cfg.fold, "class_agnostic": cfg.class_agnostic,
+        "burn_in_steps": st_cfg.burn_in_steps,
         "labeled_images": len(labeled["images"]), "unlabeled_images": len(unlabeled["images"]) if ratio else 0,
         "val_images": len(val["images"]), "steps": cfg.steps,
         "AP": teacher_ap["AP"], "AP50": teacher_ap["AP50"],

@@ -50,6 +50,7 @@ class SoftTeacherConfig:
     jitter_scale: float = 0.06
     ema_momentum: float = 0.999
     min_box_size: float = 1.0  # pseudo boxes smaller than this (px) in the student view are dropped
+    burn_in_steps: int = 0  # supervised-only steps before the unsupervised loss starts (0: end-to-end, as the paper)
 
 
 # --------------------------------------------------------------------------- the mean teacher
@@ -238,9 +239,18 @@ class SoftTeacher(nn.Module):
         self.teacher.eval()
         return self
 
+    def semi_supervised(self, step: int) -> bool:
+        """Whether step ``step`` adds the unlabeled images (after ``burn_in_steps`` supervised steps)."""
+        return step >= self.cfg.burn_in_steps
+
     @torch.no_grad()
     def update_teacher(self, step: int) -> float:
-        return update_teacher(self.teacher, self.student, step, self.cfg.ema_momentum)
+        """EMA update after optimizer step ``step``. With a burn-in, the teacher's clock restarts at its
+        last step, so the first semi-supervised step starts from a teacher that is a copy of the student
+        (as when Unbiased Teacher's burn-in ends)."""
+        burn_in = self.cfg.burn_in_steps
+        t = step - (burn_in - 1) if burn_in > 0 and step >= burn_in - 1 else step
+        return update_teacher(self.teacher, self.student, t, self.cfg.ema_momentum)
 
     def forward(self, labeled: list[torch.Tensor], targets: Targets, weak: list[torch.Tensor] | None = None,
                 strong: list[torch.Tensor] | None = None, weak_matrix: list[torch.Tensor] | None = None,

@@ -191,3 +191,15 @@ def test_teacher_pseudo_boxes_are_its_detections_above_the_initial_threshold():
         assert torch.allclose(boxes, det["boxes"][keep]) and torch.allclose(scores, det["scores"][keep])
         assert unc.shape == scores.shape and (unc >= 0).all()
     assert sum(len(b) for b in out.boxes) > 0  # the random teacher's scores straddle the threshold
+
+
+def test_burn_in_restarts_the_teacher_as_a_copy_when_unlabeled_images_come_in():
+    st = SoftTeacher(nn.Linear(3, 2), nn.Linear(3, 2), SoftTeacherConfig(burn_in_steps=5, ema_momentum=0.99))
+    assert [st.semi_supervised(s) for s in (0, 4, 5, 6)] == [False, False, True, True]
+    assert st.update_teacher(3) == pytest.approx(0.75)  # during burn-in: min(m, 1 - 1/(t+1))
+    with torch.no_grad():
+        st.student.weight.add_(1.0)
+    assert st.update_teacher(4) == 0.0  # last burn-in step: the teacher becomes the student
+    assert torch.equal(st.teacher.weight, st.student.weight)
+    assert st.update_teacher(5) == pytest.approx(0.5) and st.update_teacher(500) == 0.99
+    assert SoftTeacher(nn.Linear(3, 2), nn.Linear(3, 2), SoftTeacherConfig()).semi_supervised(0)  # end-to-end by default

@@ -7,7 +7,9 @@ import json
 import torch
 import yaml
 
+from components.evaluation.coco import coco_evaluate
 from components.models.detection import load_detector
+from pipelines.detect import merge_categories, parse_variant
 from tests.pipelines.conftest import BIN, dvc_repro, run
 
 AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
@@ -25,6 +27,7 @@ def test_each_method_through_dvc_repro_writes_metrics_plots_and_weights(project)
         method = variant.split("-")[0]
         m = json.loads((project / "metrics" / "detect" / f"{variant}.json").read_text())
         assert m["method"] == method and m["steps"] == params["steps"] and m["labeled_images"] > 0 and m["val_images"] > 0
+        assert m["class_agnostic"] == params.get("class_agnostic", False)
         assert (m["unlabeled_images"] > 0) == (method == "softteacher")
         for who in ("teacher", "student"):
             assert set(m[who]) == AP_KEYS and all(0.0 <= v <= 1.0 for v in m[who].values())
@@ -47,7 +50,7 @@ def test_each_method_through_dvc_repro_writes_metrics_plots_and_weights(project)
             assert set(det) == {"boxes", "scores", "labels"}
     # the Soft Teacher run saw pseudo boxes (the micro params keep every teacher detection)
     loss = list(csv.DictReader((project / "plots" / "detect" / variants(project)[1] / "loss.csv").open()))
-    assert any(float(r["pseudo_boxes_cls"]) > 0 for r in loss)
+    assert loss[0]["pseudo_boxes_cls"] == "" and any(float(r["pseudo_boxes_cls"] or 0) > 0 for r in loss)  # after the burn-in step
     # MLflow: each teacher registered as a model, the alias on a version of this stage
     import mlflow
 
@@ -79,3 +82,20 @@ def test_a_percent_without_split_is_a_one_line_error(project):
     assert last.startswith("error: detect@softteacher-30:") and "30_fold0" in last and "prepare.detection.labeled_percents" in last
     proc = run(project, str(BIN / "python"), "-m", "pipelines.detect", "--variant", "fancy-10", check=False)
     assert proc.returncode == 1 and "not <method>-<percent>" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_class_agnostic_merges_categories_and_scores_boxes_whatever_their_class():
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [2, 2, 20, 20], "area": 400, "iscrowd": 0},
+                            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [30, 30, 20, 20], "area": 400, "iscrowd": 0}],
+            "categories": [{"id": 3, "name": "star"}, {"id": 7, "name": "ring"}]}
+    merged = merge_categories(coco)
+    assert merged["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
+    assert [a["category_id"] for a in merged["annotations"]] == [1, 1] and coco["annotations"][0]["category_id"] == 3
+    swapped = [{"image_id": 1, "category_id": 10 - a["category_id"], "bbox": a["bbox"], "score": 0.9} for a in coco["annotations"]]
+    assert coco_evaluate(coco, swapped)["AP"] == 0.0  # wrong classes
+    assert coco_evaluate(merged, [{**r, "category_id": 1} for r in swapped])["AP"] == 1.0  # right boxes
+
+
+def test_variant_names():
+    assert parse_variant("softteacher-10") == ("softteacher", 10.0) and parse_variant("supervised-0.5") == ("supervised", 0.5)
