@@ -113,7 +113,7 @@ class Prepare(Section):
 class EncoderArch(Section):
     """A ViT encoder: a preset of ``components.models.vit.PRESETS``, optionally with dims overridden."""
 
-    preset: str = "vit_micro_patch4_32"
+    preset: str = "vit_micro_patch8_32"
     img_size: int | None = Field(None, ge=8, le=1024)
     patch_size: int | None = Field(None, ge=1, le=64)
     embed_dim: int | None = Field(None, ge=4, le=8192)

@@ -28,6 +28,7 @@ PRESETS: dict[str, dict] = {
     "vit_base_patch16_224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16_224": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_micro_patch4_32": dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3),
+    "vit_micro_patch8_32": dict(img_size=32, patch_size=8, embed_dim=96, depth=6, num_heads=3),
     "vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3),
     "vit_micro_patch8_64": dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3),
     "vit_tiny_patch8_64": dict(img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3),
