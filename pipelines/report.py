@@ -108,7 +108,10 @@ def cka_table(metrics: Path) -> Table:
     t = Table(
         f"CKA ({kind}, {m.get('images', '?')} held-out images)",
         ["pair", "layers", "mean CKA", "lowest layers", "top ViT layer vs best CNN layer"],
-        note="ViTs are uniform across depth; a ResNet's stages differ; the lowest layers agree and the top of the ViT matches no ResNet layer well (Raghu et al. 2021).",
+        note=("What to compare with (Raghu et al. 2021, on ImageNet-scale models): a ViT's layers are more alike across depth "
+              "than a ResNet's, the lowest layers of the two agree, and the top ViT layers match no ResNet layer well. "
+              "'mean CKA': the mean over every layer pair; 'lowest layers': the first layer of each; "
+              "'top ViT layer vs best CNN layer': the best CKA of the last ViT block with any CNN layer."),
     )
     for name, pair in (m.get("pairs") or {}).items():
         summary = (m.get("summary") or {}).get(name, {})
