@@ -95,6 +95,16 @@ def torch_load(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def file_digest(*paths: str | os.PathLike) -> str:
+    """A short SHA-256 of the files' bytes, in order (a checkpoint fingerprint of a stage's inputs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> Path:
     """Write ``rows`` as CSV (a series for ``dvc plots``); columns default to the union of keys in order."""
     import csv

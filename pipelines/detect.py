@@ -14,9 +14,6 @@ the teacher to MLflow (registered as ``mimflow-detect-<method>-<percent>``).
 """
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import logging
 import time
 from pathlib import Path
@@ -26,7 +23,7 @@ import torch
 from components.data.box_transforms import SemiSupervisedViews, ViewConfig, collate_views
 from components.data.sources import CocoDetection, DataError, load_coco
 from components.evaluation.coco import AP_KEYS, coco_evaluate, predict, prediction_figure, to_coco_results
-from components.io import atomic_write, write_text
+from components.io import atomic_write, file_digest, write_csv
 from components.models.detection import DetectorSpec, create_detector, save_detector
 from components.models.vit import ENCODER_SPEC, ENCODER_WEIGHTS, read_spec
 from components.semisup.soft_teacher import SoftTeacher, SoftTeacherConfig
@@ -46,21 +43,6 @@ ENCODER_DIRS = {"mae": Path("models/pretrain_mae"), "ibot": Path("models/pretrai
 def pct_name(percent: float) -> str:
     """10.0 -> '10', 0.5 -> '0.5': the names prepare gives its split directories."""
     return f"{percent:g}"
-
-
-def file_digest(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
 
 
 def parse_variant(variant: str) -> tuple[str, float]:

@@ -14,9 +14,6 @@ version when its top-1 is at least that of the version holding it).
 """
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import logging
 import time
 from pathlib import Path
@@ -29,7 +26,7 @@ from components.data.splits import read_labeled_indices
 from components.evaluation.classification import confusion_figure, evaluate_classifier
 from components.evaluation.knn import knn_accuracy
 from components.evaluation.linear_probe import extract_pooled_features, fit_probe_head, probe_head
-from components.io import atomic_write, read_json, write_text
+from components.io import atomic_write, file_digest, read_json, write_csv
 from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
 from components.models.vit import ENCODER_SPEC, ENCODER_WEIGHTS, ViTSpec, create_vit, load_encoder, read_spec
 from components.training.distributed import EpochLoader
@@ -43,21 +40,6 @@ log = logging.getLogger("mimflow.finetune")
 INITS = ("scratch", "mae", "ibot", "cnn")
 ENCODER_DIRS = {"mae": Path("models/pretrain_mae"), "ibot": Path("models/pretrain_ibot")}
 DATA = Path("data/classification")
-
-
-def file_digest(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
 
 
 def labeled_split(ctx: StageContext, num_train: int) -> tuple[Path, list[int]]:
