@@ -19,7 +19,7 @@ from torch import nn
 
 from components.io import load_safetensors, read_json, save_safetensors, write_json
 from components.models.cnn import CNN_PRESETS, create_cnn
-from components.models.vit import ViTSpec, create_vit, load_encoder
+from components.models.vit import ViTSpec, create_vit, load_encoder, state_dict_mismatch
 
 CLASSIFIER_WEIGHTS = "model.safetensors"
 CLASSIFIER_SPEC = "model.json"
@@ -98,19 +98,9 @@ def _build_from_meta(meta: dict, source: Path) -> nn.Module:
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with one error that names the offending tensors."""
-    target = model.state_dict()
-    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in state if k in target and state[k].shape != target[k].shape)
-    unexpected = sorted(k for k in state if k not in target)
-    missing = sorted(k for k in target if k not in state)
-    if mismatched or unexpected or missing:
-        parts = []
-        if mismatched:
-            parts.append("shape mismatch: " + ", ".join(mismatched[:6]))
-        if unexpected:
-            parts.append("unexpected: " + ", ".join(unexpected[:6]))
-        if missing:
-            parts.append("missing: " + ", ".join(missing[:6]))
-        raise ClassifierLoadError(f"{source}: weights do not match the architecture ({'; '.join(parts)})")
+    problems = state_dict_mismatch(state, model.state_dict())
+    if problems:
+        raise ClassifierLoadError(f"{source}: weights do not match the architecture ({problems})")
     model.load_state_dict(state, strict=True)
 
 

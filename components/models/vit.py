@@ -159,6 +159,17 @@ def read_spec(encoder_dir: str | Path) -> ViTSpec:
         raise EncoderLoadError(f"{path}: {e}") from None
 
 
+def state_dict_mismatch(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], fresh: tuple[str, ...] = ()) -> str:
+    """What keeps ``state`` from loading into a model whose state dict is ``target`` ('' when nothing):
+    tensors of another shape, unexpected ones, and missing ones (except names starting with ``fresh``,
+    the parts a model may start fresh), six of each at most."""
+    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in state if k in target and state[k].shape != target[k].shape)
+    unexpected = sorted(k for k in state if k not in target)
+    missing = sorted(k for k in target if k not in state and not (fresh and k.startswith(fresh)))
+    parts = [f"{what}: {', '.join(names[:6])}" for what, names in (("shape mismatch", mismatched), ("unexpected", unexpected), ("missing", missing)) if names]
+    return "; ".join(parts)
+
+
 def load_encoder_into(model: VisionTransformer, state: dict[str, torch.Tensor], source: str) -> list[str]:
     """Copy encoder tensors into ``model``; returns the names of the model's tensors left fresh.
 
@@ -169,18 +180,9 @@ def load_encoder_into(model: VisionTransformer, state: dict[str, torch.Tensor], 
     target = model.state_dict()
     if isinstance(model.norm, torch.nn.Identity):
         state = {k: v for k, v in state.items() if not k.startswith("norm.")}
-    unexpected = sorted(k for k in state if k not in target)
-    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in state if k in target and state[k].shape != target[k].shape)
-    missing = sorted(k for k in target if k not in state and not k.startswith(("head.", "fc_norm.")))
-    if unexpected or mismatched or missing:
-        parts = []
-        if mismatched:
-            parts.append("shape mismatch: " + ", ".join(mismatched[:6]))
-        if unexpected:
-            parts.append("unexpected: " + ", ".join(unexpected[:6]))
-        if missing:
-            parts.append("missing: " + ", ".join(missing[:6]))
-        raise EncoderLoadError(f"{source}: encoder does not match the model ({'; '.join(parts)})")
+    problems = state_dict_mismatch(state, target, fresh=("head.", "fc_norm."))
+    if problems:
+        raise EncoderLoadError(f"{source}: encoder does not match the model ({problems})")
     model.load_state_dict(state, strict=False)
     return sorted(k for k in target if k not in state)
 
