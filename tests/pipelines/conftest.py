@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,19 @@ def run(root: Path, *cmd: str, check: bool = True, timeout: float = 900) -> subp
 
 def dvc_repro(root: Path, *targets: str) -> subprocess.CompletedProcess:
     return run(root, str(BIN / "dvc"), "repro", *targets)
+
+
+def kill_at_first_checkpoint(root: Path, stage: str) -> None:
+    """Start ``python -m pipelines.<stage>`` in ``root`` and kill -9 it as soon as its first checkpoint
+    exists (within 5 minutes), as a crash or a pre-empted job would."""
+    ckpt = root / "checkpoints" / stage / "last.pt"
+    proc = subprocess.Popen([str(BIN / "python"), "-m", f"pipelines.{stage}"], cwd=root, env=project_env(root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
-import subprocess
-import time
 
 import mlflow
 import pytest
@@ -19,7 +16,7 @@ from components.models.vit import load_encoder
 from components.training.optim import param_groups
 from pipelines.config import ParamsError, load_params, validate_params
 from pipelines.pretrain_ibot import build_networks
-from tests.pipelines.conftest import BIN, REPO, dvc_repro, make_project, project_env, run
+from tests.pipelines.conftest import BIN, REPO, dvc_repro, kill_at_first_checkpoint, make_project, run
 
 MICRO = REPO / "tests" / "micro.params.yaml"
 STAGE = "pretrain_ibot"
@@ -141,14 +138,7 @@ def test_bad_params_and_a_missing_split_stop_the_stage_before_writing(tmp_path, 
 def test_a_killed_run_resumes_to_the_teacher_of_an_uninterrupted_run(tmp_path, project):
     dvc_repro(project, STAGE)  # the uninterrupted reference (up to date after the first test)
     root = _copy_with_data(project, tmp_path / "kill")
-    ckpt = root / "checkpoints" / STAGE / "last.pt"
-    proc = subprocess.Popen([str(BIN / "python"), "-m", f"pipelines.{STAGE}"], cwd=root, env=project_env(root),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_at_first_checkpoint(root, STAGE)
     assert not (root / "metrics" / f"{STAGE}.json").exists(), "the run ended before it could be killed"
     run(root, str(BIN / "python"), "-m", f"pipelines.{STAGE}")
     metrics, reference = _metrics(root), _metrics(project)

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import time
 
 import mlflow
 import pytest
@@ -18,7 +15,7 @@ from components.io import load_safetensors, read_json
 from components.models.mae import MaskedAutoencoder
 from components.models.vit import load_encoder
 from pipelines.config import ParamsError, load_params, validate_params
-from tests.pipelines.conftest import BIN, REPO, dvc_repro, make_project, project_env, run
+from tests.pipelines.conftest import BIN, REPO, dvc_repro, kill_at_first_checkpoint, make_project, run
 
 MICRO = REPO / "tests" / "micro.params.yaml"
 
@@ -99,14 +96,7 @@ def test_bad_params_are_one_line_naming_the_key(key, value, expected):
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, project):
     dvc_repro(project, "pretrain_mae")  # the uninterrupted reference (up to date after the first test)
     root = _copy_with_data(project, tmp_path / "kill")
-    ckpt = root / "checkpoints" / "pretrain_mae" / "last.pt"
-    proc = subprocess.Popen([str(BIN / "python"), "-m", "pipelines.pretrain_mae"], cwd=root, env=project_env(root),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_at_first_checkpoint(root, "pretrain_mae")
     assert not (root / "metrics" / "pretrain_mae.json").exists(), "the run ended before it could be killed"
     run(root, str(BIN / "python"), "-m", "pipelines.pretrain_mae")
     metrics = json.loads((root / "metrics" / "pretrain_mae.json").read_text())
