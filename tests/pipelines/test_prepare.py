@@ -75,3 +75,28 @@ def test_a_broken_coco_file_is_one_line_naming_it_and_keeps_earlier_data(tmp_pat
     last = proc.stderr.strip().splitlines()[-1]
     assert str(bad) in last and "annotations" in last, last
     assert (root / "data" / "detection" / "train.json").read_bytes() == before
+
+
+def test_a_corrupt_image_is_one_line_naming_it_and_keeps_earlier_data(tmp_path):
+    """prepare on an ImageFolder with a truncated PNG: exit 1, the last line names the file, and the
+    classification data of the earlier run is untouched (nothing half-written)."""
+    from PIL import Image
+
+    root = make_project(tmp_path / "img")
+    run(root, str(BIN / "python"), "-m", "pipelines.prepare")
+    before = (root / "data" / "classification" / "index.json").read_bytes()
+    folder = tmp_path / "folder"
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            for i in range(4):
+                (folder / split / cls).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (32, 32), (40 * i, 90, 160)).save(folder / split / cls / f"{i}.png")
+    bad = folder / "train" / "dog" / "2.png"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    _set(root, "prepare.classification", {**yaml.safe_load((root / "params.yaml").read_text())["prepare"]["classification"],
+                                          "source": "imagefolder", "root": str(folder), "labeled_percents": [50]})
+    proc = run(root, str(BIN / "python"), "-m", "pipelines.prepare", check=False)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: prepare:") and str(bad) in last, last
+    assert (root / "data" / "classification" / "index.json").read_bytes() == before
