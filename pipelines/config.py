@@ -54,6 +54,12 @@ class Tracking(Section):
 
 
 # --------------------------------------------------------------------------- prepare
+def check_rotation(rotation: tuple[float, float]) -> None:
+    lo, hi = rotation
+    if not 0 <= lo <= hi <= 360:
+        raise KeyValueError("rotation", list(rotation), "a range [lo, hi] of degrees with 0 <= lo <= hi <= 360")
+
+
 class ClassificationData(Section):
     source: Literal["shapes", "imagefolder", "cifar10"] = "shapes"
     root: str | None = None  # imagefolder: a directory with train/ and val/ class folders; cifar10: torchvision root
@@ -61,6 +67,7 @@ class ClassificationData(Section):
     image_size: int = Field(32, ge=8, le=1024)
     train_per_class: int = Field(600, ge=1)  # shapes only
     val_per_class: int = Field(100, ge=1)  # shapes only
+    rotation: tuple[float, float] = (0.0, 360.0)  # shapes only: the shape's rotation range, degrees
     labeled_percents: list[Percent] = Field(default_factory=lambda: [10.0], min_length=1)
     folds: int = Field(1, ge=1, le=10)
 
@@ -68,6 +75,7 @@ class ClassificationData(Section):
     def _check(self):
         if self.source != "shapes" and not self.root:
             raise KeyValueError("root", self.root, f"a directory is required when source is {self.source!r}")
+        check_rotation(self.rotation)
         for p in self.labeled_percents:
             if not 0 < p <= 100:
                 raise KeyValueError("labeled_percents", p, "each percent must be in (0, 100]")
@@ -85,11 +93,13 @@ class DetectionData(Section):
     num_val: int = Field(80, ge=1)  # shapes only
     min_objects: int = Field(2, ge=1)
     max_objects: int = Field(5, ge=1)
+    rotation: tuple[float, float] = (0.0, 360.0)  # shapes only: each shape's rotation range, degrees
     labeled_percents: list[Percent] = Field(default_factory=lambda: [10.0], min_length=1)
     folds: int = Field(1, ge=1, le=10)
 
     @model_validator(mode="after")
     def _check(self):
+        check_rotation(self.rotation)
         if self.min_objects > self.max_objects:
             raise KeyValueError("min_objects", self.min_objects, f"must be <= max_objects ({self.max_objects})")
         if self.source == "coco":

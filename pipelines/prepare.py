@@ -47,7 +47,7 @@ def build_in_place(final: Path, build) -> dict:
 def classification_dataset(cfg: ClassificationData, seed: int, on_error: str, out: Path) -> dict:
     skipped: dict[str, int] = {}
     if cfg.source == "shapes":
-        index = shapes.write_shapes_classification(out, cfg.image_size, cfg.train_per_class, cfg.val_per_class, seed)
+        index = shapes.write_shapes_classification(out, cfg.image_size, cfg.train_per_class, cfg.val_per_class, seed, rotation=cfg.rotation)
     elif cfg.source == "imagefolder":
         root = Path(cfg.root).expanduser()
         classes, train, skipped_train = sources.read_image_folder(root / "train", on_error=on_error)
@@ -78,7 +78,8 @@ def classification_dataset(cfg: ClassificationData, seed: int, on_error: str, ou
 def detection_dataset(cfg: DetectionData, seed: int, on_error: str, out: Path) -> dict:
     skipped: dict[str, int] = {}
     if cfg.source == "shapes":
-        train, val = shapes.write_shapes_detection(out, cfg.image_size, cfg.num_train, cfg.num_val, cfg.min_objects, cfg.max_objects, seed)
+        train, val = shapes.write_shapes_detection(out, cfg.image_size, cfg.num_train, cfg.num_val, cfg.min_objects, cfg.max_objects, seed,
+                                                rotation=cfg.rotation)
     else:  # coco: validated, image roots recorded as absolute paths
         train, skipped_train = sources.read_coco(cfg.train_annotations, on_error=on_error, image_root=Path(cfg.train_images).expanduser().resolve(), check_images=True)
         val, skipped_val = sources.read_coco(cfg.val_annotations, on_error=on_error, image_root=Path(cfg.val_images).expanduser().resolve(), check_images=True)

@@ -5,7 +5,8 @@ Two tasks share one renderer:
 * classification -- one shape per image (circle, square, triangle, star, cross, hexagon, ring,
   diamond) with random colour, size, rotation and position on a textured background (gradients,
   stripes, low-frequency noise, pixel noise). Small enough for a ViT at 32 px, not trivial: the
-  background texture and colour never give the class away, only the outline does.
+  background texture and colour never give the class away, only the outline does. The rotation is
+  the main difficulty; ``rotation`` (a range of degrees, any angle by default) narrows it.
 * detection -- scenes with several shapes each, written as COCO instances JSON. Objects may overlap
   a little but every object keeps at least ``MIN_VISIBLE`` of its area visible; boxes are the tight
   box of the object's *visible* pixels (coverage >= 0.5), as COCO boxes are the box of the visible
@@ -33,6 +34,8 @@ SUPERSAMPLE = 4          # rasterise at 4x, then box-filter down (anti-aliasing)
 MIN_VISIBLE = 0.7        # detection: each object keeps >= 70 % of its pixels visible
 BOX_COVERAGE = 0.5       # a pixel belongs to an object's box when >= 50 % covered
 MIN_COLOUR_DISTANCE = 120.0  # RGB distance between a shape and the background under it
+
+FULL_TURN = (0.0, 360.0)  # the default rotation range, degrees: any orientation
 
 _TASK_CLS, _TASK_DET = 0, 1
 _SPLITS = {"train": 0, "val": 1}
@@ -169,15 +172,31 @@ def _save_png(img: Image.Image, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Classification
 # --------------------------------------------------------------------------------------------
-def render_classification_image(name: str, image_size: int, rng: np.random.Generator) -> Image.Image:
-    """One shape, fully inside the image, radius 22-42 % of the image side, any rotation."""
+def render_classification_image(name: str, image_size: int, rng: np.random.Generator,
+                                rotation: tuple[float, float] = FULL_TURN) -> Image.Image:
+    """One shape, fully inside the image, radius 22-42 % of the image side, rotated by an angle drawn
+    from ``rotation`` (degrees; any by default)."""
     bg = render_background(rng, image_size, image_size)
     r = rng.uniform(0.22, 0.42) * image_size
     cx, cy = rng.uniform(r + 0.5, image_size - r - 0.5, size=2)
-    alpha = render_shape_alpha(name, cx, cy, r, rng.uniform(0, 2 * math.pi), image_size, image_size)
+    alpha = render_shape_alpha(name, cx, cy, r, draw_rotation(rng, rotation), image_size, image_size)
     under = (bg * alpha[..., None]).sum((0, 1)) / max(float(alpha.sum()), 1e-6)
     _paint(bg, alpha, _contrasting_colour(rng, under), rng)
     return _finish(bg, rng)
+
+
+def _check_rotation(rotation) -> tuple[float, float]:
+    lo, hi = (float(v) for v in rotation)
+    if not 0.0 <= lo <= hi <= 360.0:
+        raise ValueError(f"rotation must be a range [lo, hi] of degrees with 0 <= lo <= hi <= 360, got {list(rotation)}")
+    return lo, hi
+
+
+def draw_rotation(rng: np.random.Generator, rotation: tuple[float, float] = FULL_TURN) -> float:
+    """A shape's rotation in radians, uniform in ``rotation`` (degrees). One draw from ``rng`` whatever
+    the range, so narrowing it changes the orientations and nothing else in an image."""
+    lo, hi = rotation
+    return math.radians(lo) + rng.uniform(0, 2 * math.pi) * (hi - lo) / 360.0
 
 
 def _check_counts(**kw: int) -> None:
@@ -187,13 +206,14 @@ def _check_counts(**kw: int) -> None:
 
 
 def write_shapes_classification(out_dir, image_size: int, train_per_class: int, val_per_class: int, seed: int,
-                                classes=SHAPE_CLASSES) -> dict:
+                                classes=SHAPE_CLASSES, rotation: tuple[float, float] = FULL_TURN) -> dict:
     """Write ``out_dir/images/{train,val}/<class>/<class>_<i>.png`` and return the index dict.
 
     The index follows the data contract: {"source", "classes", "image_size", "train": [[path, label]],
     "val": [...]}, paths relative to ``out_dir``; the caller writes it as index.json.
     """
     _check_counts(image_size=image_size, train_per_class=train_per_class, val_per_class=val_per_class)
+    rotation = _check_rotation(rotation)
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     classes = list(classes)
@@ -207,7 +227,7 @@ def write_shapes_classification(out_dir, image_size: int, train_per_class: int, 
             for i in range(per_class):
                 rng = np.random.default_rng([seed, _TASK_CLS, _SPLITS[split], SHAPE_CLASSES.index(name), i])
                 rel = f"images/{split}/{name}/{name}_{i:05d}.png"
-                _save_png(render_classification_image(name, image_size, rng), out_dir / rel)
+                _save_png(render_classification_image(name, image_size, rng, rotation), out_dir / rel)
                 index[split].append([rel, label])
     return index
 
@@ -225,7 +245,7 @@ def _tight_box(coverage: np.ndarray) -> list[int] | None:
 
 
 def render_detection_scene(image_size: int, num_objects: int, classes: list[str], rng: np.random.Generator,
-                           max_tries: int = 60) -> tuple[Image.Image, list[dict]]:
+                           max_tries: int = 60, rotation: tuple[float, float] = FULL_TURN) -> tuple[Image.Image, list[dict]]:
     """A scene with up to ``num_objects`` shapes; returns the image and [{"label", "bbox", "area", "visible"}].
 
     Shapes have radius 6-20 % of the side and lie fully inside the image. A placement is rejected when
@@ -243,7 +263,7 @@ def render_detection_scene(image_size: int, num_objects: int, classes: list[str]
             label = int(rng.integers(0, len(classes)))
             r = rng.uniform(min_r, max_r)
             cx, cy = rng.uniform(r + 0.5, image_size - r - 0.5, size=2)
-            alpha = render_shape_alpha(classes[label], cx, cy, r, rng.uniform(0, 2 * math.pi), image_size, image_size)
+            alpha = render_shape_alpha(classes[label], cx, cy, r, draw_rotation(rng, rotation), image_size, image_size)
             keep = 1.0 - alpha
             if all(float((v * keep).sum()) >= MIN_VISIBLE * a for v, a in zip(visible, full_area)):
                 break
@@ -264,7 +284,7 @@ def render_detection_scene(image_size: int, num_objects: int, classes: list[str]
 
 
 def write_shapes_detection(out_dir, image_size: int, num_train: int, num_val: int, min_objects: int, max_objects: int,
-                           seed: int, classes=SHAPE_CLASSES) -> tuple[dict, dict]:
+                           seed: int, classes=SHAPE_CLASSES, rotation: tuple[float, float] = FULL_TURN) -> tuple[dict, dict]:
     """Write scenes to ``out_dir/images/{train,val}/<id>.png``; return (train_coco, val_coco).
 
     COCO instances dicts: ``images`` (id from 1, file_name, width, height), ``categories`` (id = class
@@ -272,6 +292,7 @@ def write_shapes_detection(out_dir, image_size: int, num_train: int, num_val: in
     in pixels, area = visible pixel count, iscrowd 0), ``info.image_root`` = "images/<split>".
     """
     _check_counts(image_size=image_size, num_train=num_train, num_val=num_val, min_objects=min_objects, max_objects=max_objects)
+    rotation = _check_rotation(rotation)
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 for detection scenes, got {image_size}")
     if not 1 <= min_objects <= max_objects:
@@ -288,7 +309,7 @@ def write_shapes_detection(out_dir, image_size: int, num_train: int, num_val: in
         for i in range(n):
             rng = np.random.default_rng([seed, _TASK_DET, _SPLITS[split], i])
             k = int(rng.integers(min_objects, max_objects + 1))
-            img, objects = render_detection_scene(image_size, k, classes, rng)
+            img, objects = render_detection_scene(image_size, k, classes, rng, rotation=rotation)
             image_id = i + 1
             file_name = f"{image_id:06d}.png"
             _save_png(img, out_dir / "images" / split / file_name)

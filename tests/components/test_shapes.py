@@ -134,6 +134,36 @@ def test_bad_generator_arguments_are_rejected(tmp_path):
         write_shapes_classification(tmp_path, 32, 1, 1, seed=0, classes=("circle", "blob"))
     with pytest.raises(ValueError, match="train_per_class"):
         write_shapes_classification(tmp_path, 32, -1, 1, seed=0)
+    with pytest.raises(ValueError, match="rotation"):
+        write_shapes_classification(tmp_path, 32, 1, 1, seed=0, rotation=(90, 45))
+    with pytest.raises(ValueError, match="rotation"):
+        write_shapes_detection(tmp_path, 64, 1, 1, 1, 2, seed=0, rotation=(0, 400))
+
+
+def test_rotation_range_sets_each_shapes_angle_and_only_that(tmp_path, monkeypatch):
+    """The default range keeps the stream that wrote the data so far; a narrower one draws the same
+    number of random values, so a classification image keeps its shape's position, size and colour
+    (a scene may place later objects differently when a new orientation changes which placements overlap)."""
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    assert [shapes.draw_rotation(a) for _ in range(5)] == [b.uniform(0, 2 * math.pi) for _ in range(5)]
+    draws = [shapes.draw_rotation(np.random.default_rng(i), (10, 20)) for i in range(50)]
+    assert all(math.radians(10) <= d <= math.radians(20) for d in draws) and len(set(draws)) == 50
+
+    calls: dict[str, list] = {}
+    def recording(tag):
+        def render(name, cx, cy, radius, angle, h, w):
+            calls.setdefault(tag, []).append((name, round(cx, 6), round(cy, 6), round(radius, 6), angle))
+            return render_shape_alpha(name, cx, cy, radius, angle, h, w)
+        return render
+    for tag, rotation in (("any", shapes.FULL_TURN), ("upright", (0, 0))):
+        monkeypatch.setattr(shapes, "render_shape_alpha", recording(f"{tag}_cls"))
+        write_shapes_classification(tmp_path / tag / "cls", 32, 2, 1, seed=0, rotation=rotation)
+        monkeypatch.setattr(shapes, "render_shape_alpha", recording(f"{tag}_det"))
+        write_shapes_detection(tmp_path / tag / "det", 64, 2, 1, 2, 4, seed=0, rotation=rotation)
+    assert all(c[-1] == 0.0 for c in calls["upright_cls"] + calls["upright_det"])
+    rotated = calls["any_cls"] + calls["any_det"]
+    assert len({c[-1] for c in rotated}) == len(rotated)
+    assert [c[:-1] for c in calls["upright_cls"]] == [c[:-1] for c in calls["any_cls"]]  # same shapes, same places
 
 
 def test_contact_sheet_draws_boxes_in_class_colours_and_titles(tmp_path):

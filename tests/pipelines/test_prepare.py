@@ -53,6 +53,7 @@ def test_bad_params_stop_before_writing_with_the_key_path(tmp_path):
         ("prepare.classification.image_size", "big", "prepare.classification.image_size = 'big'"),
         ("runtime.seed", -3, "runtime.seed = -3"),
         ("prepare.detection.min_objects", 9, "prepare.detection.min_objects = 9"),
+        ("prepare.classification.rotation", [90, 45], "prepare.classification.rotation = [90.0, 45.0]: a range"),
     ]:
         root = make_project(tmp_path / key)
         _set(root, key, value)
