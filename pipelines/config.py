@@ -263,9 +263,14 @@ class IBOTMultiCropParams(Section):
     global_scale: tuple[float, float] = (0.25, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.25)
     blur_sigma: tuple[float, float] = (0.1, 0.3)  # PIL Gaussian-blur radius range (DINO: 0.1-2 px at 224 px)
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (DINO)
+    color_jitter_p: float = Field(0.8, ge=0, le=1)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
 
     @model_validator(mode="after")
     def _check(self):
+        if min(self.color_jitter) < 0 or self.color_jitter[3] > 0.5:
+            raise KeyValueError("color_jitter", list(self.color_jitter), "must be [brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
         for key in ("global_scale", "local_scale"):
             lo, hi = getattr(self, key)
             if not 0 < lo <= hi <= 1:

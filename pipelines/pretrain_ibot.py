@@ -112,7 +112,9 @@ def pretrain_ibot(ctx: StageContext) -> dict:
     labeled = [index.train[i] for i in read_labeled_indices(split, len(index.train))]
 
     mc = cfg.multicrop
-    augment = MultiCropAugmentation(spec.img_size, mc.local_size, mc.num_local, mc.global_scale, mc.local_scale, mc.blur_sigma, cfg.mean, cfg.std)
+    augment = MultiCropAugmentation(
+        spec.img_size, mc.local_size, mc.num_local, mc.global_scale, mc.local_scale, mc.blur_sigma, mc.color_jitter, mc.color_jitter_p, mc.grayscale_p, cfg.mean, cfg.std
+    )
     masking = BlockMaskGenerator(cfg.masking.prob, cfg.masking.ratio, cfg.masking.aspect, cfg.masking.min_block_area)
     train_set = MaskedMultiCropDataset(ImageListDataset(train_items(cfg, index.train, ctx.seed)), augment, masking, spec.patch_size)
     if len(train_set) < cfg.batch_size * ctx.info.world_size:

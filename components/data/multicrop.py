@@ -4,7 +4,10 @@ pairs the two global crops with their block-wise masks.
 
 Two global crops (RandomResizedCrop to ``global_size``, scale (0.25, 1) in iBOT, bicubic) and
 ``num_local`` local crops (``local_size``, scale (0.05, 0.25)); every crop is flipped, colour-jittered
-(0.4, 0.4, 0.2, 0.1 with p 0.8) and turned to grayscale with p 0.2. Gaussian blur with p 1.0 on the
+(0.4, 0.4, 0.2, 0.1 with p 0.8) and turned to grayscale with p 0.2 (``color_jitter``,
+``color_jitter_p`` and ``grayscale_p``: parameters, as DINO's strengths are tuned to ImageNet, where
+colour says something about the object; on data whose colours are drawn independently of the class,
+two crops of one image can be matched by colour alone, and stronger jitter removes that shortcut). Gaussian blur with p 1.0 on the
 first global crop, 0.1 on the second and 0.5 on local crops; solarisation (threshold 128) with p 0.2 on
 the second global crop only. DINO blurs with sigma in (0.1, 2.0) px at 224 px; ``blur_sigma`` is a
 parameter so smaller images can keep the same relative blur.
@@ -51,6 +54,9 @@ class MultiCropAugmentation:
         global_scale: tuple[float, float] = (0.25, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.25),
         blur_sigma: tuple[float, float] = (0.1, 2.0),
+        color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+        color_jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         num_global: int = 2,
@@ -61,10 +67,11 @@ class MultiCropAugmentation:
             raise ValueError(f"num_local must be >= 0, got {num_local}")
         self.num_global, self.num_local = num_global, num_local
         self.global_size, self.local_size = global_size, local_size
+        brightness, contrast, saturation, hue = color_jitter
         flip_and_color_jitter = [
             v2.RandomHorizontalFlip(p=0.5),
-            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)], p=color_jitter_p),
+            v2.RandomGrayscale(p=grayscale_p),
         ]
         normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 

@@ -54,6 +54,22 @@ def test_first_global_crop_is_always_blurred():
     assert float(stds[:, 0].max()) < 0.5 * float(stds[:, 1].max())
 
 
+def test_colour_jitter_strengths_are_parameters():
+    # grayscale_p 1: every crop grey (equal channels under an equal per-channel normalisation);
+    # no jitter and no grayscale: a uniformly coloured image keeps its colour in every crop.
+    img = Image.new("RGB", (32, 32), (200, 40, 90))
+    norm = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    grey = MultiCropAugmentation(global_size=16, local_size=8, num_local=2, blur_sigma=(0.1, 0.5), grayscale_p=1.0, **norm)
+    plain = MultiCropAugmentation(global_size=16, local_size=8, num_local=2, blur_sigma=(0.1, 0.5), color_jitter_p=0.0, grayscale_p=0.0, **norm)
+    torch.manual_seed(0)
+    for _ in range(5):
+        for c in grey(img):
+            assert torch.allclose(c[0], c[1], atol=1e-5) and torch.allclose(c[1], c[2], atol=1e-5)
+        for c in plain(img)[:1] + plain(img)[2:]:  # (the second global crop may be solarised, as in DINO)
+            rgb = c.mean((1, 2)) * 0.25 + 0.5
+            assert torch.allclose(rgb, torch.tensor([200, 40, 90]) / 255, atol=2 / 255)
+
+
 def test_masked_dataset_pairs_each_global_crop_with_a_mask_and_collates():
     base = [(_image(i), i % 2) for i in range(4)]
     aug = MultiCropAugmentation(global_size=32, local_size=16, num_local=3, blur_sigma=(0.1, 0.5))

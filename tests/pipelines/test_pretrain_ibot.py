@@ -103,6 +103,8 @@ def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflo
         ("head", {"out_dim": 32, "patch_out_dim": 64}, "pretrain_ibot.head.patch_out_dim = 64"),
         ("multicrop", {"local_size": 10}, "pretrain_ibot.multicrop.local_size = 10"),
         ("multicrop", {"local_scale": [0.3, 0.1]}, "pretrain_ibot.multicrop.local_scale = [0.3, 0.1]"),
+        ("multicrop", {"color_jitter": [0.4, 0.4, 0.2, 0.7]}, "pretrain_ibot.multicrop.color_jitter = [0.4, 0.4, 0.2, 0.7]"),
+        ("multicrop", {"grayscale_p": 1.5}, "pretrain_ibot.multicrop.grayscale_p = 1.5"),
         ("masking", {"ratio": [0.2, 1.0]}, "pretrain_ibot.masking.ratio = [0.2, 1.0]"),
         ("masking", {"prob": 1.5}, "pretrain_ibot.masking.prob = 1.5"),
         ("loss", {"teacher_temp": 0}, "pretrain_ibot.loss.teacher_temp = 0"),
