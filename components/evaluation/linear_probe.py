@@ -11,9 +11,11 @@ probe into seconds of CPU work; and the optimizer is momentum SGD instead of LAR
 each step to ``trust_coeff * |w|`` (1e-3), which MAE compensates with 7,000 steps at lr 6.4 (batch
 16,384); a few hundred steps cannot grow a 0.01-initialised head that way (measured: chance accuracy
 on separable toy features, where SGD reaches 100 %). BatchNorm already puts the features on one scale.
+Batches are equal splits of each epoch rather than ``drop_last`` ones (``fit_probe_head``).
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -95,11 +97,16 @@ def fit_probe_head(
 ) -> list[float]:
     """Train ``head`` on cached features [N, D] with cross-entropy; returns the mean loss per epoch.
 
-    Momentum SGD, lr = blr * batch / 256 set per iteration (warmup then cosine to 0).
+    Momentum SGD, lr = blr * batch / 256 set per iteration (warmup then cosine to 0). Each epoch
+    splits a fresh permutation into equal batches of at most ``batch_size`` (sizes differ by at most
+    one, each >= 2 for BatchNorm), so every feature is seen every epoch: with a few hundred labeled
+    images, MAE's ``drop_last`` would leave out up to half of them (480 at batch 256: 224).
     """
     n = features.shape[0]
-    batch_size = min(batch_size, n)
-    steps_per_epoch = max(1, n // batch_size)  # drop_last: BatchNorm needs full batches
+    if n < 2:
+        raise ValueError(f"the linear probe needs at least 2 labeled features, got {n}")
+    steps_per_epoch = max(1, min(math.ceil(n / batch_size), n // 2))
+    batch_size = math.ceil(n / steps_per_epoch)  # the largest batch
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     lr = blr * batch_size / 256
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -110,8 +117,7 @@ def fit_probe_head(
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         losses = []
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
+        for idx in torch.tensor_split(order, steps_per_epoch):
             for g in opt.param_groups:
                 g["lr"] = warmup_cosine(step, total, warmup, lr)
             loss = nn.functional.cross_entropy(head(features[idx]), labels[idx])

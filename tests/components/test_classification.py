@@ -72,3 +72,12 @@ def test_probe_head_separates_separable_features_despite_scale():
     assert losses[-1] < losses[0]
     pred = head(feats).argmax(1)
     assert (pred == labels).float().mean() == 1.0
+
+
+@pytest.mark.parametrize("n,batch_size,sizes", [(480, 256, [240, 240]), (481, 256, [241, 240]), (100, 256, [100]), (5, 4, [3, 2])])
+def test_probe_sees_every_feature_every_epoch_in_equal_batches(n, batch_size, sizes):
+    seen = []
+    head = probe_head(4, 2)
+    head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    fit_probe_head(head, torch.randn(n, 4), torch.arange(n) % 2, epochs=3, batch_size=batch_size, warmup_epochs=1)
+    assert seen == sizes * 3
