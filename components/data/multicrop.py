@@ -4,13 +4,13 @@ pairs the two global crops with their block-wise masks.
 
 Two global crops (RandomResizedCrop to ``global_size``, scale (0.25, 1) in iBOT, bicubic) and
 ``num_local`` local crops (``local_size``, scale (0.05, 0.25)); every crop is flipped, colour-jittered
-(0.4, 0.4, 0.2, 0.1 with p 0.8) and turned to grayscale with p 0.2 (``color_jitter``,
-``color_jitter_p`` and ``grayscale_p``: parameters, as DINO's strengths are tuned to ImageNet, where
-colour says something about the object; on data whose colours are drawn independently of the class,
-two crops of one image can be matched by colour alone, and stronger jitter removes that shortcut). Gaussian blur with p 1.0 on the
+(0.4, 0.4, 0.2, 0.1 with p 0.8) and turned to grayscale with p 0.2. Gaussian blur with p 1.0 on the
 first global crop, 0.1 on the second and 0.5 on local crops; solarisation (threshold 128) with p 0.2 on
 the second global crop only. DINO blurs with sigma in (0.1, 2.0) px at 224 px; ``blur_sigma`` is a
-parameter so smaller images can keep the same relative blur.
+parameter so smaller images can keep the same relative blur. The jitter strengths are parameters too
+(``color_jitter``, ``color_jitter_p``, ``grayscale_p``): DINO tuned them to ImageNet, where colour says
+something about the object; where colours are drawn independently of the class, two crops of one
+image can be matched by colour alone, and stronger jitter removes that shortcut.
 
 The transforms work on PIL images, as DINO's do (several times faster than tensor kernels on
 small crops). All randomness is torch's global RNG, which the project's loader seeds per sample.
