@@ -113,7 +113,8 @@ def pretrain_ibot(ctx: StageContext) -> dict:
 
     mc = cfg.multicrop
     augment = MultiCropAugmentation(
-        spec.img_size, mc.local_size, mc.num_local, mc.global_scale, mc.local_scale, mc.blur_sigma, mc.color_jitter, mc.color_jitter_p, mc.grayscale_p, cfg.mean, cfg.std
+        spec.img_size, mc.local_size, mc.num_local, mc.global_scale, mc.local_scale, mc.blur_sigma,
+        color_jitter=mc.color_jitter, color_jitter_p=mc.color_jitter_p, grayscale_p=mc.grayscale_p, mean=cfg.mean, std=cfg.std,
     )
     masking = BlockMaskGenerator(cfg.masking.prob, cfg.masking.ratio, cfg.masking.aspect, cfg.masking.min_block_area)
     train_set = MaskedMultiCropDataset(ImageListDataset(train_items(cfg, index.train, ctx.seed)), augment, masking, spec.patch_size)

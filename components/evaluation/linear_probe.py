@@ -105,7 +105,7 @@ def fit_probe_head(
     n = features.shape[0]
     if n < 2:
         raise ValueError(f"the linear probe needs at least 2 labeled features, got {n}")
-    steps_per_epoch = max(1, min(math.ceil(n / batch_size), n // 2))
+    steps_per_epoch = min(math.ceil(n / batch_size), n // 2)  # >= 1 for n >= 2
     batch_size = math.ceil(n / steps_per_epoch)  # the largest batch
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     lr = blr * batch_size / 256
