@@ -65,7 +65,8 @@ def test_colour_jitter_strengths_are_parameters():
     for _ in range(5):
         for c in grey(img):
             assert torch.allclose(c[0], c[1], atol=1e-5) and torch.allclose(c[1], c[2], atol=1e-5)
-        for c in plain(img)[:1] + plain(img)[2:]:  # (the second global crop may be solarised, as in DINO)
+        crops = plain(img)
+        for c in crops[:1] + crops[2:]:  # (the second global crop may be solarised, as in DINO)
             rgb = c.mean((1, 2)) * 0.25 + 0.5
             assert torch.allclose(rgb, torch.tensor([200, 40, 90]) / 255, atol=2 / 255)
 
