@@ -15,7 +15,7 @@ from tests.pipelines.conftest import BIN, dvc_repro, run
 INITS = ("scratch", "mae", "ibot", "cnn")
 
 
-def test_each_init_through_dvc_repro_writes_metrics_and_weights(project):
+def test_each_init_through_dvc_repro_writes_metrics_and_weights(project, monkeypatch):
     dvc_repro(project, "finetune")
     params = yaml.safe_load((project / "params.yaml").read_text())["finetune"]
     index = load_classification_index(project / "data" / "classification" / "index.json")
@@ -47,13 +47,18 @@ def test_each_init_through_dvc_repro_writes_metrics_and_weights(project):
     scratch = load_safetensors(project / "models" / "finetune" / "scratch" / "model.safetensors")["patch_embed.proj.weight"]
     if enc.shape == scratch.shape:
         assert (mae - enc).norm() < (scratch - enc).norm()
-    # MLflow: every classifier registered, the alias on a version
+    # MLflow: every classifier registered, the alias on a version, logged with its signature
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
     for init in INITS:
         version = client.get_model_version_by_alias(f"mimflow-finetune-{init}", "best")
         assert client.get_run(version.run_id).data.tags["mimflow.stage"] == f"finetune@{init}"
+        signature = mlflow.models.get_model_info(f"models:/mimflow-finetune-{init}@best").signature
+        assert tuple(signature.inputs.inputs[0].shape) == (-1, 3, index.image_size, index.image_size), signature
+        assert tuple(signature.outputs.inputs[0].shape) == (-1, len(index.classes)), signature
     # nothing changed: nothing re-runs
     out = dvc_repro(project, "finetune").stdout
     assert "Running stage 'finetune@" not in out
