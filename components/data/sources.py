@@ -207,7 +207,7 @@ BOX_TOLERANCE = 1.0  # px a box may poke out of its image (rounding in real anno
 def _skip_counts() -> dict[str, int]:
     return {k: 0 for k in (
         "images_missing_keys", "images_duplicate_id", "images_missing_file", "images_unreadable",
-        "annotations_missing_keys", "annotations_duplicate_id", "annotations_missing_image",
+        "images_size_mismatch", "annotations_missing_keys", "annotations_duplicate_id", "annotations_missing_image",
         "annotations_unknown_category", "annotations_zero_area", "annotations_outside_image",
         "annotations_of_skipped_images")}
 
@@ -216,15 +216,26 @@ def _positive_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
 
 
+def _is_id(v) -> bool:
+    """A COCO id: an integer, as the format defines it and pycocotools indexes by it."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None = None, on_error: str = "error",
                   check_images: bool = False) -> tuple[dict, dict[str, int]]:
     """Check a COCO instances dict and return (cleaned copy, skipped counts per reason).
 
-    Errors (DataError naming ``source`` and the entry): missing top-level keys; categories without
-    id/name or with duplicate ids (always fatal); images without id/file_name/width/height or with a
-    duplicate id; annotations without id/image_id/category_id/bbox, pointing to a missing image or an
-    unknown category, with zero width/height, or outside their image by more than ``BOX_TOLERANCE`` px.
-    With ``image_dir`` every image file must exist (and decode, with ``check_images``).
+    Errors (DataError naming ``source`` and the entry): missing top-level keys; categories without an
+    integer id and a name or with duplicate ids (always fatal); images without an integer id, a file
+    name, integer width/height, or with a duplicate id; annotations without integer id/image_id/
+    category_id and a bbox, pointing to a missing image or an unknown category, with zero width/height,
+    outside their image by more than ``BOX_TOLERANCE`` px, or with an ``iscrowd`` other than 0/1 or a
+    negative ``area``. With ``image_dir`` every image file must exist (and, with ``check_images``,
+    decode to the declared width and height).
     ``on_error="skip"`` drops bad images (with their annotations) and bad annotations instead.
     The cleaned copy has boxes clipped to their image, ``area`` (w*h when absent) and ``iscrowd`` filled.
     """
@@ -247,6 +258,8 @@ def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None =
     for i, c in enumerate(coco["categories"]):
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise DataError(f"{source}: categories[{i}] needs keys 'id' and 'name'")
+        if not _is_id(c["id"]) or not isinstance(c["name"], str):
+            raise DataError(f"{source}: categories[{i}] needs an integer 'id' and a string 'name', got {c['id']!r}, {c['name']!r}")
         if c["id"] in cat_ids:
             raise DataError(f"{source}: categories[{i}] duplicate category id {c['id']}")
         cat_ids.add(c["id"])
@@ -259,6 +272,9 @@ def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None =
         missing = [k for k in ("id", "file_name", "width", "height") if not isinstance(im, dict) or k not in im]
         if missing:
             fail("images_missing_keys", f"images[{i}] missing key(s) {', '.join(repr(k) for k in missing)}")
+            continue
+        if not _is_id(im["id"]) or not isinstance(im["file_name"], str) or not im["file_name"]:
+            fail("images_missing_keys", f"images[{i}] needs an integer 'id' and a file name, got id {im['id']!r}, file_name {im['file_name']!r}")
             continue
         if not (_positive_int(im["width"]) and _positive_int(im["height"])):
             fail("images_missing_keys", f"images[{i}] (id={im['id']}) width/height must be positive integers, got {im['width']!r}x{im['height']!r}")
@@ -273,12 +289,16 @@ def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None =
                 continue
             if check_images:
                 try:
-                    open_image(path)
+                    size = open_image(path).size
                 except DataError as e:
                     fail("images_unreadable", f"images[{i}] (id={im['id']}) {e}")
                     continue
+                if size != (im["width"], im["height"]):
+                    fail("images_size_mismatch", f"images[{i}] (id={im['id']}) {path} is {size[0]}x{size[1]}, "
+                                                 f"but the entry says {im['width']}x{im['height']}")
+                    continue
         images[im["id"]] = dict(im)
-    raw_image_ids = {im.get("id") for im in coco["images"] if isinstance(im, dict)}
+    raw_image_ids = {im.get("id") for im in coco["images"] if isinstance(im, dict) and _is_id(im.get("id"))}
 
     annotations, ann_ids = [], set()
     for i, a in enumerate(coco["annotations"]):
@@ -287,6 +307,16 @@ def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None =
             fail("annotations_missing_keys", f"annotations[{i}] missing key(s) {', '.join(repr(k) for k in missing)}")
             continue
         where = f"annotations[{i}] (id={a['id']})"
+        if not all(_is_id(a[k]) for k in ("id", "image_id", "category_id")):
+            fail("annotations_missing_keys", f"{where} id, image_id and category_id must be integers, "
+                                             f"got {a['id']!r}, {a['image_id']!r}, {a['category_id']!r}")
+            continue
+        if a.get("iscrowd", 0) not in (0, 1) or isinstance(a.get("iscrowd"), (bool, float)):
+            fail("annotations_missing_keys", f"{where} iscrowd must be 0 or 1, got {a['iscrowd']!r}")
+            continue
+        if "area" in a and not (_is_number(a["area"]) and a["area"] >= 0):
+            fail("annotations_missing_keys", f"{where} area must be a number >= 0, got {a['area']!r}")
+            continue
         if a["id"] in ann_ids:
             fail("annotations_duplicate_id", f"{where} duplicate annotation id")
             continue
@@ -301,7 +331,7 @@ def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None =
             continue
         box = a["bbox"]
         if (not isinstance(box, (list, tuple)) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+                or not all(_is_number(v) for v in box)):
             fail("annotations_missing_keys", f"{where} bbox must be 4 finite numbers [x, y, w, h], got {box!r}")
             continue
         x, y, w, h = (float(v) for v in box)
@@ -350,6 +380,8 @@ def read_coco(path: str | os.PathLike, on_error: str = "error", image_root: str 
     info = coco.get("info") if isinstance(coco.get("info"), dict) else {}
     if image_root is None:
         image_root = info.get("image_root", ".")
+        if not isinstance(image_root, str):
+            raise DataError(f"{path}: info.image_root must be a path string, got {image_root!r}")
     root = (path.parent / Path(image_root).expanduser()).resolve()
     cleaned, skipped = validate_coco(coco, str(path), image_dir=root, on_error=on_error, check_images=check_images)
     cleaned["info"] = {**info, "image_root": str(root)}

@@ -171,6 +171,10 @@ def test_validate_coco_accepts_good_data_and_fills_defaults(tmp_path):
     (lambda c: c["annotations"][1].update(category_id=4), "annotations_unknown_category", r"annotations\[1\] \(id=11\) category_id 4"),
     (lambda c: c["annotations"][1].pop("bbox"), "annotations_missing_keys", r"annotations\[1\] missing key\(s\) 'bbox'"),
     (lambda c: c["images"][1].update(file_name="gone.png"), "images_missing_file", r"images\[1\] \(id=2\) file .*gone.png not found"),
+    (lambda c: c["images"][1].update(file_name=None), "images_missing_keys", r"images\[1\] needs an integer 'id' and a file name, got id 2, file_name None"),
+    (lambda c: c["annotations"][1].update(image_id=[1]), "annotations_missing_keys", r"annotations\[1\] \(id=11\) id, image_id and category_id must be integers"),
+    (lambda c: c["annotations"][1].update(iscrowd="0"), "annotations_missing_keys", r"annotations\[1\] \(id=11\) iscrowd must be 0 or 1, got '0'"),
+    (lambda c: c["annotations"][1].update(area=-5), "annotations_missing_keys", r"annotations\[1\] \(id=11\) area must be a number >= 0"),
 ])
 def test_each_bad_entry_is_named_or_skipped(tmp_path, break_it, reason, message):
     coco = _coco(tmp_path)
@@ -180,7 +184,7 @@ def test_each_bad_entry_is_named_or_skipped(tmp_path, break_it, reason, message)
     assert "\n" not in str(e.value)
     cleaned, skipped = validate_coco(coco, "in.json", image_dir=tmp_path / "imgs", on_error="skip")
     assert skipped[reason] == 1
-    if reason == "images_missing_file":  # the image goes, and its annotation with it
+    if reason.startswith("images_"):  # the image goes, and its annotation with it
         assert [im["id"] for im in cleaned["images"]] == [1] and skipped["annotations_of_skipped_images"] == 1
     else:
         assert [a["id"] for a in cleaned["annotations"]] == [10, 12]
@@ -193,6 +197,28 @@ def test_unreadable_image_is_named_or_skipped(tmp_path):
         validate_coco(coco, "x.json", image_dir=tmp_path / "imgs", check_images=True)
     _, skipped = validate_coco(coco, "x.json", image_dir=tmp_path / "imgs", check_images=True, on_error="skip")
     assert skipped["images_unreadable"] == 1
+
+
+def test_image_whose_size_differs_from_its_entry_is_named_or_skipped(tmp_path):
+    coco = _coco(tmp_path)
+    coco["images"][1]["width"] = 41  # the file is 40x30
+    with pytest.raises(DataError, match=r"images\[1\] \(id=2\) .*2.png is 40x30, but the entry says 41x30"):
+        validate_coco(coco, "x.json", image_dir=tmp_path / "imgs", check_images=True)
+    cleaned, skipped = validate_coco(coco, "x.json", image_dir=tmp_path / "imgs", check_images=True, on_error="skip")
+    assert skipped["images_size_mismatch"] == 1 and [im["id"] for im in cleaned["images"]] == [1]
+
+
+def test_wrongly_typed_categories_and_image_root_are_one_line_errors(tmp_path):
+    coco = _coco(tmp_path)
+    coco["categories"][0]["id"] = [3]
+    with pytest.raises(DataError, match=r"^x.json: categories\[0\] needs an integer 'id' and a string 'name', got \[3\]"):
+        validate_coco(coco, "x.json", on_error="skip")  # structural: never skipped
+    coco = _coco(tmp_path)
+    coco["info"]["image_root"] = 5
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"bad.json: info.image_root must be a path string, got 5"):
+        load_coco(path)
 
 
 @pytest.mark.parametrize("key", ["images", "annotations", "categories"])
