@@ -15,14 +15,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def _file_mode() -> int:
-    """The mode a plain ``open(path, 'w')`` would give (mkstemp's 0600 is too strict for outputs)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-FILE_MODE = _file_mode()
+FILE_MODE = 0o666 & ~_umask()  # what a plain open(path, 'w') gives (mkstemp's 0600 is too strict for outputs)
+DIR_MODE = 0o777 & ~_umask()   # likewise for mkdir (mkdtemp's 0700)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from components.data import shapes, sources, splits
 from components.data.visualize import classification_sheet, coco_sheet, save_image
-from components.io import write_json
+from components.io import DIR_MODE, write_json
 from pipelines.common import StageContext, run_stage
 from pipelines.config import ClassificationData, DetectionData
 
@@ -30,14 +30,27 @@ def pct_name(percent: float) -> str:
 
 
 def build_in_place(final: Path, build) -> dict:
-    """Run ``build(tmp_dir)`` in a fresh sibling directory, then swap it in for ``final``."""
+    """Run ``build(tmp_dir)`` in a fresh sibling directory, then swap it in for ``final``. The old
+    directory is renamed aside and deleted only once the new one is in place, so an interrupted swap
+    leaves one whole dataset, never none."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(tmp, DIR_MODE)
+    old = final.with_name(f".{final.name}.old")
     try:
         counts = build(tmp)
+        if old.exists():  # left by an earlier swap that was killed
+            shutil.rmtree(old)
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old.exists() and not final.exists():
+                os.replace(old, final)
+            raise
+        if old.exists():
+            shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

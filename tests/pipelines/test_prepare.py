@@ -101,3 +101,40 @@ def test_a_corrupt_image_is_one_line_naming_it_and_keeps_earlier_data(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: prepare:") and str(bad) in last, last
     assert (root / "data" / "classification" / "index.json").read_bytes() == before
+
+
+def test_an_interrupted_swap_keeps_the_old_dataset(tmp_path, monkeypatch):
+    """build_in_place renames the old dataset aside before the new one goes in, so a swap that dies
+    half-way leaves the old one whole; a normal swap leaves no sibling behind and the usual mode."""
+    import os
+
+    from pipelines import prepare
+
+    final = tmp_path / "data" / "classification"
+    prepare.build_in_place(final, lambda tmp: (tmp / "index.json").write_text("v1"))
+    assert oct(final.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if str(dst) == str(final) and not str(src).endswith(".old"):  # the new dataset going in
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(prepare.os, "replace", interrupted)
+    try:
+        prepare.build_in_place(final, lambda tmp: (tmp / "index.json").write_text("v2"))
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert (final / "index.json").read_text() == "v1"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["classification"]
+    prepare.build_in_place(final, lambda tmp: (tmp / "index.json").write_text("v3"))
+    assert (final / "index.json").read_text() == "v3" and sorted(p.name for p in final.parent.iterdir()) == ["classification"]
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
