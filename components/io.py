@@ -95,13 +95,20 @@ def torch_load(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def file_digest(*paths: str | os.PathLike) -> str:
-    """A short SHA-256 of the files' bytes, in order (a checkpoint fingerprint of a stage's inputs)."""
+def file_digest(*paths: str | os.PathLike, suffix: str = "") -> str:
+    """A short SHA-256 of the files' bytes, in order (a checkpoint fingerprint of a stage's inputs).
+    A directory counts as every file under it whose name ends in ``suffix``, by sorted relative path,
+    names included (a renamed or added file changes the digest)."""
     import hashlib
 
     h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).read_bytes())
+    for p in map(Path, paths):
+        if p.is_dir():
+            for f in sorted(f for f in p.rglob(f"*{suffix}") if f.is_file()):
+                h.update(f.relative_to(p).as_posix().encode() + b"\0")
+                h.update(f.read_bytes())
+        else:
+            h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from components.io import write_json
+from components.io import file_digest, write_json
 from components.training.distributed import DistInfo, cleanup_distributed, init_distributed
 from components.training.engine import NonFiniteLossError
 from pipelines.config import Params, ParamsError, load_params
@@ -99,12 +99,18 @@ class StageContext:
         base = self.root / "metrics"
         return base / self.name / f"{self.variant}.json" if self.variant else base / f"{self.name}.json"
 
-    def fingerprint(self, *extra: Any) -> str:
-        """Hash of everything that decides this stage's result: its section, runtime seed and precision.
+    def fingerprint(self, *inputs: Any) -> str:
+        """Hash of everything that decides this stage's result: its section, the runtime seed, precision
+        and process count, the project's code (components/ and pipelines/), and ``inputs``: paths are
+        hashed by content (a directory by every file in it), anything else by its text.
 
-        A checkpoint written under another fingerprint is never resumed."""
+        A checkpoint written under another fingerprint is never resumed, so a finished run is never
+        taken for the result of changed data or code. Images that a dataset's index points to outside
+        ``data/`` are not hashed (DVC does not track them either)."""
         blob = json.dumps(
-            [self.name, self.variant, self.section.model_dump(mode="json"), self.seed, self.precision, *map(str, extra)], sort_keys=True
+            [self.name, self.variant, self.section.model_dump(mode="json"), self.seed, self.precision, self.info.world_size,
+             code_digest(), *(file_digest(x) if isinstance(x, Path) else str(x) for x in inputs)],
+            sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -115,6 +121,14 @@ class StageContext:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if self.is_main:
             self.tracker.log_metrics(metrics, step)
+
+
+def code_digest() -> str:
+    """Digest of the project's Python code: every module of the components and pipelines packages."""
+    import components
+    import pipelines
+
+    return file_digest(*(Path(pkg.__file__).parent for pkg in (components, pipelines)), suffix=".py")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

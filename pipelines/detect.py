@@ -23,9 +23,9 @@ import torch
 from components.data.box_transforms import SemiSupervisedViews, ViewConfig, collate_views
 from components.data.sources import CocoDetection, DataError, load_coco
 from components.evaluation.coco import AP_KEYS, coco_evaluate, predict, prediction_figure, to_coco_results
-from components.io import atomic_write, file_digest, write_csv
+from components.io import atomic_write, write_csv
 from components.models.detection import DetectorSpec, create_detector, save_detector
-from components.models.vit import ENCODER_SPEC, ENCODER_WEIGHTS, read_spec
+from components.models.vit import read_spec
 from components.semisup.soft_teacher import SoftTeacher, SoftTeacherConfig
 from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer
@@ -63,8 +63,8 @@ def merge_categories(coco: dict, name: str = "object") -> dict:
             "annotations": [{**a, "category_id": 1} for a in coco["annotations"]]}
 
 
-def load_split(ctx: StageContext, percent: float) -> tuple[dict, dict, dict, list[Path]]:
-    """(labeled, unlabeled, val) COCO dicts of the split, and their files (for the checkpoint fingerprint).
+def load_split(ctx: StageContext, percent: float) -> tuple[dict, dict, dict]:
+    """(labeled, unlabeled, val) COCO dicts of the split.
 
     Split files hold subsets of train.json's images, so they are read against its image directory."""
     root = ctx.root / DATA
@@ -85,9 +85,11 @@ def load_split(ctx: StageContext, percent: float) -> tuple[dict, dict, dict, lis
         val = {**val, "images": [im for im in val["images"] if im["id"] in keep], "annotations": [a for a in val["annotations"] if a["image_id"] in keep]}
     if not labeled["images"]:
         raise DataError(f"{split_dir / 'labeled.json'}: no labeled images")
+    if not val["annotations"]:
+        raise DataError(f"{root / 'val.json'}: no boxes in the held-out images (detect.val_images = {ctx.section.val_images}), nothing to evaluate against")
     if ctx.section.class_agnostic:
         labeled, unlabeled, val = merge_categories(labeled), merge_categories(unlabeled), merge_categories(val)
-    return labeled, unlabeled, val, [root / "train.json", split_dir / "labeled.json", split_dir / "unlabeled.json", root / "val.json"]
+    return labeled, unlabeled, val
 
 
 def detector_spec(ctx: StageContext, num_classes: int) -> tuple[DetectorSpec, Path | None]:
@@ -114,7 +116,7 @@ def detect(ctx: StageContext) -> dict:
     """Train one method on one labeled split and evaluate teacher and student on the held-out scenes."""
     cfg = ctx.section
     method, percent = parse_variant(ctx.variant)
-    labeled, unlabeled, val, data_files = load_split(ctx, percent)
+    labeled, unlabeled, val = load_split(ctx, percent)
     categories = sorted(c["id"] for c in labeled["categories"])
     names = {c["id"]: c["name"] for c in labeled["categories"]}
     category_to_label = {c: i + 1 for i, c in enumerate(categories)}  # torchvision: 0 is background
@@ -151,10 +153,9 @@ def detect(ctx: StageContext) -> dict:
     else:
         optimizer = torch.optim.AdamW(clean, lr=cfg.lr, betas=tuple(cfg.betas), fused=ctx.device.type == "cuda" or None)
     milestones = [round(f * cfg.steps) for f in cfg.lr_milestones]
-    digest = file_digest(*data_files, *([encoder_dir / ENCODER_WEIGHTS, encoder_dir / ENCODER_SPEC] if encoder_dir else []))
     train_cfg = TrainConfig(
         total_steps=cfg.steps, batch_size=cfg.batch_size * (1 + ratio), clip_grad=cfg.clip_grad, precision=ctx.precision,
-        ckpt_dir=ctx.checkpoint_dir, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, fingerprint=ctx.fingerprint(method, percent, digest),
+        ckpt_dir=ctx.checkpoint_dir, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, fingerprint=ctx.fingerprint(method, percent, ctx.root / DATA, *([encoder_dir] if encoder_dir else [])),
         desc=ctx.stage_id, progress=ctx.params.runtime.progress, compile=ctx.params.runtime.compile,
     )
 

@@ -26,9 +26,9 @@ from components.data.splits import read_labeled_indices
 from components.evaluation.classification import confusion_figure, evaluate_classifier
 from components.evaluation.knn import knn_accuracy
 from components.evaluation.linear_probe import extract_pooled_features, fit_probe_head, probe_head
-from components.io import atomic_write, file_digest, read_json, write_csv
+from components.io import atomic_write, read_json, write_csv
 from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
-from components.models.vit import ENCODER_SPEC, ENCODER_WEIGHTS, ViTSpec, create_vit, load_encoder, read_spec
+from components.models.vit import ENCODER_SPEC, ViTSpec, create_vit, load_encoder, read_spec
 from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer
 from components.training.finetune import FinetuneStep, build_mixup, finetune_criterion, finetune_optimizer, finetune_transforms
@@ -119,7 +119,7 @@ def finetune(ctx: StageContext) -> dict:
     cfg, init = ctx.section, ctx.variant
     index_path = ctx.root / DATA / "index.json"
     index = load_classification_index(index_path)
-    split_path, labeled = labeled_split(ctx, len(index.train))
+    _, labeled = labeled_split(ctx, len(index.train))
     num_classes, size = len(index.classes), index.image_size
     world = ctx.info.world_size
     if cfg.batch_size * world > len(labeled):
@@ -147,10 +147,9 @@ def finetune(ctx: StageContext) -> dict:
     optimizer = finetune_optimizer(model, wd, layer_decay, depth, ctx.device)
     mixup = build_mixup(num_classes, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
     step_fn = FinetuneStep(finetune_criterion(mixup, cfg.label_smoothing), mixup, seed=ctx.seed)
-    digest = file_digest(index_path, split_path, *([encoder_dir / ENCODER_WEIGHTS] if encoder_dir else []))
     train_cfg = TrainConfig(
         total_steps=total, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, precision=ctx.precision,
-        ckpt_dir=ctx.checkpoint_dir, ckpt_every=cfg.ckpt_every, log_every=1, fingerprint=ctx.fingerprint(digest),
+        ckpt_dir=ctx.checkpoint_dir, ckpt_every=cfg.ckpt_every, log_every=1, fingerprint=ctx.fingerprint(ctx.root / DATA, *([encoder_dir] if encoder_dir else [])),
         desc=ctx.stage_id, progress=ctx.params.runtime.progress, compile=ctx.params.runtime.compile,
     )
     trainer = Trainer(model, optimizer, train_cfg, ctx.device, ctx.info,

@@ -162,7 +162,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
             ckpt_dir=ctx.checkpoint_dir,
             ckpt_every=cfg.ckpt_every,
             log_every=cfg.log_every,
-            fingerprint=ctx.fingerprint(ctx.info.world_size),
+            fingerprint=ctx.fingerprint(ctx.root / DATA),
             desc="pretrain_ibot",
             progress=runtime.progress,
             compile=runtime.compile,

@@ -135,7 +135,7 @@ def pretrain_mae(ctx: StageContext) -> dict:
             ckpt_dir=ctx.checkpoint_dir,
             ckpt_every=cfg.ckpt_every,
             log_every=cfg.log_every,
-            fingerprint=ctx.fingerprint(ctx.info.world_size, accum),
+            fingerprint=ctx.fingerprint(accum, (ctx.root / INDEX).parent),
             desc="pretrain_mae",
             progress=runtime.progress,
             compile=runtime.compile,

@@ -90,3 +90,33 @@ def test_kill_9_mid_training_then_dvc_repro_resumes_to_the_same_result(tmp_path)
         assert a[key] == b[key], key
     weights = "models/pretrain_mae/encoder.safetensors"
     assert (straight / weights).read_bytes() == (killed / weights).read_bytes()
+
+
+def test_a_checkpoint_is_resumed_only_under_the_same_data_and_process_count(tmp_path):
+    """The checkpoint fingerprint hashes the stage's data by content: a dataset rebuilt with other
+    pixels under the same file names (a changed rotation range, say) must not resume a finished run."""
+    import torch
+
+    from components.training.distributed import DistInfo
+    from pipelines.common import StageContext
+    from pipelines.config import validate_params
+    from tests.pipelines.conftest import REPO
+
+    params = validate_params(yaml.safe_load((REPO / "tests" / "micro.params.yaml").read_text()))
+    data = tmp_path / "data" / "classification"
+    (data / "images").mkdir(parents=True)
+    (data / "index.json").write_text('{"train": [["images/a.png", 0]]}')
+    (data / "images" / "a.png").write_bytes(b"pixels")
+
+    def fingerprint(world_size: int = 1) -> str:
+        ctx = StageContext("pretrain_mae", params, torch.device("cpu"), "fp32", DistInfo(0, world_size, 0), tracker=None, root=tmp_path)
+        return ctx.fingerprint(data)
+
+    first = fingerprint()
+    assert fingerprint() == first
+    assert fingerprint(world_size=2) != first
+    (data / "images" / "a.png").write_bytes(b"other pixels")
+    assert fingerprint() != first
+    second = fingerprint()
+    (data / "images" / "a.png").rename(data / "images" / "b.png")
+    assert fingerprint() != second
