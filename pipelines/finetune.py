@@ -146,7 +146,7 @@ def finetune(ctx: StageContext) -> dict:
     lr = blr * cfg.batch_size * cfg.accum_steps * world / 256
     optimizer = finetune_optimizer(model, wd, layer_decay, depth, ctx.device)
     mixup = build_mixup(num_classes, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
-    step_fn = FinetuneStep(finetune_criterion(mixup, cfg.label_smoothing), mixup, seed=ctx.seed)
+    step_fn = FinetuneStep(finetune_criterion(mixup, cfg.label_smoothing), mixup, seed=ctx.seed, rank=ctx.info.rank)
     train_cfg = TrainConfig(
         total_steps=total, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, precision=ctx.precision,
         ckpt_dir=ctx.checkpoint_dir, ckpt_every=cfg.ckpt_every, log_every=1, fingerprint=ctx.fingerprint(ctx.root / DATA, *([encoder_dir] if encoder_dir else [])),

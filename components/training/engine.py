@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from components.io import torch_load, torch_save
-from components.training.distributed import DistInfo, all_reduce_mean
+from components.training.distributed import DistInfo, all_reduce_mean, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,11 @@ class Trainer:
             loss_sum += loss.detach().float()
             for k, v in logs.items():
                 logs_sum[k] += float(v) / cfg.accum_steps
-        loss_value = float(all_reduce_mean(loss_sum / cfg.accum_steps))
+        keys = sorted(logs_sum)  # every rank logs the same keys: one all-reduce averages them with the loss
+        stats = torch.tensor([0.0] + [logs_sum[k] for k in keys], dtype=torch.float64, device=self.device)
+        stats[0] = loss_sum / cfg.accum_steps
+        stats = all_reduce_mean(stats)
+        loss_value, logs_sum = float(stats[0]), dict(zip(keys, stats[1:].tolist()))
         if not math.isfinite(loss_value):
             where = f"; the last good checkpoint is {self.checkpoint_path}" if self.checkpoint_path and self.checkpoint_path.exists() else ""
             raise NonFiniteLossError(f"{cfg.desc}: loss is {loss_value} at step {self.step}, stopped before the optimizer step{where}")
@@ -254,7 +258,9 @@ class Trainer:
         steps_per_epoch = len(loader) // cfg.accum_steps
         if steps_per_epoch == 0:
             raise ValueError(f"{cfg.desc}: an epoch has {len(loader)} micro-batches, fewer than accum_steps={cfg.accum_steps}")
-        self.try_resume()
+        if self.info.world_size > 1:  # the ranks share the model's init, not their draws (drop path, jitter)
+            torch.manual_seed(sample_seed(torch.initial_seed(), 0, self.info.rank))
+        self.try_resume()  # a checkpoint restores each rank's own RNG state
         self.raw.train()
         images_per_step = cfg.batch_size * cfg.accum_steps * self.info.world_size
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc=cfg.desc, disable=not (cfg.progress and self.info.is_main), dynamic_ncols=True)

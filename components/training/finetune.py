@@ -82,10 +82,11 @@ class FinetuneStep:
 
     timm's Mixup draws from numpy's global RNG, which the engine does not checkpoint; the draws are
     therefore seeded from (seed, step, micro-batch), so a resumed run mixes exactly as an uninterrupted one.
+    Under DDP each ``rank`` draws its own lambda and box; rank 0 draws what a single process draws.
     """
 
-    def __init__(self, criterion: nn.Module, mixup_fn: Mixup | None = None, seed: int = 0):
-        self.criterion, self.mixup_fn, self.seed = criterion, mixup_fn, seed
+    def __init__(self, criterion: nn.Module, mixup_fn: Mixup | None = None, seed: int = 0, rank: int = 0):
+        self.criterion, self.mixup_fn, self.seed, self.rank = criterion, mixup_fn, seed, rank
         self._step, self._micro = -1, 0
 
     def __call__(self, model: nn.Module, batch, step: int):
@@ -94,7 +95,8 @@ class FinetuneStep:
             self._micro = self._micro + 1 if step == self._step else 0
             self._step = step
             state = np.random.get_state()
-            np.random.seed(sample_seed(self.seed, step, self._micro) % 2**32)
+            seed = sample_seed(self.seed, step, self._micro)
+            np.random.seed((sample_seed(seed, 0, self.rank) if self.rank else seed) % 2**32)
             try:
                 images, targets = self.mixup_fn(images, targets)  # targets -> soft [B, C]
             finally:

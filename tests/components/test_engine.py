@@ -130,3 +130,37 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     ddp = torch.load(out, weights_only=True)
     single, _ = train(tmp_path / "single", steps=6, batch_size=8, dropout=0.0)
     torch.testing.assert_close(ddp, flat(single), rtol=1e-5, atol=1e-6)
+
+
+def _ddp_draws_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # every rank seeds alike, as the stages do, so that the models start alike
+        model = make_model(0.0)
+        cfg = TrainConfig(total_steps=3, batch_size=4, log_every=1, progress=False)
+        trainer = Trainer(model, adamw(param_groups(model, 0.05), lr=1e-2), cfg, torch.device("cpu"), DistInfo(rank, world, rank))
+        draws = []
+
+        def fn(m, batch, step):
+            draws.append(torch.rand(()).item())  # what drop path or box jitter would draw
+            loss, _ = step_fn(m, batch, step)
+            return loss, {"rank": float(rank)}
+
+        history = trainer.fit(EpochLoader(NoisyToy(), 4, seed=7, info=DistInfo(rank, world, rank)), fn)
+        torch.save({"draws": draws, "logged": [r["rank"] for r in history]}, out / f"{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_draw_their_own_randomness_and_log_the_mean(tmp_path):
+    """Under DDP every rank starts from the same seed (identical models), but drop path and jitter must
+    differ between ranks, or two GPUs add nothing but a copy; the logged stats are the mean over ranks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_draws_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
+    assert len(r0["draws"]) == 3 and all(a != b for a, b in zip(r0["draws"], r1["draws"])), (r0, r1)
+    assert r0["logged"] == r1["logged"] == [0.5, 0.5, 0.5]

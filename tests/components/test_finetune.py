@@ -158,9 +158,11 @@ def test_finetune_step_mixes_reproducibly_without_touching_numpy_state():
     loss_a, _ = step(model, fresh(), 5)
     loss_b, _ = FinetuneStep(finetune_criterion(mix, 0.1), mix, seed=3)(model, fresh(), 5)  # e.g. after a resume
     loss_c, _ = step(model, fresh(), 6)
-    a, b, c = model.seen
+    FinetuneStep(finetune_criterion(mix, 0.1), mix, seed=3, rank=1)(model, fresh(), 5)  # another DDP rank
+    a, b, c, other_rank = model.seen
     assert torch.equal(a, b) and torch.equal(loss_a, loss_b)
     assert not torch.equal(a, c) and not torch.equal(a, batch[0])  # another step mixes differently
+    assert not torch.equal(a, other_rank)  # and so does another rank at the same step
     assert np.array_equal(np.random.get_state()[1], before)
     # a mixed batch is a convex combination of the batch and its reverse (Mixup) or a pasted box (CutMix)
     x, flipped = batch[0], batch[0].flip(0)
