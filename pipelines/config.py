@@ -407,6 +407,8 @@ class Finetune(Section):
     def _check(self):
         if self.warmup_epochs > self.epochs:
             raise KeyValueError("warmup_epochs", self.warmup_epochs, f"must be <= epochs ({self.epochs})")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise KeyValueError("batch_size", self.batch_size, "must be even when mixup or cutmix > 0 (timm mixes each batch with its reverse)")
         if self.linear_probe.warmup_epochs > self.linear_probe.epochs:
             raise KeyValueError("linear_probe.warmup_epochs", self.linear_probe.warmup_epochs, f"must be <= linear_probe.epochs ({self.linear_probe.epochs})")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:

@@ -73,3 +73,18 @@ def test_a_labeled_percent_without_split_is_a_one_line_error(project):
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: finetune@cnn:") and "labeled_30_fold0.json" in last and "finetune.labeled_percent = 30" in last
+
+
+def test_an_odd_batch_with_mixing_is_a_params_error():
+    """timm's batch Mixup pairs each image with the batch's reverse; an odd batch is caught in params."""
+    import pytest
+
+    from pipelines.config import ParamsError, validate_params
+    from tests.pipelines.conftest import REPO
+
+    raw = yaml.safe_load((REPO / "tests" / "micro.params.yaml").read_text())
+    raw["finetune"]["batch_size"] = 15
+    with pytest.raises(ParamsError, match=r"finetune.batch_size = 15: must be even when mixup or cutmix > 0"):
+        validate_params(raw, "params.yaml")
+    raw["finetune"].update(mixup=0, cutmix=0)
+    validate_params(raw, "params.yaml")
