@@ -16,6 +16,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+AREA_RANGES = {"APs": (0, 32**2), "APm": (32**2, 96**2), "APl": (96**2, float("inf"))}  # COCOeval's, bounds inclusive
 
 
 def coco_api(coco: dict) -> COCO:
@@ -38,11 +39,16 @@ def to_coco_results(detections: Iterable[dict], label_to_category: list[int]) ->
     return results
 
 
-def coco_evaluate(coco: dict, results: list[dict]) -> dict[str, float]:
+def coco_evaluate(coco: dict, results: list[dict]) -> dict[str, float | None]:
     """COCOeval (bbox) of COCO-format ``results`` against the ground truth ``coco``: AP, AP50, AP75,
-    APs, APm, APl in [0, 1]. No detections at all give 0 everywhere (pycocotools cannot load them)."""
+    APs, APm, APl in [0, 1], or None where there is nothing to find (pycocotools' -1: no ground-truth
+    box in that size range). No detections at all give 0 (pycocotools cannot load an empty list)."""
     if not results:
-        return {k: 0.0 for k in AP_KEYS}
+        areas = [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in coco["annotations"] if not a.get("iscrowd", 0)]
+        def found(key: str) -> bool:
+            lo, hi = AREA_RANGES.get(key, (0, float("inf")))
+            return any(lo <= area <= hi for area in areas)
+        return {k: 0.0 if found(k) else None for k in AP_KEYS}
     gt = coco_api(coco)
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
@@ -51,8 +57,7 @@ def coco_evaluate(coco: dict, results: list[dict]) -> dict[str, float]:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    # COCOeval reports -1 where a size range has no ground truth; report 0 so metrics stay numbers
-    return {k: max(0.0, float(v)) for k, v in zip(AP_KEYS, ev.stats[:6])}
+    return {k: None if v < 0 else float(v) for k, v in zip(AP_KEYS, ev.stats[:6])}
 
 
 @torch.no_grad()

@@ -29,6 +29,18 @@ def test_no_predictions_give_zero():
     assert coco_evaluate(ground_truth(), []) == {k: 0.0 for k in AP_KEYS}
 
 
+@pytest.mark.parametrize("predictions", ["perfect", "none"])
+def test_a_size_range_without_ground_truth_has_no_ap(predictions):
+    """pycocotools gives -1 where a size range holds no box: that is "undefined" (None), not 0,
+    which would read as a detector that finds none of them."""
+    coco = ground_truth()
+    coco["annotations"] = [a for a in coco["annotations"] if a["area"] <= 96**2]  # no large box left
+    ap = coco_evaluate(coco, as_results(coco) if predictions == "perfect" else [])
+    assert ap["APl"] is None
+    expected = 1.0 if predictions == "perfect" else 0.0
+    assert all(ap[k] == pytest.approx(expected) for k in AP_KEYS if k != "APl"), ap
+
+
 def test_wrong_class_gives_zero_and_iou_thresholds_apply():
     coco = ground_truth()
     wrong = [{**r, "category_id": 10 - r["category_id"]} for r in as_results(coco)]  # 3 <-> 7
