@@ -10,7 +10,8 @@ the second global crop only. DINO blurs with sigma in (0.1, 2.0) px at 224 px; `
 parameter so smaller images can keep the same relative blur. The jitter strengths are parameters too
 (``color_jitter``, ``color_jitter_p``, ``grayscale_p``): DINO tuned them to ImageNet, where colour says
 something about the object; where colours are drawn independently of the class, two crops of one
-image can be matched by colour alone, and stronger jitter removes that shortcut.
+image can be matched by colour alone, and grayscale crops remove that shortcut (the CPU default on the
+shapes turns every crop grayscale).
 
 The transforms work on PIL images, as DINO's do (several times faster than tensor kernels on
 small crops). All randomness is torch's global RNG, which the project's loader seeds per sample.
