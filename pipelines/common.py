@@ -206,6 +206,9 @@ def main(name: str, body: Callable[[StageContext], dict], params_path: Path, var
     except (ValueError, FileNotFoundError, NotADirectoryError, TrackingError, NonFiniteLossError, KeyError) as e:
         _fail(stage_id, e, debug, tracker)
         return EXIT_INPUT
+    except Exception:  # a bug, not bad input: the traceback stays, and the MLflow run is not left FINISHED
+        _end_run(tracker, "FAILED")
+        raise
     except KeyboardInterrupt:
         if tracker:
             tracker.end("KILLED")
@@ -215,12 +218,16 @@ def main(name: str, body: Callable[[StageContext], dict], params_path: Path, var
         cleanup_distributed()
 
 
-def _fail(stage_id: str, error: BaseException, debug: bool, tracker: Tracker | None) -> None:
+def _end_run(tracker: Tracker | None, status: str) -> None:
     if tracker is not None:
         try:
-            tracker.end("FAILED")
+            tracker.end(status)
         except Exception:  # noqa: BLE001 (the original error matters more)
             pass
+
+
+def _fail(stage_id: str, error: BaseException, debug: bool, tracker: Tracker | None) -> None:
+    _end_run(tracker, "FAILED")
     if debug:
         raise error
     message = str(error).splitlines()[0] if str(error) else type(error).__name__

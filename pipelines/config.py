@@ -6,6 +6,7 @@ the key path, the bad value and what is allowed.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,7 +51,13 @@ class Tracking(Section):
     uri: str | None = None  # default sqlite:///mlflow.db at the project root; MLFLOW_TRACKING_URI overrides
     connect_timeout_s: float = Field(5.0, gt=0, le=120)
     log_models: bool = True
-    registry_alias: str = "best"
+    registry_alias: str = Field("best", pattern=r"^[\w\-]+$", max_length=255)  # MLflow's alias characters
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.registry_alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", self.registry_alias):
+            raise KeyValueError("registry_alias", self.registry_alias, "is reserved by MLflow ('latest' and 'v<number>' name versions)")
+        return self
 
 
 # --------------------------------------------------------------------------- prepare

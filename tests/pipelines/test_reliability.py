@@ -120,3 +120,32 @@ def test_a_checkpoint_is_resumed_only_under_the_same_data_and_process_count(tmp_
     second = fingerprint()
     (data / "images" / "a.png").rename(data / "images" / "b.png")
     assert fingerprint() != second
+
+
+def test_a_crash_ends_the_mlflow_run_as_failed_and_keeps_the_traceback(tmp_path):
+    """An unexpected exception (a bug, not bad input) keeps its traceback and a non-zero exit, and the
+    stage's MLflow run ends FAILED (MLflow's exit hook would otherwise close it as FINISHED)."""
+    import mlflow
+
+    root = make_project(tmp_path / "crash")
+    (root / "crash.py").write_text(
+        "import sys\nfrom pathlib import Path\nfrom pipelines.common import main\n\n"
+        "def body(ctx):\n    raise RuntimeError('boom')\n\n"
+        "sys.exit(main('prepare', body, Path('params.yaml')))\n"
+    )
+    proc = run(root, str(BIN / "python"), "crash.py", check=False)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "RuntimeError: boom" in proc.stderr
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["mimflow"], output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+@pytest.mark.parametrize("alias", ["latest", "v3", "two words"])
+def test_a_registry_alias_mlflow_refuses_is_a_params_error(alias):
+    from pipelines.config import ParamsError, validate_params
+    from tests.pipelines.conftest import REPO
+
+    raw = yaml.safe_load((REPO / "tests" / "micro.params.yaml").read_text())
+    raw["tracking"]["registry_alias"] = alias
+    with pytest.raises(ParamsError, match=rf"tracking.registry_alias = '{alias}'"):
+        validate_params(raw, "params.yaml")
