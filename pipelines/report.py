@@ -20,6 +20,13 @@ from pipelines.common import StageContext, run_stage
 log = logging.getLogger("mimflow.report")
 
 FINETUNE_INITS = ("scratch", "mae", "ibot", "cnn")
+DETECT_METHODS = ("supervised", "softteacher")  # dvc.yaml's detect matrix, with prepare.detection.labeled_percents
+
+
+def detect_metrics_files(metrics: Path, percents: list[float]) -> list[Path]:
+    """The metrics of the detect stages params.yaml asks for now; files of earlier percents may
+    linger in metrics/detect and are left out."""
+    return [metrics / "detect" / f"{method}-{p:g}.json" for p in sorted(percents) for method in DETECT_METHODS]
 
 
 def read_metrics(path: Path) -> dict:
@@ -93,9 +100,9 @@ def finetune_table(metrics: Path) -> Table:
     return t
 
 
-def detection_table(metrics: Path) -> Table:
+def detection_table(metrics: Path, percents: list[float]) -> Table:
     t = Table("Detection (COCO mAP on held-out scenes, pycocotools)", ["method", "labeled %", "AP (teacher)", "AP50", "AP75", "AP (student)", "wall time (s)"])
-    for path in sorted((metrics / "detect").glob("*.json"), key=lambda p: (p.stem.rsplit("-", 1)[-1].zfill(8), p.stem)):
+    for path in detect_metrics_files(metrics, percents):
         method, pct = path.stem.rsplit("-", 1)
         m = read_metrics(path)
         t.add(method, pct, pick(m, "teacher.AP"), pick(m, "teacher.AP50"), pick(m, "teacher.AP75"), pick(m, "student.AP"), m.get("wall_time_s"))
@@ -120,9 +127,12 @@ def cka_table(metrics: Path) -> Table:
     return t
 
 
-def stage_times(metrics: Path) -> Table:
+def stage_times(metrics: Path, percents: list[float]) -> Table:
     t = Table("Wall time per stage", ["stage", "seconds"])
+    current = set(detect_metrics_files(metrics, percents))
     for path in sorted(metrics.rglob("*.json")):
+        if path.parent == metrics / "detect" and path not in current:
+            continue
         m = read_metrics(path)
         if "wall_time_s" in m:
             t.add(str(path.relative_to(metrics).with_suffix("")), m["wall_time_s"])
@@ -175,7 +185,8 @@ window.addEventListener("load", () => {{
 def report(ctx: StageContext) -> dict:
     """Write reports/summary.md and reports/index.html from every stage's metrics and figures."""
     metrics, plots, out = ctx.root / "metrics", ctx.root / "plots", ctx.root / "reports"
-    tables = [pretraining_table(metrics), finetune_table(metrics), detection_table(metrics), cka_table(metrics), stage_times(metrics)]
+    percents = ctx.params.prepare.detection.labeled_percents
+    tables = [pretraining_table(metrics), finetune_table(metrics), detection_table(metrics, percents), cka_table(metrics), stage_times(metrics, percents)]
     title = ctx.section.title
     summary = f"# {title}\n\n" + "\n".join(t.markdown() for t in tables)
     figures = collect_figures(plots, out / "figures")

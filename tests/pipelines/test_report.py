@@ -61,3 +61,19 @@ def test_results_page_loads_every_figure_and_holds_numbers(full_run):
     for table in tables:
         cells = re.findall(r"<td>([^<]*)</td>", table)
         assert any(re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", c) for c in cells), table[:300]
+
+
+def test_detection_rows_follow_the_labeled_percents_params_asks_for(tmp_path):
+    """metrics/detect keeps the files of percents run earlier; the page shows the current ones only,
+    and a current one that is missing is an error naming it."""
+    from pipelines.report import detection_table, stage_times
+
+    detect = tmp_path / "detect"
+    detect.mkdir()
+    for name, ap in (("supervised-10", 0.2), ("softteacher-10", 0.25), ("supervised-20", 0.3), ("softteacher-20", 0.35)):
+        (detect / f"{name}.json").write_text(json.dumps({"teacher": {"AP": ap}, "wall_time_s": 1.0}))
+    rows = detection_table(tmp_path, [20]).rows
+    assert [(r[0], r[1]) for r in rows] == [("supervised", "20"), ("softteacher", "20")]
+    assert [r[0] for r in stage_times(tmp_path, [20]).rows] == ["detect/softteacher-20", "detect/supervised-20"]
+    with pytest.raises(FileNotFoundError, match="supervised-5.json"):
+        detection_table(tmp_path, [5])
