@@ -27,8 +27,12 @@ for _k, _v in {"DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TEL
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
-from pipelines.config import load_params  # noqa: E402
-from pipelines.tracking import PARENT_RUN_ENV, Tracker  # noqa: E402
+from pipelines.config import ParamsError, load_params  # noqa: E402
+from pipelines.tracking import PARENT_RUN_ENV, Tracker, TrackingError, check_reachable, resolve_uri  # noqa: E402
+
+
+class StageInputError(RuntimeError):
+    """A stage stopped on bad input (its one-line ``error:`` message): running it again cannot help."""
 
 
 def stage_order(root: Path = ROOT) -> list[str]:
@@ -43,6 +47,15 @@ def stage_order(root: Path = ROOT) -> list[str]:
         position = {s: i for i, s in enumerate(repo.index.stages)}
         ordered = nx.lexicographical_topological_sort(graph.reverse(copy=True).subgraph(stages), key=lambda s: f"{position.get(s, 0):06d}")
         return [s.name for s in ordered]
+
+
+def select_stages(stages: list[str] | None, root: Path = ROOT) -> list[str]:
+    """``stages`` (all when None) in the DAG's order; an unknown name is a ValueError listing the known."""
+    order = stage_order(root)
+    unknown = sorted(set(stages or []) - set(order))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has: {', '.join(order)}")
+    return [s for s in order if not stages or s in stages]
 
 
 def stage_metrics_files(stage: str, root: Path = ROOT) -> list[Path]:
@@ -79,21 +92,35 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-@task(task_run_name="{stage}")
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry a stage that crashed (a lost node, an OOM kill), not one that
+    stopped on bad input."""
+    return not isinstance(state.data, StageInputError) and "StageInputError" not in (state.message or "")
+
+
+@task(task_run_name="{stage}", retry_condition_fn=retry_unless_bad_input)
 def run_dvc_stage(stage: str, root: str, env: dict[str, str], force: bool = False) -> dict:
-    """Run one DVC stage, streaming its log into Prefect; publish its metrics as a Markdown artifact."""
+    """Run one DVC stage, streaming its log into Prefect; publish its metrics as a Markdown artifact.
+    dvc.yaml's ``python`` is the flow's own interpreter, activated or not."""
     logger = get_run_logger()
-    cmd = [str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", stage] + (["--force"] if force else [])
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "dvc"), "repro", "--single-item", stage] + (["--force"] if force else [])
     logger.info("$ %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PATH": path, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert proc.stdout is not None
     tail: list[str] = []
+    input_error = None
     for line in proc.stdout:
         line = line.rstrip()
         if line:
             logger.info(line)
             tail = (tail + [line])[-5:]
+            if line.startswith(f"error: {stage}: "):  # the stage's one-line message on bad input
+                input_error = line
     if proc.wait() != 0:
+        if input_error:
+            raise StageInputError(f"stage {stage} stopped on bad input: {input_error}")
         raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}): {tail[-1] if tail else ''}")
     files = stage_metrics_files(stage, Path(root))
     markdown = metrics_markdown(stage, files)
@@ -109,11 +136,7 @@ def run_dvc_stage(stage: str, root: str, env: dict[str, str], force: bool = Fals
 def mimflow_pipeline(stages: list[str] | None = None, force: bool = False, retries: int = 1, retry_delay_seconds: int = 10, root: str = str(ROOT)) -> dict:
     """Run the DVC pipeline stage by stage (all of it, or ``stages``), in the DAG's order."""
     logger = get_run_logger()
-    order = stage_order(Path(root))
-    unknown = sorted(set(stages or []) - set(order))
-    if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has: {', '.join(order)}")
-    selected = [s for s in order if not stages or s in stages]
+    selected = select_stages(stages, Path(root))
     logger.info("stages: %s", " -> ".join(selected))
     params = load_params(Path(root) / "params.yaml")
     tracker = Tracker(params.tracking, Path(root))
@@ -137,6 +160,14 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="re-run stages even when DVC says they are up to date")
     parser.add_argument("--retries", type=int, default=1)
     args = parser.parse_args()
+    try:  # what is wrong before anything runs is one line, not a flow run's traceback
+        select_stages(args.stages or None)
+        params = load_params(ROOT / "params.yaml")
+        if params.tracking.enabled:
+            check_reachable(resolve_uri(params.tracking, ROOT), params.tracking.connect_timeout_s)
+    except (ParamsError, ValueError, TrackingError) as e:
+        print(f"error: flow: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ParamsError) else 1)  # the stages' exit codes
     mimflow_pipeline(stages=args.stages or None, force=args.force, retries=args.retries)
 
 

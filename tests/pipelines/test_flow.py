@@ -36,8 +36,9 @@ def test_flow_runs_stages_and_nests_their_mlflow_runs(project, harness, monkeypa
 
     dvc_repro(project, "prepare")
     for key, value in project_env(project).items():
-        if key in ("MLFLOW_TRACKING_URI", "PATH", "PYTHONPATH") or key.startswith(("DO_NOT", "DVC_", "MLFLOW_DISABLE")):
+        if key in ("MLFLOW_TRACKING_URI", "PYTHONPATH") or key.startswith(("DO_NOT", "DVC_", "MLFLOW_DISABLE")):
             monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/bin")  # no venv activated: the flow finds its own python
     monkeypatch.chdir(project)
     result = mimflow_pipeline(stages=["prepare"], force=True, retries=0, root=str(project))
     assert "prepare" in result and any("prepare.json" in k for k in result["prepare"])
@@ -59,3 +60,37 @@ def test_flow_rejects_unknown_stages(project, harness):
 
     with pytest.raises(ValueError, match="unknown stage"):
         mimflow_pipeline(stages=["no_such_stage"], root=str(project))
+
+
+def test_a_stage_stopped_by_bad_input_is_not_retried():
+    from prefect.states import Failed
+
+    from pipelines.flow import StageInputError, retry_unless_bad_input
+
+    assert not retry_unless_bad_input(None, None, Failed(data=StageInputError("stage prepare stopped on bad input: error: ...")))
+    assert retry_unless_bad_input(None, None, Failed(data=RuntimeError("stage prepare failed (exit 137)")))
+
+
+@pytest.mark.parametrize("case", ["bad params", "unknown stage"])
+def test_the_flow_command_says_what_is_wrong_in_one_line(project, case, tmp_path):
+    """Bad params or an unknown stage stop `python -m pipelines.flow` before any flow run starts."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = tmp_path / "p"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns("data", "models", "checkpoints", "mlflow.db", ".prefect", "cache", "mlruns"))
+    args = ["prepare"]
+    if case == "bad params":
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["prepare"]["contact_sheet_samples"] = 0
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+    else:
+        args = ["no_such_stage"]
+    proc = subprocess.run([sys.executable, "-m", "pipelines.flow", *args], cwd=root, env=project_env(root), capture_output=True, text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == (2 if case == "bad params" else 1), proc.stderr
+    assert "Traceback" not in proc.stderr and last.startswith("error: flow: "), proc.stderr
+    assert ("prepare.contact_sheet_samples = 0" if case == "bad params" else "unknown stage(s) no_such_stage") in last
