@@ -2,8 +2,7 @@
 
 The default store is ``sqlite:///mlflow.db`` at the project root (no server needed); the
 ``MLFLOW_TRACKING_URI`` environment variable, then ``tracking.uri`` in params.yaml, override it.
-A run gets the stage's params section (flattened), per-step metrics, final metrics (at the run's last
-step, so that where a name was also logged per step MLflow shows the final value), figures and tags:
+A run gets the stage's params section (flattened), per-step metrics, final metrics, figures and tags:
 stage, variant, git commit, and the hashes of the stage's dependencies as recorded in dvc.lock.
 Under the Prefect flow, ``MIMFLOW_PARENT_RUN_ID`` nests each stage's run under the flow's run.
 
@@ -123,7 +122,6 @@ class Tracker:
         self.enabled = enabled and cfg.enabled
         self.run_id: str | None = None
         self._mlflow = None
-        self._last_step = 0
 
     def start(self, stage: str, params: dict, tags: dict[str, str] | None = None) -> None:
         if not self.enabled:
@@ -154,13 +152,8 @@ class Tracker:
         log.info("MLflow run %s (%s) in experiment %r at %s", self.run_id, stage, self.cfg.experiment, uri)
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        """Numbers of ``metrics`` (nested dicts flattened) at ``step``; without one, at the last step
-        logged so far (MLflow shows a metric's value at its highest step, the latest logged there)."""
         if self._mlflow is None:
             return
-        if step is None:
-            step = self._last_step
-        self._last_step = max(self._last_step, step)
         clean = {k.replace("@", "_"): float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if clean:
             self._mlflow.log_metrics(clean, step=step)

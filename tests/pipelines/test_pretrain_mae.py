@@ -64,8 +64,6 @@ def test_stage_through_dvc_repro_writes_weights_metrics_figure_and_mlflow_run(pr
     assert runs, "no MLflow run for pretrain_mae"
     last = runs[0]
     assert last.data.metrics["val_masked_loss"] == pytest.approx(metrics["val_masked_loss"])
-    # names logged per step as well (the peak lr, the median speed): MLflow shows the final value
-    assert last.data.metrics["lr"] == pytest.approx(metrics["lr"]) and last.data.metrics["images_per_s"] == pytest.approx(metrics["images_per_s"])
     assert last.data.params["pretrain_mae.mask_ratio"] == str(cfg.mask_ratio)
     history = mlflow.MlflowClient().get_metric_history(last.info.run_id, "loss")
     assert len(history) == len(rows) - 1
