@@ -109,6 +109,12 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(tmp_path
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _ddp_worker(rank, world, port, tmp, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -122,9 +128,7 @@ def _ddp_worker(rank, world, port, tmp, out):
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_worker, args=(2, port, tmp_path / "ddp", out), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
@@ -157,9 +161,7 @@ def _ddp_draws_worker(rank, world, port, out):
 def test_ddp_ranks_draw_their_own_randomness_and_log_the_mean(tmp_path):
     """Under DDP every rank starts from the same seed (identical models), but drop path and jitter must
     differ between ranks, or two GPUs add nothing but a copy; the logged stats are the mean over ranks."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.spawn(_ddp_draws_worker, args=(2, port, tmp_path), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
     assert len(r0["draws"]) == 3 and all(a != b for a, b in zip(r0["draws"], r1["draws"])), (r0, r1)

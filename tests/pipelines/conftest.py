@@ -16,9 +16,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 COPY = ["components", "pipelines", "dvc.yaml", ".dvcignore", "pyproject.toml", ".gitignore"]
+MICRO = REPO / "tests" / "micro.params.yaml"
 
 
-def make_project(dest: Path, params: Path = REPO / "tests" / "micro.params.yaml") -> Path:
+def micro_params() -> dict:
+    """The micro params as a dict, to change a value and validate it."""
+    import yaml
+
+    return yaml.safe_load(MICRO.read_text())
+
+
+def make_project(dest: Path, params: Path = MICRO) -> Path:
     """Copy the project's code and dvc.yaml into ``dest`` as a fresh git + DVC repository."""
     dest.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -77,12 +78,10 @@ def test_a_labeled_percent_without_split_is_a_one_line_error(project):
 
 def test_an_odd_batch_with_mixing_is_a_params_error():
     """timm's batch Mixup pairs each image with the batch's reverse; an odd batch is caught in params."""
-    import pytest
-
     from pipelines.config import ParamsError, validate_params
-    from tests.pipelines.conftest import REPO
+    from tests.pipelines.conftest import micro_params
 
-    raw = yaml.safe_load((REPO / "tests" / "micro.params.yaml").read_text())
+    raw = micro_params()
     raw["finetune"]["batch_size"] = 15
     with pytest.raises(ParamsError, match=r"finetune.batch_size = 15: must be even when mixup or cutmix > 0"):
         validate_params(raw, "params.yaml")

@@ -6,6 +6,7 @@ import json
 import yaml
 
 from components.data.sources import load_classification_index, load_coco
+from components.io import DIR_MODE
 from tests.pipelines.conftest import BIN, dvc_repro, make_project, run
 
 
@@ -112,7 +113,7 @@ def test_an_interrupted_swap_keeps_the_old_dataset(tmp_path, monkeypatch):
 
     final = tmp_path / "data" / "classification"
     prepare.build_in_place(final, lambda tmp: (tmp / "index.json").write_text("v1"))
-    assert oct(final.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    assert oct(final.stat().st_mode & 0o777) == oct(DIR_MODE)  # what mkdir gives under this umask
     real_replace = os.replace
 
     def interrupted(src, dst):
@@ -131,10 +132,3 @@ def test_an_interrupted_swap_keeps_the_old_dataset(tmp_path, monkeypatch):
     prepare.build_in_place(final, lambda tmp: (tmp / "index.json").write_text("v3"))
     assert (final / "index.json").read_text() == "v3" and sorted(p.name for p in final.parent.iterdir()) == ["classification"]
 
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

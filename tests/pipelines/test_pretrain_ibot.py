@@ -16,9 +16,8 @@ from components.models.vit import load_encoder
 from components.training.optim import param_groups
 from pipelines.config import ParamsError, load_params, validate_params
 from pipelines.pretrain_ibot import build_networks
-from tests.pipelines.conftest import BIN, REPO, dvc_repro, kill_at_first_checkpoint, make_project, run
+from tests.pipelines.conftest import BIN, MICRO, dvc_repro, kill_at_first_checkpoint, make_project, run
 
-MICRO = REPO / "tests" / "micro.params.yaml"
 STAGE = "pretrain_ibot"
 
 

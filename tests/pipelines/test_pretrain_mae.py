@@ -15,9 +15,8 @@ from components.io import load_safetensors, read_json
 from components.models.mae import MaskedAutoencoder
 from components.models.vit import load_encoder
 from pipelines.config import ParamsError, load_params, validate_params
-from tests.pipelines.conftest import BIN, REPO, dvc_repro, kill_at_first_checkpoint, make_project, run
+from tests.pipelines.conftest import BIN, MICRO, REPO, dvc_repro, kill_at_first_checkpoint, make_project, run
 
-MICRO = REPO / "tests" / "micro.params.yaml"
 
 
 def _copy_with_data(project, dest, **overrides):

@@ -100,9 +100,9 @@ def test_a_checkpoint_is_resumed_only_under_the_same_data_and_process_count(tmp_
     from components.training.distributed import DistInfo
     from pipelines.common import StageContext
     from pipelines.config import validate_params
-    from tests.pipelines.conftest import REPO
+    from tests.pipelines.conftest import micro_params
 
-    params = validate_params(yaml.safe_load((REPO / "tests" / "micro.params.yaml").read_text()))
+    params = validate_params(micro_params())
     data = tmp_path / "data" / "classification"
     (data / "images").mkdir(parents=True)
     (data / "index.json").write_text('{"train": [["images/a.png", 0]]}')
@@ -143,9 +143,9 @@ def test_a_crash_ends_the_mlflow_run_as_failed_and_keeps_the_traceback(tmp_path)
 @pytest.mark.parametrize("alias", ["latest", "v3", "two words"])
 def test_a_registry_alias_mlflow_refuses_is_a_params_error(alias):
     from pipelines.config import ParamsError, validate_params
-    from tests.pipelines.conftest import REPO
+    from tests.pipelines.conftest import micro_params
 
-    raw = yaml.safe_load((REPO / "tests" / "micro.params.yaml").read_text())
+    raw = micro_params()
     raw["tracking"]["registry_alias"] = alias
     with pytest.raises(ParamsError, match=rf"tracking.registry_alias = '{alias}'"):
         validate_params(raw, "params.yaml")
