@@ -29,7 +29,7 @@ from components.models.vit import read_spec
 from components.semisup.soft_teacher import SoftTeacher, SoftTeacherConfig
 from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer
-from components.training.optim import param_groups
+from components.training.optim import FINETUNE_NO_DECAY, param_groups
 from components.training.schedules import multistep
 from pipelines.common import StageContext, run_stage
 
@@ -146,7 +146,7 @@ def detect(ctx: StageContext) -> dict:
     val_set = CocoDetection(val)
     label_to_category = categories
 
-    groups = param_groups(student, cfg.weight_decay)
+    groups = param_groups(student, cfg.weight_decay, no_weight_decay=FINETUNE_NO_DECAY)
     clean = [{k: val_ for k, val_ in g.items() if k != "names"} for g in groups]
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(clean, lr=cfg.lr, momentum=cfg.momentum)

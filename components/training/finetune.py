@@ -4,7 +4,7 @@
   (timm ``create_transform``, as MAE's ``build_transform``); evaluation: resize + centre crop;
 - Mixup 0.8 / CutMix 1.0 with label smoothing 0.1 folded into the soft targets (timm ``Mixup``) and
   ``SoftTargetCrossEntropy``; without mixing, label-smoothed cross-entropy;
-- AdamW with weight decay 0.05 off 1-D parameters and tokens, layer-wise lr decay
+- AdamW with weight decay 0.05 off 1-D parameters and the cls/position tokens, layer-wise lr decay
   (``components.training.optim.param_groups``), lr = blr * batch / 256, warmup then cosine.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from components.training.distributed import sample_seed
-from components.training.optim import adamw, param_groups
+from components.training.optim import FINETUNE_NO_DECAY, adamw, param_groups
 
 
 # Pillow >= 10 refuses to posterize to 0 bits, which timm's increasing-severity posterize asks for at
@@ -117,5 +117,5 @@ def finetune_optimizer(
     """AdamW over weight-decay groups; with ``layer_decay`` each ViT layer's group carries
     ``lr_scale = layer_decay ** (depth + 1 - layer)`` (the engine multiplies the lr by it).
     The base lr is set by the engine's schedule each step."""
-    groups = param_groups(model, weight_decay, layer_decay=layer_decay, depth=depth)
+    groups = param_groups(model, weight_decay, layer_decay=layer_decay, depth=depth, no_weight_decay=FINETUNE_NO_DECAY)
     return adamw(groups, lr=0.0, betas=betas, device=device)

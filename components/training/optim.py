@@ -1,7 +1,10 @@
 """Optimizer parameter groups: weight-decay exemptions and layer-wise lr decay.
 
-Weight decay skips 1-D tensors (norms, biases) and the position/cls/mask tokens, as in MAE
-(``optim_factory.param_groups_weight_decay``) and iBOT. Layer-wise lr decay follows BEiT / MAE
+Weight decay always skips 1-D tensors (norms, biases). Pretraining stops there, as MAE's
+``main_pretrain.py`` (timm ``add_weight_decay`` without a skip list) and iBOT's ``get_params_groups`` do:
+their [CLS], mask and position tokens are decayed (MAE's position embeddings are frozen, so not
+optimised at all). Fine-tuning also skips the tokens timm's ``VisionTransformer.no_weight_decay()``
+names (``FINETUNE_NO_DECAY``), as MAE's ``main_finetune.py`` passes them to ``param_groups_lrd``. Layer-wise lr decay follows BEiT / MAE
 ``util/lr_decay.py``: a ViT parameter in layer ``i`` gets ``lr_scale = decay ** (depth + 1 - i)``
 with patch embed / cls / pos embed in layer 0, block ``b`` in layer ``b + 1`` and the rest (final norm,
 fc_norm, head) in layer ``depth + 1`` (scale 1). The engine multiplies each group's lr by ``lr_scale``.
@@ -11,12 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "dist_token", "reg_token", "masked_embed")
+FINETUNE_NO_DECAY = ("pos_embed", "cls_token", "dist_token", "reg_token")
 
 
-def is_no_decay(name: str, param: torch.Tensor, extra: tuple[str, ...] = ()) -> bool:
-    leaf = name.split(".")[-1]
-    return param.ndim <= 1 or name.endswith(".bias") or leaf in NO_DECAY_NAMES or leaf in extra
+def is_no_decay(name: str, param: torch.Tensor, names: tuple[str, ...] = ()) -> bool:
+    """1-D tensors and biases, and parameters whose last name component is in ``names``."""
+    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in names
 
 
 def vit_layer_id(name: str, depth: int) -> int:
@@ -38,7 +41,8 @@ def param_groups(
 ) -> list[dict]:
     """Split trainable parameters into groups with ``weight_decay`` and ``lr_scale``.
 
-    With ``layer_decay`` (and the ViT ``depth``) each (layer, decay/no-decay) pair is its own group.
+    ``no_weight_decay``: names exempt besides 1-D tensors and biases (``FINETUNE_NO_DECAY`` for
+    fine-tuning; none for pretraining). With ``layer_decay`` (and the ViT ``depth``) each (layer, decay/no-decay) pair is its own group.
     """
     if layer_decay is not None and depth is None:
         raise ValueError("layer_decay needs the ViT depth")

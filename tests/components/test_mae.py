@@ -217,14 +217,17 @@ def test_reconstruction_panels_and_figure(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_weight_decay_spares_norms_biases_tokens_and_the_frozen_position_embeddings():
+def test_weight_decay_spares_norms_and_biases_and_the_frozen_position_embeddings_are_not_optimised():
+    """``main_pretrain.py`` decays every tensor but biases and 1-D ones (timm's ``add_weight_decay``
+    without a skip list): the [CLS] and mask tokens are decayed."""
     from components.training.optim import param_groups
 
     mae = tiny_mae()
     groups = param_groups(mae, 0.05)
     decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
     exempt = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
-    assert {"mask_token", "encoder.cls_token", "encoder.norm.weight", "decoder_norm.bias", "decoder_pred.bias"} <= exempt
-    assert {"encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= decayed
+    assert {"encoder.norm.weight", "encoder.blocks.0.attn.qkv.bias", "decoder_norm.bias", "decoder_pred.bias"} <= exempt
+    assert {"mask_token", "encoder.cls_token", "encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= decayed
+    assert all(mae.get_parameter(n).ndim <= 1 for n in exempt)
     assert all(mae.get_parameter(n).ndim >= 2 for n in decayed)
     assert "encoder.pos_embed" not in decayed | exempt and "decoder_pos_embed" not in decayed | exempt  # frozen
