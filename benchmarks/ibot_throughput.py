@@ -81,7 +81,7 @@ def measure_training(args, device: torch.device) -> dict:
 
     def network(drop_path: float) -> IBOTViT:
         head = IBOTHead(spec.embed_dim, args.out_dim, args.out_dim, args.hidden_dim, args.bottleneck_dim)
-        return IBOTViT(create_vit(spec, drop_path_rate=drop_path), head).to(device)
+        return IBOTViT(create_vit(spec, drop_path_rate=drop_path, pos_embed="learned"), head).to(device)
 
     student = network(0.1)
     teacher = copy_as_teacher(network(0.0), student)

@@ -59,7 +59,7 @@ def build_networks(cfg: PretrainIBOT) -> tuple[IBOTViT, IBOTViT]:
 
     def network(drop_path: float) -> IBOTViT:
         head = IBOTHead(spec.embed_dim, h.out_dim, h.patch_out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.norm_last_layer, h.shared_head)
-        return IBOTViT(create_vit(spec, drop_path_rate=drop_path), head)
+        return IBOTViT(create_vit(spec, drop_path_rate=drop_path, pos_embed="learned"), head)
 
     student = network(cfg.drop_path)
     teacher = copy_as_teacher(network(0.0), student)

@@ -55,7 +55,7 @@ def build_vit_classifier(
     if encoder_dir is not None:
         model, spec = load_encoder(encoder_dir, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate)
     else:
-        model = create_vit(spec, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate, fixed_pos_embed=False)
+        model = create_vit(spec, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate, pos_embed="sincos")
     init_head(model, head_init_std)
     return model, spec
 
@@ -88,7 +88,7 @@ def _build_from_meta(meta: dict, source: Path) -> nn.Module:
         if arch == "vit":
             fields = {f.name for f in dataclasses.fields(ViTSpec)}
             spec = ViTSpec(**{k: v for k, v in meta.items() if k in fields})
-            return create_vit(spec, num_classes=int(meta["num_classes"]), global_pool=meta.get("global_pool", "avg"), fixed_pos_embed=False)
+            return create_vit(spec, num_classes=int(meta["num_classes"]), global_pool=meta.get("global_pool", "avg"), pos_embed="sincos")
         if arch in CNN_PRESETS:
             return create_cnn(arch, num_classes=int(meta["num_classes"]), img_size=int(meta["img_size"]), width=int(meta.get("width", 64)))
     except (KeyError, TypeError, ValueError) as e:

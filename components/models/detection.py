@@ -246,7 +246,7 @@ def vit_pyramid(spec: DetectorSpec, encoder_dir: str | Path | None = None) -> nn
         if loaded != vit_spec:
             raise ValueError(f"{Path(encoder_dir) / 'encoder.json'}: encoder {loaded.to_dict()} differs from the detector's vit {spec.vit}")
     else:
-        vit = create_vit(vit_spec, fixed_pos_embed=False)
+        vit = create_vit(vit_spec, pos_embed="sincos")
     vit.head = nn.Identity()
     return SimpleFeaturePyramid(vit, spec.fpn_channels)
 

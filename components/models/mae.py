@@ -58,7 +58,7 @@ class MaskedAutoencoder(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.mask_ratio = mask_ratio
         # --- encoder: patch embed, fixed sin-cos pos embed (zero cls row), blocks, LayerNorm(eps 1e-6)
-        self.encoder = create_vit(spec, num_classes=0, global_pool="token", fixed_pos_embed=True)
+        self.encoder = create_vit(spec, num_classes=0, global_pool="token", pos_embed="sincos_fixed")
         # --- decoder
         self.decoder_embed = nn.Linear(spec.embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))

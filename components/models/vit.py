@@ -94,19 +94,25 @@ def sincos_2d(embed_dim: int, grid_size: int, cls_token: bool = True) -> torch.T
     return torch.from_numpy(emb).float().unsqueeze(0)
 
 
+POS_EMBEDS = ("sincos_fixed", "sincos", "learned")
+
+
 def create_vit(
     spec: ViTSpec,
     num_classes: int = 0,
     global_pool: str = "token",
     drop_path_rate: float = 0.0,
-    fixed_pos_embed: bool = True,
+    pos_embed: str = "sincos_fixed",
 ) -> VisionTransformer:
-    """A timm ViT with the spec's dims and the 2D sin-cos position embedding.
+    """A timm ViT with the spec's dims.
 
     ``global_pool='avg'`` gives MAE's fine-tuning head (mean of patch tokens -> fc_norm -> Linear);
-    ``'token'`` uses the [CLS] token. ``fixed_pos_embed`` freezes the position embedding
-    (pretraining); fine-tuning may leave it trainable, as MAE's fine-tuning does.
+    ``'token'`` uses the [CLS] token. ``pos_embed``: ``"sincos_fixed"``, the frozen 2D sin-cos
+    embedding of MAE's pretraining; ``"sincos"``, the same left trainable, as MAE's fine-tuning does;
+    ``"learned"``, trainable from timm's truncated-normal init (std 0.02), as DINO's and iBOT's ViT.
     """
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBEDS)}, got {pos_embed!r}")
     model = VisionTransformer(
         img_size=spec.img_size,
         patch_size=spec.patch_size,
@@ -120,9 +126,10 @@ def create_vit(
         qkv_bias=True,
         drop_path_rate=drop_path_rate,
     )
-    with torch.no_grad():
-        model.pos_embed.copy_(sincos_2d(spec.embed_dim, spec.grid_size, cls_token=True))
-    model.pos_embed.requires_grad_(not fixed_pos_embed)
+    if pos_embed != "learned":
+        with torch.no_grad():
+            model.pos_embed.copy_(sincos_2d(spec.embed_dim, spec.grid_size, cls_token=True))
+    model.pos_embed.requires_grad_(pos_embed != "sincos_fixed")
     return model
 
 
@@ -192,12 +199,12 @@ def load_encoder(
     num_classes: int = 0,
     global_pool: str = "token",
     drop_path_rate: float = 0.0,
-    fixed_pos_embed: bool = False,
+    pos_embed: str = "sincos",
 ) -> tuple[VisionTransformer, ViTSpec]:
     """Build the ViT described by ``encoder.json`` and load ``encoder.safetensors`` into it."""
     encoder_dir = Path(encoder_dir)
     spec = read_spec(encoder_dir)
-    model = create_vit(spec, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate, fixed_pos_embed=fixed_pos_embed)
+    model = create_vit(spec, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate, pos_embed=pos_embed)
     load_encoder_into(model, load_safetensors(encoder_dir / ENCODER_WEIGHTS), str(encoder_dir / ENCODER_WEIGHTS))
     return model, spec
 

@@ -34,7 +34,7 @@ K = 64
 
 def _net(seed: int = 0, **head) -> IBOTViT:
     torch.manual_seed(seed)
-    return IBOTViT(create_vit(SPEC), IBOTHead(SPEC.embed_dim, K, K, hidden_dim=48, bottleneck_dim=16, **head))
+    return IBOTViT(create_vit(SPEC, pos_embed="learned"), IBOTHead(SPEC.embed_dim, K, K, hidden_dim=48, bottleneck_dim=16, **head))
 
 
 # ------------------------------------------------------------------------------------------- head
@@ -293,8 +293,8 @@ def _short_run(data: str = "shapes", center_momentum: float = 0.9, teacher_temp:
         num_classes = 4
     mean, std = (0.5,) * 3, (0.25,) * 3
     torch.manual_seed(0)
-    student = IBOTViT(create_vit(SPEC, drop_path_rate=0.1), IBOTHead(32, K, K, hidden_dim=64, bottleneck_dim=16))
-    teacher = copy_as_teacher(IBOTViT(create_vit(SPEC), IBOTHead(32, K, K, hidden_dim=64, bottleneck_dim=16)), student)
+    student = IBOTViT(create_vit(SPEC, drop_path_rate=0.1, pos_embed="learned"), IBOTHead(32, K, K, hidden_dim=64, bottleneck_dim=16))
+    teacher = copy_as_teacher(IBOTViT(create_vit(SPEC, pos_embed="learned"), IBOTHead(32, K, K, hidden_dim=64, bottleneck_dim=16)), student)
     augment = MultiCropAugmentation(16, 8, 2, blur_sigma=(0.1, 0.2), mean=mean, std=std)
     loader = EpochLoader(MaskedMultiCropDataset(train, augment, BlockMaskGenerator(), 4), batch_size=32, seed=0)
     steps_per_epoch, epochs, lr, momentum = len(loader), 40, 1e-4, 0.9
@@ -337,7 +337,8 @@ def _assert_not_collapsed(diag: dict) -> None:
     # Collapse to one prototype gives marginal entropy 0, collapse to uniform gives per-image entropy
     # log K; either gives zero mutual information between image and prototype (kl).
     log_k = float(np.log(K))
-    assert diag["marginal_entropy"] > 0.5 * log_k and diag["entropy"] < log_k - 0.5 and diag["kl"] > 0.5, diag
+    # The ablations that do collapse (test_centring_and_sharpening_are_both_needed) stay under kl 0.1.
+    assert diag["marginal_entropy"] > 0.5 * log_k and diag["entropy"] < log_k - 0.5 and diag["kl"] > 0.3, diag
 
 
 def test_no_collapse_after_a_short_run_on_shapes(one_thread):

@@ -231,3 +231,15 @@ def test_weight_decay_spares_norms_and_biases_and_the_frozen_position_embeddings
     assert all(mae.get_parameter(n).ndim <= 1 for n in exempt)
     assert all(mae.get_parameter(n).ndim >= 2 for n in decayed)
     assert "encoder.pos_embed" not in decayed | exempt and "decoder_pos_embed" not in decayed | exempt  # frozen
+
+
+def test_position_embedding_is_fixed_sincos_for_mae_trainable_for_finetuning_and_learned_for_ibot():
+    from components.models.vit import sincos_2d
+
+    table = sincos_2d(SPEC.embed_dim, SPEC.grid_size, cls_token=True)
+    fixed, trainable, learned = (create_vit(SPEC, pos_embed=kind).pos_embed for kind in ("sincos_fixed", "sincos", "learned"))
+    assert torch.equal(fixed, table) and not fixed.requires_grad
+    assert torch.equal(trainable, table) and trainable.requires_grad
+    assert learned.requires_grad and 0.015 < float(learned.std()) < 0.025  # truncated normal, std 0.02
+    with pytest.raises(ValueError, match="pos_embed must be one of"):
+        create_vit(SPEC, pos_embed="rope")

@@ -40,6 +40,20 @@ def _metrics(root):
     return json.loads((root / "metrics" / f"{STAGE}.json").read_text())
 
 
+def test_the_networks_learn_their_position_embedding_and_decay_their_tokens_as_ibot_does():
+    """iBOT's ViT (DINO's ``vision_transformer.py``) learns its position embedding from a truncated-normal
+    init (std 0.02), and ``utils.get_params_groups`` exempts only biases and 1-D tensors from weight decay:
+    the [CLS] token, the position embedding and the mask embedding are decayed."""
+    cfg = load_params(MICRO).pretrain_ibot
+    student, teacher = build_networks(cfg)
+    pos = student.encoder.pos_embed
+    assert pos.requires_grad and not teacher.encoder.pos_embed.requires_grad and torch.equal(pos, teacher.encoder.pos_embed)
+    assert float(pos.std()) < 0.05  # not the sin-cos table (std ~0.5)
+    decayed = {n for g in param_groups(student, cfg.weight_decay) if g["weight_decay"] > 0 for n in g["names"]}
+    assert {"encoder.pos_embed", "encoder.cls_token", "masked_embed"} <= decayed
+    assert not any(n.endswith(".bias") or student.get_parameter(n).ndim == 1 for n in decayed)
+
+
 def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflow_run(project):
     dvc_repro(project, STAGE)
     cfg = load_params(MICRO).pretrain_ibot
