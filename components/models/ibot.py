@@ -27,7 +27,7 @@ from torch import nn
 
 from components.training.distributed import sample_seed
 from components.training.ema import ema_update
-from components.training.schedules import cosine, linear_warmup_then_constant
+from components.training.schedules import cosine
 
 
 # --------------------------------------------------------------------------------------------- head
@@ -260,8 +260,12 @@ def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: fl
 
 
 def teacher_temperature(epoch: int, warmup_epochs: int, warmup_temp: float = 0.04, temp: float = 0.07) -> float:
-    """Teacher temperature: linear warm-up from ``warmup_temp`` to ``temp`` over ``warmup_epochs``, per epoch."""
-    return linear_warmup_then_constant(epoch, warmup_epochs, warmup_temp, temp)
+    """Teacher temperature per epoch (iBOT Sec. 4.1): ``main_ibot.py``'s ``np.linspace(warmup_temp, temp,
+    warmup_epochs)`` over the first ``warmup_epochs`` epochs -- ``temp`` is reached at epoch
+    ``warmup_epochs - 1`` -- then ``temp``."""
+    if epoch >= warmup_epochs:
+        return temp
+    return warmup_temp + (temp - warmup_temp) * epoch / max(warmup_epochs - 1, 1)
 
 
 # --------------------------------------------------------------------------------------------- diagnostics

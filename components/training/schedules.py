@@ -23,13 +23,6 @@ def cosine(step: int, total_steps: int, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def linear_warmup_then_constant(step: int, warmup_steps: int, start: float, end: float) -> float:
-    """Linear ramp from ``start`` to ``end`` over ``warmup_steps``, then ``end`` (iBOT teacher temperature)."""
-    if warmup_steps <= 0 or step >= warmup_steps:
-        return end
-    return start + (end - start) * step / warmup_steps
-
-
 def multistep(step: int, base: float, milestones: list[int], gamma: float = 0.1, warmup_steps: int = 0, warmup_ratio: float = 0.001) -> float:
     """Step decay by ``gamma`` at each milestone with linear warmup (Soft Teacher / mmdetection schedule)."""
     lr = base * gamma ** sum(step >= m for m in milestones)
