@@ -78,6 +78,15 @@ def load_models(ctx: StageContext, image_size: int) -> tuple[dict[str, nn.Module
     return models, info
 
 
+def held_out_sample(items: list, max_images: int | None, seed: int) -> list:
+    """The held-out images in a fixed random order (the first ``max_images`` of it, or all). Minibatch
+    CKA averages HSIC over batches that must each be a random sample of the data (Nguyen et al. 2021
+    Sec. 3.1); an index lists its images class by class, so batches cut in index order would each hold
+    one or two classes and overstate the similarity of class-specific layers."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in order][: max_images or None]
+
+
 def equal_batches(n: int, batch_size: int) -> list[list[int]]:
     """Indices 0..n-1 in order, split into ceil(n / batch_size) batches whose sizes differ by at most 1
     (no tiny last batch: the debiased estimator needs at least 4 examples per batch; every batch holds
@@ -108,7 +117,7 @@ def cka(ctx: StageContext) -> dict:
     """CKA between every layer of the MAE, iBOT, fine-tuned ViTs and the CNN on the held-out images."""
     cfg = ctx.section
     index = load_classification_index(ctx.root / DATA / "index.json")
-    items = index.val[: cfg.max_images] if cfg.max_images else index.val
+    items = held_out_sample(index.val, cfg.max_images, ctx.seed)
     if cfg.debiased and len(items) < 4:
         raise DataError(f"{ctx.root / DATA / 'index.json'}: {len(items)} held-out images; debiased CKA needs at least 4")
     models, info = load_models(ctx, index.image_size)
@@ -164,6 +173,7 @@ def cka(ctx: StageContext) -> dict:
         "debiased": cfg.debiased,
         "pooling": cfg.pooling,
         "images": acc.num_examples,
+        "seed": ctx.seed,
         "batches": acc.num_batches,
         "cka_s": round(seconds, 2),
         "models": info,

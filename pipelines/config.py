@@ -560,7 +560,7 @@ class CKA(Section):
     vit_layers: list[str] = Field(default_factory=lambda: ["blocks.*"], min_length=1)  # names or globs (* = one name part)
     cnn_layers: list[str] = Field(default_factory=lambda: ["layer*.*"], min_length=1)
     batch_size: int = Field(256, ge=8)  # upper bound; equal batches of >= 4 images (debiased CKA needs 4)
-    max_images: int | None = Field(None, ge=4)  # the first N held-out images (null: all)
+    max_images: int | None = Field(None, ge=4)  # a random subset of N held-out images, drawn with runtime.seed (null: all)
 
 
 class Report(Section):

@@ -14,7 +14,8 @@ import yaml
 
 from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
 from components.models.vit import ViTSpec, create_vit, save_encoder
-from pipelines.cka import equal_batches
+from components.analysis.cka import MinibatchCKA, cka
+from pipelines.cka import equal_batches, held_out_sample
 from tests.pipelines.conftest import BIN, make_project, run
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -100,3 +101,30 @@ def test_equal_batches_take_every_image_once_in_order_and_none_is_tiny(n, batch_
     sizes = [len(b) for b in batches]
     assert len(batches) == -(-n // batch_size) and max(sizes) <= batch_size and max(sizes) - min(sizes) <= 1
     assert min(sizes) >= 4
+
+
+def test_minibatches_of_a_class_sorted_index_give_the_full_data_cka():
+    """Minibatch CKA estimates the full-data CKA only if every batch is a random sample (Nguyen et al.
+    2021 Sec. 3.1). On an index listed class by class (as every index is), batches cut in index order
+    hold two classes each and overstate the CKA of two class-specific layers (here 0.62 for 0.37);
+    the stage's fixed random order recovers the full-data value."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(8).repeat_interleave(100)  # [800], class by class
+    centres = torch.randn(8, 16, generator=g)
+    x = centres[labels] + 1.5 * torch.randn(800, 16, generator=g)  # two layers sharing the class structure,
+    y = centres[labels] @ torch.randn(16, 16, generator=g) + 1.5 * torch.randn(800, 16, generator=g)  # not the noise
+    full = cka(x.double(), y.double(), debiased=True)
+
+    def minibatch(order: list[int]) -> float:
+        acc = MinibatchCKA(["x", "y"])
+        for batch in equal_batches(len(order), 256):
+            idx = torch.tensor([order[i] for i in batch])
+            acc.update({"x": x[idx], "y": y[idx]})
+        return float(acc.compute()[0, 1])
+
+    sample = held_out_sample(list(range(800)), None, seed=0)
+    assert sorted(sample) == list(range(800)) and sample == held_out_sample(list(range(800)), None, seed=0)
+    assert minibatch(list(range(800))) > full + 0.05  # index order: biased
+    assert minibatch(sample) == pytest.approx(full, abs=0.02)
+    subset = held_out_sample(list(range(800)), 200, seed=0)
+    assert len(subset) == 200 and len(set(labels[subset].tolist())) == 8  # max_images spans every class
