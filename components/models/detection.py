@@ -29,6 +29,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign, misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -252,12 +253,33 @@ def vit_pyramid(spec: DetectorSpec, encoder_dir: str | Path | None = None) -> nn
 
 
 # --------------------------------------------------------------------------- the detector
+class Float32RPNHead(RPNHead):
+    """torchvision's RPN head with float32 outputs. Under bf16 autocast the convolutions give bf16, and
+    torchvision decodes boxes in the deltas' dtype (``BoxCoder.decode_single``): proposals, the regression
+    targets encoded against them, pseudo boxes and the jitter's box variance would all be rounded to
+    bf16's 8-bit mantissa -- 1 px steps at 128-256 px, 4 px at 512-1024. Box coordinates stay float32, as
+    mmdetection keeps them under mixed precision (``force_fp32`` on box decoding)."""
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class Float32BoxPredictor(FastRCNNPredictor):
+    """The box predictor with float32 class scores and box deltas (see :class:`Float32RPNHead`)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
+
+
 def create_detector(spec: DetectorSpec, pretrained: str = "none", encoder_dir: str | Path | None = None) -> FasterRCNN:
     """torchvision Faster R-CNN for ``spec``.
 
     Training views are used at the size the data pipeline made them (``_skip_resize``: the weak and
     strong views carry their own resize in their transform matrices); at test time images are resized
-    to ``min_size``/``max_size`` and detections mapped back to the input image.
+    to ``min_size``/``max_size`` and detections mapped back to the input image. The RPN head and box
+    predictor return float32, so boxes are decoded in float32 under bf16/fp16 autocast.
     """
     if spec.backbone == "vit":
         if pretrained != "none":
@@ -273,9 +295,10 @@ def create_detector(spec: DetectorSpec, pretrained: str = "none", encoder_dir: s
         min_size=spec.min_size,
         max_size=spec.max_size,
         rpn_anchor_generator=anchors,
+        rpn_head=Float32RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
         box_roi_pool=MultiScaleRoIAlign(featmap_names=FEATURE_NAMES, output_size=7, sampling_ratio=2),
         box_head=TwoMLPHead(spec.fpn_channels * 7 * 7, spec.representation_size),
-        box_predictor=FastRCNNPredictor(spec.representation_size, spec.num_classes + 1),
+        box_predictor=Float32BoxPredictor(spec.representation_size, spec.num_classes + 1),
         rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
         box_batch_size_per_image=spec.box_batch_size_per_image,
         rpn_pre_nms_top_n_train=spec.rpn_post_nms_top_n_train,

@@ -35,6 +35,23 @@ def test_detector_trains_and_detects(kw):
     assert (det["boxes"][:, 2] <= 80).all() and (det["boxes"][:, 3] <= 48).all()  # mapped back to the input image
 
 
+def test_boxes_are_decoded_in_float32_under_bf16_autocast():
+    """The heads hand float32 deltas to torchvision's box decoding, so proposals and detections keep
+    sub-pixel coordinates under bf16 autocast (in bf16 they would be multiples of 4 px at 512-1024 px)."""
+    torch.manual_seed(0)
+    model = create_detector(spec(min_size=1024, max_size=1024, box_detections_per_img=50)).eval()
+    images = [torch.rand(3, 1024, 1024)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        image_list, _ = model.transform(images)
+        features = model.backbone(image_list.tensors)
+        proposals, _ = model.rpn(image_list, features)
+        (det,) = model(images)
+    assert next(iter(features.values())).dtype == torch.bfloat16  # autocast is on
+    assert proposals[0].dtype == det["boxes"].dtype == det["scores"].dtype == torch.float32
+    big = proposals[0][proposals[0] > 512]
+    assert len(big) > 20 and (big % 4 != 0).float().mean() > 0.5, big[:10]
+
+
 def test_training_views_keep_their_size():
     """Training images are not resized (the views carry their own resize in their matrices)."""
     model = create_detector(spec(min_size=64, max_size=64)).train()
