@@ -20,9 +20,15 @@ AREA_RANGES = {"APs": (0, 32**2), "APm": (32**2, 96**2), "APl": (96**2, float("i
 
 
 def coco_api(coco: dict) -> COCO:
-    """A pycocotools COCO index over an in-memory instances dict (no printing)."""
+    """A pycocotools COCO index over an in-memory instances dict (no printing). Annotation ids are
+    renumbered 1..N: COCOeval records a match by the ground truth's id and reads id 0 as "unmatched",
+    so a box with id 0 (valid COCO) could never be found. Results never refer to annotation ids."""
     api = COCO()
-    api.dataset = {k: coco[k] for k in ("images", "annotations", "categories")}
+    api.dataset = {
+        "images": coco["images"],
+        "annotations": [{**a, "id": i} for i, a in enumerate(coco["annotations"], start=1)],
+        "categories": coco["categories"],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         api.createIndex()
     return api

@@ -25,6 +25,15 @@ def test_ground_truth_as_predictions_gives_ap_one():
         assert ap[k] == pytest.approx(1.0), k
 
 
+def test_an_annotation_with_id_0_can_be_found():
+    """COCOeval reads a matched ground-truth id of 0 as "no match"; ids starting at 0 must still give AP 1."""
+    coco = ground_truth()
+    for i, a in enumerate(coco["annotations"]):
+        a["id"] = i
+    assert all(coco_evaluate(coco, as_results(coco))[k] == pytest.approx(1.0) for k in AP_KEYS)
+    assert [a["id"] for a in coco["annotations"]] == [0, 1, 2, 3]  # the caller's dict is left as it was
+
+
 def test_no_predictions_give_zero():
     assert coco_evaluate(ground_truth(), []) == {k: 0.0 for k in AP_KEYS}
 
