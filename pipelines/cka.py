@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torchvision.transforms as T
+from timm.data import create_transform
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -132,7 +133,8 @@ def cka(ctx: StageContext) -> dict:
     names = [f"{m}/{layer}" for m in models for layer in layers[m]]
 
     size = index.image_size
-    to_tensor = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor()])  # [3, H, W] in [0, 1]
+    # [3, H, W] in [0, 1]: bicubic Resize(size / crop_pct), CenterCrop(size); each model normalises its own way
+    to_tensor = create_transform(size, is_training=False, crop_pct=cfg.crop_pct, interpolation="bicubic", mean=(0.0,) * 3, std=(1.0,) * 3)
     batches = equal_batches(len(items), cfg.batch_size)
     loader = DataLoader(ImageListDataset(items, to_tensor), batch_sampler=batches, num_workers=ctx.num_workers)
     norms = {name: T.Normalize(i["mean"], i["std"]) for name, i in info.items()}

@@ -296,6 +296,7 @@ class IBOTKNNParams(Section):
     fold: int = Field(0, ge=0)
     batch_size: int = Field(256, ge=1)
     every_epochs: int | None = Field(None, ge=1)  # also evaluate during training (null: at the end only)
+    crop_pct: float = Field(1.0, gt=0, le=1)  # Resize(size / crop_pct) + CenterCrop(size); DINO's eval_knn.py at 224 px: 0.875
 
 
 class PretrainIBOT(Section):
@@ -403,6 +404,7 @@ class Finetune(Section):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # overridden by a pretrained encoder.json's own
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     eval_every: int = Field(5, ge=1)  # epochs between held-out evaluations (the last epoch always)
+    eval_crop_pct: float = Field(1.0, gt=0, le=1)  # held-out, probe and k-NN views: Resize(size / crop_pct) + CenterCrop(size); MAE at 224 px: 0.875
     eval_batch_size: int = Field(256, ge=1)
     ckpt_every: int = Field(200, ge=1)  # optimizer steps between checkpoints
     vit: FinetuneViT = FinetuneViT()
@@ -560,6 +562,7 @@ class CKA(Section):
     vit_layers: list[str] = Field(default_factory=lambda: ["blocks.*"], min_length=1)  # names or globs (* = one name part)
     cnn_layers: list[str] = Field(default_factory=lambda: ["layer*.*"], min_length=1)
     batch_size: int = Field(256, ge=8)  # upper bound; equal batches of >= 4 images (debiased CKA needs 4)
+    crop_pct: float = Field(1.0, gt=0, le=1)  # Resize(size / crop_pct) + CenterCrop(size), as finetune.eval_crop_pct
     max_images: int | None = Field(None, ge=4)  # a random subset of N held-out images, drawn with runtime.seed (null: all)
 
 

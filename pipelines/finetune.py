@@ -127,7 +127,7 @@ def finetune(ctx: StageContext) -> dict:
 
     model, meta, depth, layer_decay, encoder_dir = build_model(ctx, init, num_classes, size, index.classes)
     mean, std = normalisation(cfg, encoder_dir)
-    train_tf, eval_tf = finetune_transforms(size, cfg.rand_augment or None, cfg.re_prob, tuple(cfg.crop_scale), mean, std)
+    train_tf, eval_tf = finetune_transforms(size, cfg.rand_augment or None, cfg.re_prob, tuple(cfg.crop_scale), mean, std, eval_crop_pct=cfg.eval_crop_pct)
     train_items = [index.train[i] for i in labeled]
     loader = EpochLoader(ImageListDataset(train_items, train_tf), cfg.batch_size, seed=ctx.seed, info=ctx.info, num_workers=ctx.num_workers)
     eval_loader = lambda items: DataLoader(ImageListDataset(items, eval_tf), batch_size=cfg.eval_batch_size, num_workers=ctx.num_workers)  # noqa: E731

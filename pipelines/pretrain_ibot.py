@@ -20,7 +20,7 @@ import logging
 import statistics
 
 import torch
-from torchvision import transforms as T
+from timm.data import create_transform
 
 from components.data.masking import BlockMaskGenerator
 from components.data.multicrop import MaskedMultiCropDataset, MultiCropAugmentation
@@ -44,13 +44,9 @@ DATA = "data/classification"
 CURVE_COLUMNS = ("loss", "loss_cls", "loss_mim", "lr", "teacher_entropy", "teacher_kl", "teacher_temp")
 
 
-def eval_transform(cfg: PretrainIBOT, img_size: int) -> T.Compose:
-    return T.Compose([
-        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(img_size),
-        T.ToTensor(),
-        T.Normalize(cfg.mean, cfg.std),
-    ])
+def eval_transform(cfg: PretrainIBOT, img_size: int):
+    """k-NN and attention views: bicubic Resize(img_size / knn.crop_pct), CenterCrop(img_size), normalised."""
+    return create_transform(img_size, is_training=False, crop_pct=cfg.knn.crop_pct, interpolation="bicubic", mean=cfg.mean, std=cfg.std)
 
 
 def build_networks(cfg: PretrainIBOT) -> tuple[IBOTViT, IBOTViT]:

@@ -42,8 +42,11 @@ def finetune_transforms(
     mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
     interpolation: str = "bicubic",
+    eval_crop_pct: float = 1.0,
 ):
-    """(train, eval) PIL -> tensor transforms. Evaluation keeps the whole image (crop_pct 1)."""
+    """(train, eval) PIL -> tensor transforms. Evaluation resizes the short side to ``img_size /
+    eval_crop_pct`` and takes the centre ``img_size`` crop: MAE's ``build_transform`` uses 224/256 at
+    224 px; 1 keeps the whole image."""
     train = create_transform(
         img_size,
         is_training=True,
@@ -57,7 +60,7 @@ def finetune_transforms(
         mean=mean,
         std=std,
     )
-    evaluation = create_transform(img_size, is_training=False, crop_pct=1.0, interpolation=interpolation, mean=mean, std=std)
+    evaluation = create_transform(img_size, is_training=False, crop_pct=eval_crop_pct, interpolation=interpolation, mean=mean, std=std)
     return train, evaluation
 
 

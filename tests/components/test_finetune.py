@@ -183,3 +183,17 @@ def test_train_transform_survives_the_strongest_rand_augment():
     assert all(o.shape == (3, 16, 16) and torch.isfinite(o).all() for o in outs)
     assert not torch.equal(outs[0], outs[1])
     assert torch.equal(evaluation(img), evaluation(img))  # evaluation is deterministic
+
+
+def test_evaluation_view_is_the_centre_crop_of_the_resized_image():
+    """MAE's build_transform at 224 px: Resize(256) + CenterCrop(224) (crop_pct 0.875); crop_pct 1 keeps
+    the whole image. A frame 16 px wide around a 256-px image is inside the view at 1, cut at 0.875."""
+    from PIL import Image
+
+    img = np.full((256, 256, 3), 255, dtype=np.uint8)
+    img[16:-16, 16:-16] = 0  # black centre, white frame
+    mean, std = (0.0,) * 3, (1.0,) * 3
+    whole = finetune_transforms(224, mean=mean, std=std)[1](Image.fromarray(img))
+    centre = finetune_transforms(224, mean=mean, std=std, eval_crop_pct=0.875)[1](Image.fromarray(img))
+    assert whole.shape == centre.shape == (3, 224, 224)
+    assert float(whole[:, :5].mean()) > 0.9 and float(centre.max()) < 0.05  # Resize(256) then the centre 224: no frame left

@@ -87,3 +87,14 @@ def test_an_odd_batch_with_mixing_is_a_params_error():
         validate_params(raw, "params.yaml")
     raw["finetune"].update(mixup=0, cutmix=0)
     validate_params(raw, "params.yaml")
+
+
+@pytest.mark.parametrize("section, key", [("finetune", "eval_crop_pct"), ("cka", "crop_pct")])
+def test_an_eval_crop_outside_0_1_is_a_params_error(section, key):
+    from pipelines.config import ParamsError, validate_params
+    from tests.pipelines.conftest import micro_params
+
+    raw = micro_params()
+    raw[section][key] = 1.2
+    with pytest.raises(ParamsError, match=rf"{section}.{key} = 1.2"):
+        validate_params(raw, "params.yaml")

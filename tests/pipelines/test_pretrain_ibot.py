@@ -124,6 +124,7 @@ def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflo
         ("weight_decay", 0, "pretrain_ibot.weight_decay = 0"),
         ("warmup_epochs", 5, "pretrain_ibot.warmup_epochs = 5"),
         ("momentum_teacher", 1.2, "pretrain_ibot.momentum_teacher = 1.2"),
+        ("knn", {"crop_pct": 1.5}, "pretrain_ibot.knn.crop_pct = 1.5"),
     ],
 )
 def test_bad_params_are_one_line_naming_the_key(key, value, expected):
