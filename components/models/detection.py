@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d, resample_abs_pos_embed
 from torch import nn
 from torchvision.models import resnet
@@ -72,6 +73,8 @@ class DetectorSpec:
     rpn_post_nms_top_n_test: int = 1000
     box_detections_per_img: int = 100
     vit: dict | None = field(default=None)  # ViTSpec fields when backbone == "vit"
+    image_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN  # input normalisation: ImageNet's (torchvision weights),
+    image_std: tuple[float, ...] = IMAGENET_DEFAULT_STD  # or the one a pretrained ViT's encoder.json records
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -88,10 +91,16 @@ class DetectorSpec:
             raise ValueError("backbone 'vit' needs the encoder's ViTSpec fields in 'vit'")
         object.__setattr__(self, "anchor_sizes", tuple(int(s) for s in self.anchor_sizes))
         object.__setattr__(self, "aspect_ratios", tuple(float(a) for a in self.aspect_ratios))
+        for name in ("image_mean", "image_std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3 or (name == "image_std" and min(value) <= 0):
+                raise ValueError(f"{name} must be 3 numbers{' > 0' if name == 'image_std' else ''}, got {list(value)}")
+            object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["anchor_sizes"], d["aspect_ratios"] = list(self.anchor_sizes), list(self.aspect_ratios)
+        d["image_mean"], d["image_std"] = list(self.image_mean), list(self.image_std)
         return d
 
 
@@ -294,6 +303,8 @@ def create_detector(spec: DetectorSpec, pretrained: str = "none", encoder_dir: s
         backbone,
         min_size=spec.min_size,
         max_size=spec.max_size,
+        image_mean=list(spec.image_mean),
+        image_std=list(spec.image_std),
         rpn_anchor_generator=anchors,
         rpn_head=Float32RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
         box_roi_pool=MultiScaleRoIAlign(featmap_names=FEATURE_NAMES, output_size=7, sampling_ratio=2),

@@ -52,6 +52,19 @@ def test_boxes_are_decoded_in_float32_under_bf16_autocast():
     assert len(big) > 20 and (big % 4 != 0).float().mean() > 0.5, big[:10]
 
 
+def test_the_input_normalisation_is_the_specs_and_survives_save_and_load(tmp_path):
+    """A pretrained ViT's detector normalises its input as the encoder was trained (encoder.json)."""
+    s = spec(image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.25, 0.3))
+    model = create_detector(s)
+    assert model.transform.image_mean == [0.5, 0.4, 0.3] and model.transform.image_std == [0.2, 0.25, 0.3]
+    save_detector(model, s, tmp_path)
+    loaded, loaded_spec, _ = load_detector(tmp_path)
+    assert loaded_spec == s and loaded.transform.image_std == [0.2, 0.25, 0.3]
+    assert create_detector(spec()).transform.image_mean == [0.485, 0.456, 0.406]  # torchvision's ImageNet default
+    with pytest.raises(ValueError, match="image_std must be 3 numbers > 0"):
+        spec(image_std=(0.2, 0.0, 0.3))
+
+
 def test_training_views_keep_their_size():
     """Training images are not resized (the views carry their own resize in their matrices)."""
     model = create_detector(spec(min_size=64, max_size=64)).train()

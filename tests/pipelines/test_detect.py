@@ -100,3 +100,21 @@ def test_class_agnostic_merges_categories_and_scores_boxes_whatever_their_class(
 
 def test_variant_names():
     assert parse_variant("softteacher-10") == ("softteacher", 10.0) and parse_variant("supervised-0.5") == ("supervised", 0.5)
+
+
+def test_a_pretrained_vit_detector_normalises_as_its_encoder(tmp_path):
+    """detector_spec reads the pretrained encoder's mean/std (encoder.json), as finetune does."""
+    from types import SimpleNamespace
+
+    from components.models.vit import ViTSpec, create_vit, save_encoder
+    from pipelines.config import load_params
+    from pipelines.detect import detector_spec
+    from tests.pipelines.conftest import MICRO
+
+    params = load_params(MICRO)
+    vit = ViTSpec(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    save_encoder(create_vit(vit), vit, tmp_path / "models" / "pretrain_mae", source="pretrain_mae", mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    section = params.detect.model_copy(update={"model": params.detect.model.model_copy(update={"backbone": "vit", "init": "mae"})})
+    spec, encoder_dir = detector_spec(SimpleNamespace(section=section, root=tmp_path, params=params), 1)
+    assert encoder_dir == tmp_path / "models" / "pretrain_mae" and spec.vit == vit.to_dict()
+    assert spec.image_mean == (0.5, 0.4, 0.3) and spec.image_std == (0.2, 0.25, 0.3)
