@@ -474,7 +474,8 @@ class DetectModel(Section):
 class DetectViews(Section):
     """Soft Teacher's views: weak (resize + flip) for the teacher and the labeled images, strong for the student."""
 
-    resize_range: tuple[float, float] = (0.8, 1.2)  # random resize factor of the scene
+    resize_range: tuple[float, float] = (0.8, 1.2)  # random resize factor of the scene (when short_side_range is null)
+    short_side_range: tuple[int, int] | None = None  # absolute: short side drawn in [lo, hi] px, long side <= model.max_size
     flip_p: float = Field(0.5, ge=0, le=1)
     translate: float = Field(0.1, ge=0, lt=1)  # strong: fraction of the size
     rotate: float = Field(30.0, ge=0, le=180)  # strong: degrees
@@ -486,6 +487,8 @@ class DetectViews(Section):
     def _check(self):
         if not 0 < self.resize_range[0] <= self.resize_range[1]:
             raise KeyValueError("resize_range", list(self.resize_range), "must be [min, max] with 0 < min <= max")
+        if self.short_side_range is not None and not 0 < self.short_side_range[0] <= self.short_side_range[1]:
+            raise KeyValueError("short_side_range", list(self.short_side_range), "must be [min, max] pixels with 0 < min <= max")
         if not 0 <= self.erase_n[0] <= self.erase_n[1]:
             raise KeyValueError("erase_n", list(self.erase_n), "must be [min, max] with 0 <= min <= max")
         return self

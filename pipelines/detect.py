@@ -144,7 +144,8 @@ def detect(ctx: StageContext) -> dict:
     model = SoftTeacher(student, teacher, st_cfg)
 
     v = cfg.views
-    views = ViewConfig(tuple(v.resize_range), v.flip_p, v.translate, v.rotate, v.shear, tuple(v.erase_n), v.erase_size)
+    views = ViewConfig(tuple(v.resize_range), v.flip_p, v.translate, v.rotate, v.shear, tuple(v.erase_n), v.erase_size,
+                       tuple(v.short_side_range) if v.short_side_range else None, cfg.model.max_size)
     dataset = SemiSupervisedViews(CocoDetection(labeled), CocoDetection(unlabeled) if ratio else None, category_to_label, ratio, views)
     loader = EpochLoader(dataset, cfg.batch_size, seed=ctx.seed, info=ctx.info, num_workers=ctx.num_workers, collate_fn=collate_views)
     val_set = CocoDetection(val)

@@ -111,9 +111,20 @@ def resize(view: View, scale: float) -> View:
     return _move(view, image, scale_matrix(nw / w, nh / h))
 
 
-def random_resize(view: View, scale_range: tuple[float, float]) -> View:
-    """Resize by a factor drawn from ``scale_range`` (Soft Teacher's RandResize, relative to the scene size)."""
-    return resize(view, _uniform(*scale_range))
+def random_resize(view: View, scale_range: tuple[float, float], short_side: tuple[int, int] | None = None,
+                  max_size: int | None = None) -> View:
+    """Soft Teacher's RandResize. With ``short_side``: the short side drawn from that range in pixels and
+    the long side capped at ``max_size`` (keep-ratio, mmdetection's rescale; the official COCO recipe
+    draws 400-1200 and tests at 800), so every image trains at the scale the test resize gives it.
+    Without: a factor drawn from ``scale_range``, relative to the scene's own size."""
+    factor = _uniform(*(short_side or scale_range))
+    if short_side is None:
+        return resize(view, factor)
+    h, w = view.size
+    scale = factor / min(h, w)
+    if max_size is not None:
+        scale = min(scale, max_size / max(h, w))
+    return resize(view, scale)
 
 
 def hflip(view: View) -> View:
@@ -175,9 +186,10 @@ def random_erase(view: View, n_range: tuple[int, int] = (1, 5), max_size: float 
 
 
 # --------------------------------------------------------------------------- the two views
-def weak_view(view: View, resize_range: tuple[float, float] = (1.0, 1.0), flip_p: float = 0.5) -> View:
+def weak_view(view: View, resize_range: tuple[float, float] = (1.0, 1.0), flip_p: float = 0.5,
+              short_side: tuple[int, int] | None = None, max_size: int | None = None) -> View:
     """The teacher's view: random resize + horizontal flip."""
-    return random_hflip(random_resize(view, resize_range), flip_p)
+    return random_hflip(random_resize(view, resize_range, short_side, max_size), flip_p)
 
 
 def strong_view(
@@ -189,9 +201,11 @@ def strong_view(
     shear: float = 30.0,
     erase_n: tuple[int, int] = (1, 5),
     erase_size: float = 0.2,
+    short_side: tuple[int, int] | None = None,
+    max_size: int | None = None,
 ) -> View:
     """The student's view: the weak ops, then a colour op and a geometric op in random order, then erases."""
-    view = weak_view(view, resize_range, flip_p)
+    view = weak_view(view, resize_range, flip_p, short_side, max_size)
     ops = [random_colour, lambda v: random_geometric(v, translate, rotate, shear)]
     if float(torch.rand(())) < 0.5:  # ShuffledSequential in the official pipeline
         ops.reverse()
@@ -218,18 +232,21 @@ class ViewConfig:
     shear: float = 30.0
     erase_n: tuple[int, int] = (1, 5)
     erase_size: float = 0.2
+    short_side: tuple[int, int] | None = None  # absolute resize (see random_resize); None: resize_range
+    max_size: int | None = None
 
     def weak(self, view: View) -> View:
         """The teacher's view of an unlabeled image."""
-        return to_float(weak_view(view, self.resize_range, self.flip_p))
+        return to_float(weak_view(view, self.resize_range, self.flip_p, self.short_side, self.max_size))
 
     def labeled(self, view: View) -> View:
         """Labeled images: the weak view plus one colour op (the official supervised pipeline)."""
-        return to_float(random_colour(weak_view(view, self.resize_range, self.flip_p)))
+        return to_float(random_colour(weak_view(view, self.resize_range, self.flip_p, self.short_side, self.max_size)))
 
     def strong(self, view: View) -> View:
         """The student's view of an unlabeled image."""
-        return to_float(strong_view(view, self.resize_range, self.flip_p, self.translate, self.rotate, self.shear, self.erase_n, self.erase_size))
+        return to_float(strong_view(view, self.resize_range, self.flip_p, self.translate, self.rotate, self.shear, self.erase_n,
+                                    self.erase_size, self.short_side, self.max_size))
 
 
 def _as_view(image: torch.Tensor, target: dict, category_to_label: dict[int, int]) -> View:

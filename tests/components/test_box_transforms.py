@@ -93,6 +93,24 @@ def test_matrix_maps_original_coordinates_into_each_view():
         assert torch.allclose(transform_boxes(v.boxes, w.matrix).float(), w.boxes, atol=1e-4)
 
 
+def test_absolute_resize_draws_the_short_side_and_caps_the_long_side():
+    """Soft Teacher's COCO recipe: short side 400-1200 px, long side <= 1333, whatever the image's own
+    size; a 48 x 64 scene can reach at most 1333 * 48 / 64 = 999.75 px on its short side."""
+    torch.manual_seed(0)
+    v = scene()
+    views = ViewConfig(short_side=(400, 1200), max_size=1333, flip_p=0.0)
+    shorts = []
+    for _ in range(30):
+        w = views.weak(v)
+        h_, w_ = w.size
+        shorts.append(h_)
+        assert 400 <= h_ <= 1000 and w_ <= 1333 and abs(w_ / h_ - 64 / 48) < 0.01
+        assert torch.allclose(transform_boxes(v.boxes, w.matrix).float(), w.boxes, atol=1e-3)
+    assert max(shorts) == 1000 and min(shorts) < 500  # capped draws and low draws both happen
+    torch.manual_seed(0)
+    assert weak_view(v, (0.5, 0.5), flip_p=0.0).size == (24, 32)  # without it: relative to the scene
+
+
 def test_boxes_map_between_weak_and_strong_views():
     """Teacher-view boxes land on the student-view boxes through M_s @ M_t^-1."""
     torch.manual_seed(1)

@@ -118,3 +118,15 @@ def test_a_pretrained_vit_detector_normalises_as_its_encoder(tmp_path):
     spec, encoder_dir = detector_spec(SimpleNamespace(section=section, root=tmp_path, params=params), 1)
     assert encoder_dir == tmp_path / "models" / "pretrain_mae" and spec.vit == vit.to_dict()
     assert spec.image_mean == (0.5, 0.4, 0.3) and spec.image_std == (0.2, 0.25, 0.3)
+
+
+def test_a_reversed_short_side_range_is_a_params_error():
+    import pytest
+
+    from pipelines.config import ParamsError, validate_params
+    from tests.pipelines.conftest import micro_params
+
+    raw = micro_params()
+    raw["detect"]["views"]["short_side_range"] = [1200, 400]
+    with pytest.raises(ParamsError, match=r"detect.views.short_side_range = \[1200, 400\]: must be \[min, max\]"):
+        validate_params(raw, "params.yaml")
