@@ -218,7 +218,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
         "steps": total_steps,
         "epochs": cfg.epochs,
         "batch": batch,
-        "lr": lr,
+        "peak_lr": lr,  # after warm-up; the per-step "lr" series is the schedule
         "encoder_params_m": round(sum(p.numel() for p in teacher.encoder.parameters()) / 1e6, 3),
         "resumed_from_step": trainer.resumed_from,
     }

@@ -188,7 +188,7 @@ def pretrain_mae(ctx: StageContext) -> dict:
         "steps": total_steps,
         "epochs": cfg.epochs,
         "effective_batch": eff_batch,
-        "lr": lr,
+        "peak_lr": lr,  # after warm-up; the per-step "lr" series is the schedule
         "encoder_params_m": round(sum(p.numel() for p in mae.encoder.parameters()) / 1e6, 3),
         "resumed_from_step": trainer.resumed_from,
     }
