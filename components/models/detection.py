@@ -299,6 +299,11 @@ def create_detector(spec: DetectorSpec, pretrained: str = "none", encoder_dir: s
             raise ValueError(f"encoder_dir is for the ViT backbone, not {spec.backbone}")
         backbone = resnet_fpn(spec, pretrained)
     anchors = AnchorGenerator(sizes=tuple((s,) for s in spec.anchor_sizes), aspect_ratios=(spec.aspect_ratios,) * len(spec.anchor_sizes))
+    # Built in the order FasterRCNN builds its defaults (box head, predictor, then the RPN head), so a
+    # seed gives the same initial weights as torchvision's own heads would.
+    box_head = TwoMLPHead(spec.fpn_channels * 7 * 7, spec.representation_size)
+    box_predictor = Float32BoxPredictor(spec.representation_size, spec.num_classes + 1)
+    rpn_head = Float32RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
     return FasterRCNN(
         backbone,
         min_size=spec.min_size,
@@ -306,10 +311,10 @@ def create_detector(spec: DetectorSpec, pretrained: str = "none", encoder_dir: s
         image_mean=list(spec.image_mean),
         image_std=list(spec.image_std),
         rpn_anchor_generator=anchors,
-        rpn_head=Float32RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
+        rpn_head=rpn_head,
         box_roi_pool=MultiScaleRoIAlign(featmap_names=FEATURE_NAMES, output_size=7, sampling_ratio=2),
-        box_head=TwoMLPHead(spec.fpn_channels * 7 * 7, spec.representation_size),
-        box_predictor=Float32BoxPredictor(spec.representation_size, spec.num_classes + 1),
+        box_head=box_head,
+        box_predictor=box_predictor,
         rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
         box_batch_size_per_image=spec.box_batch_size_per_image,
         rpn_pre_nms_top_n_train=spec.rpn_post_nms_top_n_train,

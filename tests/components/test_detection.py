@@ -52,6 +52,28 @@ def test_boxes_are_decoded_in_float32_under_bf16_autocast():
     assert len(big) > 20 and (big % 4 != 0).float().mean() > 0.5, big[:10]
 
 
+def test_a_seed_gives_the_initial_weights_of_torchvisions_own_heads():
+    """The float32 heads are built in FasterRCNN's order, so a seed initialises exactly as torchvision's
+    default heads did (the default run's detector does not change with the heads' class)."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from components.models.detection import FEATURE_NAMES, resnet_fpn
+
+    s = spec()
+    torch.manual_seed(0)
+    ours = create_detector(s).state_dict()
+    torch.manual_seed(0)
+    backbone = resnet_fpn(s, "none")
+    anchors = AnchorGenerator(sizes=tuple((a,) for a in s.anchor_sizes), aspect_ratios=(s.aspect_ratios,) * len(s.anchor_sizes))
+    plain = FasterRCNN(backbone, rpn_anchor_generator=anchors, box_roi_pool=MultiScaleRoIAlign(FEATURE_NAMES, 7, 2),
+                       box_head=TwoMLPHead(s.fpn_channels * 49, s.representation_size),
+                       box_predictor=FastRCNNPredictor(s.representation_size, s.num_classes + 1)).state_dict()
+    assert ours.keys() == plain.keys() and all(torch.equal(ours[k], plain[k]) for k in ours)
+
+
 def test_the_input_normalisation_is_the_specs_and_survives_save_and_load(tmp_path):
     """A pretrained ViT's detector normalises its input as the encoder was trained (encoder.json)."""
     s = spec(image_mean=(0.5, 0.4, 0.3), image_std=(0.2, 0.25, 0.3))
