@@ -23,9 +23,9 @@ import torch
 from components.data.box_transforms import SemiSupervisedViews, ViewConfig, collate_views
 from components.data.sources import CocoDetection, DataError, load_coco
 from components.evaluation.coco import AP_KEYS, coco_evaluate, predict, prediction_figure, to_coco_results
-from components.io import atomic_write, read_json, write_csv
+from components.io import atomic_write, write_csv
 from components.models.detection import DetectorSpec, create_detector, save_detector
-from components.models.vit import ENCODER_SPEC, read_spec
+from components.models.vit import read_normalisation, read_spec
 from components.semisup.soft_teacher import SoftTeacher, SoftTeacherConfig
 from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer
@@ -101,9 +101,9 @@ def detector_spec(ctx: StageContext, num_classes: int) -> tuple[DetectorSpec, Pa
         if m.init in ENCODER_DIRS:
             encoder_dir = ctx.root / ENCODER_DIRS[m.init]
             vit = read_spec(encoder_dir).to_dict()
-            meta = read_json(encoder_dir / ENCODER_SPEC)
-            if "mean" in meta and "std" in meta:
-                norm = {"image_mean": tuple(meta["mean"]), "image_std": tuple(meta["std"])}
+            own = read_normalisation(encoder_dir)
+            if own:
+                norm = {"image_mean": own[0], "image_std": own[1]}
         else:
             vit = ctx.params.pretrain_mae.model.spec().to_dict()  # a scratch ViT shaped like the pretrained ones
     fields = m.model_dump(exclude={"init"})

@@ -26,9 +26,9 @@ from components.data.splits import read_labeled_indices
 from components.evaluation.classification import confusion_figure, evaluate_classifier
 from components.evaluation.knn import knn_accuracy
 from components.evaluation.linear_probe import extract_pooled_features, fit_probe_head, probe_head
-from components.io import atomic_write, read_json, write_csv
+from components.io import atomic_write, write_csv
 from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
-from components.models.vit import ENCODER_SPEC, ViTSpec, create_vit, load_encoder, read_spec
+from components.models.vit import ViTSpec, create_vit, load_encoder, read_normalisation, read_spec
 from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer
 from components.training.finetune import FinetuneStep, build_mixup, finetune_criterion, finetune_optimizer, finetune_transforms
@@ -80,12 +80,8 @@ def build_model(ctx: StageContext, init: str, num_classes: int, image_size: int,
 
 def normalisation(cfg, encoder_dir: Path | None) -> tuple[tuple, tuple]:
     """Input mean/std: a pretrained encoder's own (when its encoder.json records them), else finetune.mean/std."""
-    mean, std = tuple(cfg.mean), tuple(cfg.std)
-    if encoder_dir is not None:
-        meta = read_json(encoder_dir / ENCODER_SPEC)
-        if "mean" in meta and "std" in meta:
-            mean, std = tuple(meta["mean"]), tuple(meta["std"])
-    return mean, std
+    own = read_normalisation(encoder_dir) if encoder_dir is not None else None
+    return own or (tuple(cfg.mean), tuple(cfg.std))
 
 
 def frozen_evaluation(ctx: StageContext, init: str, spec_or_dir, train_loader, val_loader, num_classes: int) -> dict:

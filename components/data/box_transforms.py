@@ -117,11 +117,11 @@ def random_resize(view: View, scale_range: tuple[float, float], short_side: tupl
     the long side capped at ``max_size`` (keep-ratio, mmdetection's rescale; the official COCO recipe
     draws 400-1200 and tests at 800), so every image trains at the scale the test resize gives it.
     Without: a factor drawn from ``scale_range``, relative to the scene's own size."""
-    factor = _uniform(*(short_side or scale_range))
+    drawn = _uniform(*(short_side or scale_range))  # one draw either way: a factor, or a short side in px
     if short_side is None:
-        return resize(view, factor)
+        return resize(view, drawn)
     h, w = view.size
-    scale = factor / min(h, w)
+    scale = drawn / min(h, w)
     if max_size is not None:
         scale = min(scale, max_size / max(h, w))
     return resize(view, scale)

@@ -166,6 +166,14 @@ def read_spec(encoder_dir: str | Path) -> ViTSpec:
         raise EncoderLoadError(f"{path}: {e}") from None
 
 
+def read_normalisation(encoder_dir: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The input (mean, std) an encoder was trained with, as its encoder.json records them, or None."""
+    meta = read_json(Path(encoder_dir) / ENCODER_SPEC)
+    if "mean" in meta and "std" in meta:
+        return tuple(meta["mean"]), tuple(meta["std"])
+    return None
+
+
 def state_dict_mismatch(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], fresh: tuple[str, ...] = ()) -> str:
     """What keeps ``state`` from loading into a model whose state dict is ``target`` ('' when nothing):
     tensors of another shape, unexpected ones, and missing ones (except names starting with ``fresh``,
