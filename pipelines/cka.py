@@ -25,7 +25,7 @@ from components.analysis.heatmap import plot_cka_grid, plot_cka_heatmap, save_fi
 from components.data.sources import DataError, ImageListDataset, load_classification_index
 from components.io import read_json
 from components.models.classifier import CLASSIFIER_SPEC, load_classifier
-from components.models.vit import ENCODER_SPEC, load_encoder
+from components.models.vit import ENCODER_SPEC, load_encoder, read_normalisation
 from pipelines.common import StageContext, run_stage
 
 log = logging.getLogger("mimflow.cka")
@@ -47,15 +47,13 @@ def titles(finetuned: str, cnn_arch: str) -> dict[str, str]:
 def normalisation(ctx: StageContext, name: str, meta: dict) -> tuple[list[float], list[float]]:
     """The input mean/std a model was trained with: its own JSON's, else (a fine-tuned ViT) its
     encoder's, else the finetune section's (what finetune falls back to)."""
-    sources = [meta]
-    if name == "finetuned" and ctx.section.finetuned in ENCODERS:
-        enc = ctx.root / ENCODERS[ctx.section.finetuned] / ENCODER_SPEC
-        if enc.is_file():
-            sources.append(read_json(enc))
-    for m in sources:
-        if "mean" in m and "std" in m:
-            return list(m["mean"]), list(m["std"])
-    return list(ctx.params.finetune.mean), list(ctx.params.finetune.std)
+    own = (meta["mean"], meta["std"]) if "mean" in meta and "std" in meta else None
+    if own is None and name == "finetuned" and ctx.section.finetuned in ENCODERS:
+        encoder_dir = ctx.root / ENCODERS[ctx.section.finetuned]
+        if (encoder_dir / ENCODER_SPEC).is_file():
+            own = read_normalisation(encoder_dir)
+    mean, std = own or (ctx.params.finetune.mean, ctx.params.finetune.std)
+    return list(mean), list(std)
 
 
 def load_models(ctx: StageContext, image_size: int) -> tuple[dict[str, nn.Module], dict[str, dict]]:

@@ -4,10 +4,12 @@ Weight decay always skips 1-D tensors (norms, biases). Pretraining stops there, 
 ``main_pretrain.py`` (timm ``add_weight_decay`` without a skip list) and iBOT's ``get_params_groups`` do:
 their [CLS], mask and position tokens are decayed (MAE's position embeddings are frozen, so not
 optimised at all). Fine-tuning also skips the tokens timm's ``VisionTransformer.no_weight_decay()``
-names (``FINETUNE_NO_DECAY``), as MAE's ``main_finetune.py`` passes them to ``param_groups_lrd``. Layer-wise lr decay follows BEiT / MAE
-``util/lr_decay.py``: a ViT parameter in layer ``i`` gets ``lr_scale = decay ** (depth + 1 - i)``
-with patch embed / cls / pos embed in layer 0, block ``b`` in layer ``b + 1`` and the rest (final norm,
-fc_norm, head) in layer ``depth + 1`` (scale 1). The engine multiplies each group's lr by ``lr_scale``.
+names (``FINETUNE_NO_DECAY``), as MAE's ``main_finetune.py`` passes them to ``param_groups_lrd``.
+
+Layer-wise lr decay follows BEiT / MAE ``util/lr_decay.py``: a ViT parameter in layer ``i`` gets
+``lr_scale = decay ** (depth + 1 - i)`` with patch embed / cls / pos embed in layer 0, block ``b`` in
+layer ``b + 1`` and the rest (final norm, fc_norm, head) in layer ``depth + 1`` (scale 1). The engine
+multiplies each group's lr by ``lr_scale``.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def param_groups(
     """Split trainable parameters into groups with ``weight_decay`` and ``lr_scale``.
 
     ``no_weight_decay``: names exempt besides 1-D tensors and biases (``FINETUNE_NO_DECAY`` for
-    fine-tuning; none for pretraining). With ``layer_decay`` (and the ViT ``depth``) each (layer, decay/no-decay) pair is its own group.
+    fine-tuning; none for pretraining). With ``layer_decay`` (and the ViT ``depth``) each (layer,
+    decay/no-decay) pair is its own group.
     """
     if layer_decay is not None and depth is None:
         raise ValueError("layer_decay needs the ViT depth")
