@@ -75,6 +75,7 @@ class ClassificationData(Section):
     train_per_class: int = Field(600, ge=1)  # shapes only
     val_per_class: int = Field(100, ge=1)  # shapes only
     rotation: tuple[float, float] = (0.0, 360.0)  # shapes only: the shape's rotation range, degrees
+    style: Literal["textured", "silhouette"] = "textured"  # shapes only: components/data/shapes.py STYLES
     labeled_percents: list[Percent] = Field(default_factory=lambda: [10.0], min_length=1)
     folds: int = Field(1, ge=1, le=10)
 

@@ -60,7 +60,8 @@ def build_in_place(final: Path, build) -> dict:
 def classification_dataset(cfg: ClassificationData, seed: int, on_error: str, out: Path) -> dict:
     skipped: dict[str, int] = {}
     if cfg.source == "shapes":
-        index = shapes.write_shapes_classification(out, cfg.image_size, cfg.train_per_class, cfg.val_per_class, seed, rotation=cfg.rotation)
+        index = shapes.write_shapes_classification(out, cfg.image_size, cfg.train_per_class, cfg.val_per_class, seed,
+                                                   rotation=cfg.rotation, style=cfg.style)
     elif cfg.source == "imagefolder":
         root = Path(cfg.root).expanduser()
         classes, train, skipped_train = sources.read_image_folder(root / "train", on_error=on_error)

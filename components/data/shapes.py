@@ -7,6 +7,10 @@ Two tasks share one renderer:
   stripes, low-frequency noise, pixel noise). Small enough for a ViT at 32 px, not trivial: the
   background texture and colour never give the class away, only the outline does. The rotation is
   the main difficulty; ``rotation`` (a range of degrees, any angle by default) narrows it.
+  ``style="silhouette"`` draws the same shapes as a flat gray silhouette on a flat gray background
+  (one light and one dark level, either way round; no texture, colour or noise), so that nothing but
+  the outline, its pose and two gray levels varies: without labels, colour and texture are what a
+  small self-supervised ViT latches onto instead of the outline (README, iBOT).
 * detection -- scenes with several shapes each, written as COCO instances JSON. Objects may overlap
   a little but every object keeps at least ``MIN_VISIBLE`` of its area visible; boxes are the tight
   box of the object's *visible* pixels (coverage >= 0.5), as COCO boxes are the box of the visible
@@ -36,6 +40,8 @@ BOX_COVERAGE = 0.5       # a pixel belongs to an object's box when >= 50 % cover
 MIN_COLOUR_DISTANCE = 120.0  # RGB distance between a shape and the background under it
 
 FULL_TURN = (0.0, 360.0)  # the default rotation range, degrees: any orientation
+STYLES = ("textured", "silhouette")  # classification images: see the module docstring
+SILHOUETTE_LEVELS = ((170.0, 255.0), (0.0, 85.0))  # silhouette style: the light and the dark gray range
 
 _TASK_CLS, _TASK_DET = 0, 1
 _SPLITS = {"train": 0, "val": 1}
@@ -173,9 +179,12 @@ def _save_png(img: Image.Image, path: Path) -> None:
 # Classification
 # --------------------------------------------------------------------------------------------
 def render_classification_image(name: str, image_size: int, rng: np.random.Generator,
-                                rotation: tuple[float, float] = FULL_TURN) -> Image.Image:
+                                rotation: tuple[float, float] = FULL_TURN, style: str = "textured") -> Image.Image:
     """One shape, fully inside the image, radius 22-42 % of the image side, rotated by an angle drawn
-    from ``rotation`` (degrees; any by default)."""
+    from ``rotation`` (degrees; any by default), in one of the ``STYLES``."""
+    _check_style(style)
+    if style == "silhouette":
+        return render_silhouette(name, image_size, rng, rotation)
     bg = render_background(rng, image_size, image_size)
     r = rng.uniform(0.22, 0.42) * image_size
     cx, cy = rng.uniform(r + 0.5, image_size - r - 0.5, size=2)
@@ -183,6 +192,25 @@ def render_classification_image(name: str, image_size: int, rng: np.random.Gener
     under = (bg * alpha[..., None]).sum((0, 1)) / max(float(alpha.sum()), 1e-6)
     _paint(bg, alpha, _contrasting_colour(rng, under), rng)
     return _finish(bg, rng)
+
+
+def render_silhouette(name: str, image_size: int, rng: np.random.Generator,
+                      rotation: tuple[float, float] = FULL_TURN) -> Image.Image:
+    """The silhouette style: the shape at one gray level over a flat background at another, one light
+    and one dark (``SILHOUETTE_LEVELS``), light-on-dark or dark-on-light with equal odds."""
+    r = rng.uniform(0.22, 0.42) * image_size
+    cx, cy = rng.uniform(r + 0.5, image_size - r - 0.5, size=2)
+    alpha = render_shape_alpha(name, cx, cy, r, draw_rotation(rng, rotation), image_size, image_size)  # [H, W]
+    fg, bg = (rng.uniform(lo, hi) for lo, hi in SILHOUETTE_LEVELS)
+    if rng.random() < 0.5:
+        fg, bg = bg, fg
+    gray = bg + (fg - bg) * alpha  # [H, W]
+    return Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
 
 
 def _check_rotation(rotation) -> tuple[float, float]:
@@ -206,7 +234,8 @@ def _check_counts(**kw: int) -> None:
 
 
 def write_shapes_classification(out_dir, image_size: int, train_per_class: int, val_per_class: int, seed: int,
-                                classes=SHAPE_CLASSES, rotation: tuple[float, float] = FULL_TURN) -> dict:
+                                classes=SHAPE_CLASSES, rotation: tuple[float, float] = FULL_TURN,
+                                style: str = "textured") -> dict:
     """Write ``out_dir/images/{train,val}/<class>/<class>_<i>.png`` and return the index dict.
 
     The index follows the data contract: {"source", "classes", "image_size", "train": [[path, label]],
@@ -214,6 +243,7 @@ def write_shapes_classification(out_dir, image_size: int, train_per_class: int, 
     """
     _check_counts(image_size=image_size, train_per_class=train_per_class, val_per_class=val_per_class)
     rotation = _check_rotation(rotation)
+    _check_style(style)
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     classes = list(classes)
@@ -227,7 +257,7 @@ def write_shapes_classification(out_dir, image_size: int, train_per_class: int, 
             for i in range(per_class):
                 rng = np.random.default_rng([seed, _TASK_CLS, _SPLITS[split], SHAPE_CLASSES.index(name), i])
                 rel = f"images/{split}/{name}/{name}_{i:05d}.png"
-                _save_png(render_classification_image(name, image_size, rng, rotation), out_dir / rel)
+                _save_png(render_classification_image(name, image_size, rng, rotation, style), out_dir / rel)
                 index[split].append([rel, label])
     return index
 

@@ -254,19 +254,6 @@ def test_cls_attention_is_the_attention_the_block_computes():
 
 
 # ------------------------------------------------------------------------------------------- a short run
-def _stripes(label: int, rng: np.random.Generator, size: int = 16) -> Image.Image:
-    """A light and a dark random colour in one of four patterns: horizontal, vertical, diagonal stripes or
-    a checkerboard. Colour says nothing about the class; the pattern survives DINO's crops, jitter and
-    grayscale, and a random ViT's features already separate it (k-NN ~90 %)."""
-    y, x = np.mgrid[0:size, 0:size]
-    width, phase = int(rng.integers(2, 4)), int(rng.integers(0, 4))
-    pattern = [(y + phase) // width, (x + phase) // width, (x + y + phase) // width, (x + phase) // width + (y + phase) // width][label] % 2
-    a, b = rng.integers(160, 256, 3), rng.integers(0, 96, 3)
-    if rng.random() < 0.5:
-        a, b = b, a
-    return Image.fromarray(np.where(pattern[..., None] == 1, a, b).astype(np.uint8))
-
-
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread (and leave the other cores to the rest of the suite)."""
@@ -276,30 +263,26 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _shapes(seed: int, n: int) -> list[tuple[Image.Image, int]]:
-    """The embedded shapes data (8 classes, any rotation, textured backgrounds) at the test ViT's 16 px."""
-    return [(render_classification_image(SHAPE_CLASSES[i % 8], 16, np.random.default_rng([seed, i])), i % 8) for i in range(n)]
+def _shapes(seed: int, n: int, style: str = "textured") -> list[tuple[Image.Image, int]]:
+    """The embedded shapes data (8 classes, any rotation) in ``style`` at the test ViT's 16 px."""
+    return [(render_classification_image(SHAPE_CLASSES[i % 8], 16, np.random.default_rng([seed, i]), style=style), i % 8)
+            for i in range(n)]
 
 
-def _short_run(data: str = "shapes", center_momentum: float = 0.9, teacher_temp: float = 0.02) -> tuple[dict, float]:
-    """160 iBOT steps on ``data`` (shapes or stripes) through the shared engine; returns the trained
-    teacher's collapse diagnostics on held-out images and its features' k-NN accuracy. lr 1e-4 (batch
+def _short_run(style: str = "textured", center_momentum: float = 0.9, teacher_temp: float = 0.02) -> tuple[dict, float]:
+    """160 iBOT steps of 32 (5 epochs of 1024 shapes in ``style``) through the shared engine; returns the
+    trained teacher's collapse diagnostics on 512 held-out shapes and its features' k-NN accuracy on
+    them (DINO's weighted k-NN, k 20, T 0.07, the 1024 training shapes as the bank). lr 1e-4 (batch
     32: the paper's 5e-4 per 256 images x 1.6) and a teacher momentum of 0.9 leave the teacher well
     under 0.1 % of its random init at the end, so what is measured is what training made of it."""
-    if data == "shapes":
-        train, val, num_classes = _shapes(0, 128), _shapes(1, 128), 8
-    else:
-        rng = np.random.default_rng(0)
-        train = [(_stripes(i % 4, rng), i % 4) for i in range(128)]
-        val = [(_stripes(i % 4, rng), i % 4) for i in range(128)]
-        num_classes = 4
+    train, val = _shapes(0, 1024, style), _shapes(1, 512, style)
     mean, std = (0.5,) * 3, (0.25,) * 3
     torch.manual_seed(0)
     student = IBOTViT(create_vit(SPEC, drop_path_rate=0.1, pos_embed="learned"), IBOTHead(32, K, K, hidden_dim=64, bottleneck_dim=16))
     teacher = copy_as_teacher(IBOTViT(create_vit(SPEC, pos_embed="learned"), IBOTHead(32, K, K, hidden_dim=64, bottleneck_dim=16)), student)
     augment = MultiCropAugmentation(16, 8, 2, blur_sigma=(0.1, 0.2), mean=mean, std=std)
     loader = EpochLoader(MaskedMultiCropDataset(train, augment, BlockMaskGenerator(), 4), batch_size=32, seed=0)
-    steps_per_epoch, epochs, lr, momentum = len(loader), 40, 1e-4, 0.9
+    steps_per_epoch, epochs, lr, momentum = len(loader), 5, 1e-4, 0.9
     total = steps_per_epoch * epochs
     retained = float(np.prod([teacher_momentum(s, total, momentum, 1.0) for s in range(total)]))
     assert retained < 1e-3, retained  # the teacher is the EMA of the trained students, not its init
@@ -331,7 +314,7 @@ def _short_run(data: str = "shapes", center_momentum: float = 0.9, teacher_temp:
     teacher.eval()
     with torch.no_grad():
         probs = teacher_probs(teacher([xv, xv])["cls"][: len(xv)], loss.center, teacher_temp)
-        acc = knn_accuracy(teacher.encoder(xt), yt, teacher.encoder(xv), yv, num_classes=num_classes, k=10)
+        acc = knn_accuracy(teacher.encoder(xt), yt, teacher.encoder(xv), yv, num_classes=8)  # k 20, T 0.07
     return output_entropy(probs), acc
 
 
@@ -345,32 +328,32 @@ def _assert_not_collapsed(diag: dict) -> None:
 
 def test_no_collapse_after_a_short_run_on_shapes(one_thread):
     """A short iBOT run on the shapes data keeps the trained teacher's output informative: neither
-    uniform nor one constant prototype (image-prototype mutual information well above 0). Its k-NN on
-    the shapes is not checked: at this size a random encoder's k-NN is at chance on them (14 % for
-    12.5 %), and 160 supervised steps lift this net barely above chance (26.6 % for 25 % on 4 classes).
-    Even the stage's own ViT (32 px, patch 8), trained with labels on 2048 shapes for 800 steps of 64,
-    reaches only 16 % on held-out ones: no short label-free run can be expected to beat chance there."""
-    diag, _ = _short_run("shapes")
+    uniform nor one constant prototype (image-prototype mutual information well above 0). The k-NN
+    half is the next test's: on the default textured shapes a random encoder's k-NN is barely above
+    chance at this size (17 % for 12.5 %; 16 % after the run), so there is no margin for it to keep."""
+    diag, _ = _short_run("textured")
     _assert_not_collapsed(diag)
 
 
-def test_no_collapse_keeps_the_features_informative(one_thread):
-    """The same run on stripe images, which a random ViT's features already separate (k-NN ~90 %):
-    the output stays informative and the teacher's k-NN stays clearly above chance."""
-    diag, acc = _short_run("stripes")
+def test_no_collapse_and_the_knn_stays_above_chance_on_silhouette_shapes(one_thread):
+    """The same run on the shapes drawn as silhouettes (prepare.classification.style), where nothing but
+    the outline, its pose and two gray levels varies: the output stays informative and the teacher's
+    k-NN stays clearly above chance (22.9 % for 12.5 %; a random encoder reads 26 %). At this length
+    the k-NN guards the features against being erased; it does not see a collapsed head: with centring
+    off (one constant prototype) the encoder still reads 24.4 %. The output diagnostics see that, as
+    test_centring_and_sharpening_are_both_needed checks."""
+    diag, acc = _short_run("silhouette")
     _assert_not_collapsed(diag)
-    assert acc >= 25.0 + 25.0, acc  # chance is 25 %
-
-
+    assert acc >= 1.5 * 12.5, acc
 @pytest.mark.parametrize("ablation", ["no centring", "no sharpening"])
 def test_centring_and_sharpening_are_both_needed(one_thread, ablation):
     """DINO Sec. 5.3 / Fig. 7, which iBOT inherits: the same run without centring (the centre stays 0)
     collapses to one prototype; without sharpening (teacher temperature = student temperature 0.1) it
     collapses to the uniform distribution. Either way the output says nothing about the image (shapes)."""
     if ablation == "no centring":
-        diag, _ = _short_run("shapes", center_momentum=1.0)
+        diag, _ = _short_run("textured", center_momentum=1.0)
         assert diag["marginal_entropy"] < 0.5, diag
     else:
-        diag, _ = _short_run("shapes", teacher_temp=0.1)
+        diag, _ = _short_run("textured", teacher_temp=0.1)
         assert diag["entropy"] > float(np.log(K)) - 0.1, diag
     assert diag["kl"] < 0.1, diag

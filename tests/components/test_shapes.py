@@ -54,6 +54,30 @@ def test_classification_images_are_not_constant_and_differ_between_classes(tmp_p
     assert len({a.tobytes() for a in arrays}) == len(arrays)
 
 
+def test_silhouette_style_is_the_shape_at_one_gray_level_on_a_flat_other(tmp_path):
+    """style="silhouette": gray pixels; a flat background at one level, the shape at the other, one
+    light (170-255) and one dark (0-85), both ways round; the same seed gives the same bytes."""
+    index = write_shapes_classification(tmp_path / "a", 32, 4, 0, seed=2, style="silhouette")
+    write_shapes_classification(tmp_path / "b", 32, 4, 0, seed=2, style="silhouette")
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+    textured = write_shapes_classification(tmp_path / "t", 32, 4, 0, seed=2)
+    assert index == textured  # the same file names and labels as the textured style
+    light_shapes = 0
+    for rel, label in index["train"]:
+        rgb = np.asarray(Image.open(tmp_path / "a" / rel), np.float32)  # [32, 32, 3]
+        assert (rgb == rgb[..., :1]).all()  # gray
+        gray = rgb[..., 0]
+        bg = gray[0, 0]
+        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+        assert (border == bg).mean() > 0.5  # the shape touches at most part of the border
+        far = gray.flat[np.abs(gray - bg).argmax()]  # a pixel inside the shape
+        assert 0 <= min(bg, far) <= 85 and 170 <= max(bg, far) <= 255, (rel, bg, far)
+        inside = np.abs(gray - bg) > 0.5 * abs(far - bg)
+        assert 0.05 < inside.mean() < 0.6, (rel, inside.mean())  # one shape, radius 22-42 % of the side
+        light_shapes += int(far > bg)
+    assert 0 < light_shapes < len(index["train"])  # both ways round
+
+
 @pytest.mark.parametrize("name", SHAPE_CLASSES)
 def test_shape_masks_are_distinct_and_inside_their_circle(name):
     alpha = render_shape_alpha(name, 32.0, 32.0, 24.0, 0.3, 64, 64)  # [64, 64]
@@ -138,6 +162,8 @@ def test_bad_generator_arguments_are_rejected(tmp_path):
         write_shapes_classification(tmp_path, 32, 1, 1, seed=0, rotation=(90, 45))
     with pytest.raises(ValueError, match="rotation"):
         write_shapes_detection(tmp_path, 64, 1, 1, 1, 2, seed=0, rotation=(0, 400))
+    with pytest.raises(ValueError, match="style"):
+        write_shapes_classification(tmp_path, 32, 1, 1, seed=0, style="glossy")
 
 
 def test_rotation_range_sets_each_shapes_angle_and_only_that(tmp_path, monkeypatch):
