@@ -341,10 +341,13 @@ def test_no_collapse_and_the_knn_stays_above_chance_on_silhouette_shapes(one_thr
     k-NN stays clearly above chance (22.9 % for 12.5 %; a random encoder reads 26 %). At this length
     the k-NN guards the features against being erased; it does not see a collapsed head: with centring
     off (one constant prototype) the encoder still reads 24.4 %. The output diagnostics see that, as
-    test_centring_and_sharpening_are_both_needed checks."""
+    test_centring_and_sharpening_are_both_needed checks. (At the stage's size and length the teacher's
+    k-NN on silhouettes rises, from 23 % at init to 33.5 % after 60 epochs: README, iBOT.)"""
     diag, acc = _short_run("silhouette")
     _assert_not_collapsed(diag)
     assert acc >= 1.5 * 12.5, acc
+
+
 @pytest.mark.parametrize("ablation", ["no centring", "no sharpening"])
 def test_centring_and_sharpening_are_both_needed(one_thread, ablation):
     """DINO Sec. 5.3 / Fig. 7, which iBOT inherits: the same run without centring (the centre stays 0)
