@@ -178,17 +178,22 @@ def _save_png(img: Image.Image, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Classification
 # --------------------------------------------------------------------------------------------
+def draw_shape(name: str, image_size: int, rng: np.random.Generator, rotation: tuple[float, float]) -> np.ndarray:
+    """Coverage [H, W] of one shape fully inside the image, radius 22-42 % of the image side, rotated by
+    an angle drawn from ``rotation`` (degrees)."""
+    r = rng.uniform(0.22, 0.42) * image_size
+    cx, cy = rng.uniform(r + 0.5, image_size - r - 0.5, size=2)
+    return render_shape_alpha(name, cx, cy, r, draw_rotation(rng, rotation), image_size, image_size)
+
+
 def render_classification_image(name: str, image_size: int, rng: np.random.Generator,
                                 rotation: tuple[float, float] = FULL_TURN, style: str = "textured") -> Image.Image:
-    """One shape, fully inside the image, radius 22-42 % of the image side, rotated by an angle drawn
-    from ``rotation`` (degrees; any by default), in one of the ``STYLES``."""
+    """One shape (``draw_shape``; any angle by default) in one of the ``STYLES``."""
     _check_style(style)
     if style == "silhouette":
         return render_silhouette(name, image_size, rng, rotation)
     bg = render_background(rng, image_size, image_size)
-    r = rng.uniform(0.22, 0.42) * image_size
-    cx, cy = rng.uniform(r + 0.5, image_size - r - 0.5, size=2)
-    alpha = render_shape_alpha(name, cx, cy, r, draw_rotation(rng, rotation), image_size, image_size)
+    alpha = draw_shape(name, image_size, rng, rotation)
     under = (bg * alpha[..., None]).sum((0, 1)) / max(float(alpha.sum()), 1e-6)
     _paint(bg, alpha, _contrasting_colour(rng, under), rng)
     return _finish(bg, rng)
@@ -198,9 +203,7 @@ def render_silhouette(name: str, image_size: int, rng: np.random.Generator,
                       rotation: tuple[float, float] = FULL_TURN) -> Image.Image:
     """The silhouette style: the shape at one gray level over a flat background at another, one light
     and one dark (``SILHOUETTE_LEVELS``), light-on-dark or dark-on-light with equal odds."""
-    r = rng.uniform(0.22, 0.42) * image_size
-    cx, cy = rng.uniform(r + 0.5, image_size - r - 0.5, size=2)
-    alpha = render_shape_alpha(name, cx, cy, r, draw_rotation(rng, rotation), image_size, image_size)  # [H, W]
+    alpha = draw_shape(name, image_size, rng, rotation)  # [H, W]
     fg, bg = (rng.uniform(lo, hi) for lo, hi in SILHOUETTE_LEVELS)
     if rng.random() < 0.5:
         fg, bg = bg, fg
@@ -243,7 +246,6 @@ def write_shapes_classification(out_dir, image_size: int, train_per_class: int, 
     """
     _check_counts(image_size=image_size, train_per_class=train_per_class, val_per_class=val_per_class)
     rotation = _check_rotation(rotation)
-    _check_style(style)
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     classes = list(classes)
