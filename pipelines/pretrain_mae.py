@@ -3,8 +3,9 @@
 The recipe of the paper (``main_pretrain.py``): RandomResizedCrop(scale 0.2-1, bicubic) + flip; AdamW
 betas (0.9, 0.95), weight decay 0.05 with norms and biases exempt (the cls and mask tokens are
 decayed, the position embeddings are fixed); lr = base_lr x effective_batch / 256, linear warmup then
-half-cosine, set per iteration; gradient accumulation up to ``effective_batch``. Inputs are normalised with ``mean``/``std`` (ImageNet's
-by default, recorded in encoder.json for the stages that load the encoder).
+half-cosine, set per iteration; gradient accumulation up to ``effective_batch``. Inputs are normalised
+with ``mean``/``std`` (ImageNet's by default, recorded in encoder.json for the stages that load the
+encoder).
 
 Writes ``models/pretrain_mae/encoder.{safetensors,json}`` (the shared encoder format) and
 ``mae.{safetensors,json}`` (encoder + decoder, for reconstructions), ``metrics/pretrain_mae.json``,

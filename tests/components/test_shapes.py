@@ -63,7 +63,7 @@ def test_silhouette_style_is_the_shape_at_one_gray_level_on_a_flat_other(tmp_pat
     textured = write_shapes_classification(tmp_path / "t", 32, 4, 0, seed=2)
     assert index == textured  # the same file names and labels as the textured style
     light_shapes = 0
-    for rel, label in index["train"]:
+    for rel, _ in index["train"]:
         rgb = np.asarray(Image.open(tmp_path / "a" / rel), np.float32)  # [32, 32, 3]
         assert (rgb == rgb[..., :1]).all()  # gray
         gray = rgb[..., 0]
