@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install repro test chromium flow mlflow-ui prefect-ui
+.PHONY: install repro test test-integration chromium flow mlflow-ui prefect-ui gpu-check
 
 install: $(STAMP)
 
@@ -27,7 +27,11 @@ repro: $(STAMP)
 	$(BIN)/dvc repro
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not integration"
+
+# Slower end-to-end runs (the GPU profile's smoke run through the whole DAG, ...); .ci/run runs both.
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -m integration
 
 # The report test opens reports/index.html in headless Chromium (Debian's package).
 chromium:
@@ -43,3 +47,9 @@ mlflow-ui: $(STAMP)
 
 prefect-ui: $(STAMP)
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start
+
+# The device check (benchmarks/gpu_check.py): on a GPU machine `make gpu-check`; the same code paths at
+# tiny sizes on a CPU: `make gpu-check DEVICE=cpu`. Results: benchmarks/results/gpu-check-<device>.{json,md}
+DEVICE ?= auto
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --device $(DEVICE)

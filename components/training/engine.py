@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
@@ -59,6 +60,9 @@ class TrainConfig:
     desc: str = "train"
     progress: bool = True
     compile: bool = False
+    # torch.compile's backend; MIMFLOW_COMPILE_BACKEND=aot_eager captures the same graphs and AOT autograd
+    # without inductor's code generation (the CPU smoke runs of the GPU profile, benchmarks/gpu_check.py)
+    compile_backend: str = field(default_factory=lambda: os.environ.get("MIMFLOW_COMPILE_BACKEND", "inductor"))
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -133,7 +137,7 @@ class Trainer:
             wrapped = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused_parameters
             )
-        self.model = torch.compile(wrapped) if cfg.compile else wrapped
+        self.model = torch.compile(wrapped, backend=cfg.compile_backend) if cfg.compile else wrapped
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.step = 0
         self.history: list[dict] = []

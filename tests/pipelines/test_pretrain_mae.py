@@ -119,16 +119,3 @@ def test_two_processes_with_accumulation_match_one_process_with_the_whole_batch(
     assert metrics["val_masked_loss"] == pytest.approx(reference["val_masked_loss"], abs=1e-4)
     ref, ddp = _encoder(project), _encoder(root)
     assert max(float((ref[k] - ddp[k]).abs().max()) for k in ref) < 1e-4
-
-
-def test_gpu_profile_is_the_papers_vit_b16_recipe():
-    params = load_params(REPO / "params" / "gpu-vit-b16.yaml")
-    cfg = params.pretrain_mae
-    spec = cfg.model.spec()
-    assert (spec.img_size, spec.patch_size, spec.embed_dim, spec.depth, spec.num_heads) == (224, 16, 768, 12, 12)
-    assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads) == (512, 8, 16)
-    assert cfg.effective_batch == 4096 and cfg.base_lr * cfg.effective_batch / 256 == pytest.approx(2.4e-3)
-    assert (cfg.epochs, cfg.warmup_epochs, cfg.mask_ratio, cfg.betas, cfg.weight_decay) == (800, 40, 0.75, (0.9, 0.95), 0.05)
-    assert params.runtime.precision == "bf16" and params.prepare.classification.source == "imagefolder"
-    for gpus in (1, 2, 4, 8):  # accumulation reaches the effective batch on any of these
-        assert cfg.effective_batch % (cfg.batch_size * gpus) == 0
