@@ -506,7 +506,8 @@ class DetectSoftTeacher(Section):
     reg_uncertainty: float = Field(0.02, gt=0)  # regression targets: jitter uncertainty < this
     jitter_times: int = Field(10, ge=2)
     jitter_scale: float = Field(0.06, gt=0)
-    ema_momentum: float = Field(0.999, ge=0, lt=1)  # teacher momentum min(m, 1 - 1/(t+1))
+    ema_momentum: float = Field(0.999, ge=0, lt=1)  # teacher momentum min(m, 1 - 1/(t+1)) after t student steps
+    ema_buffers: bool = False  # also copy the student's buffers each update (reference: parameters only; needed with norm bn)
     burn_in_steps: int = Field(0, ge=0)  # supervised-only steps first (0: end-to-end, the paper); the teacher restarts as a copy
 
     @model_validator(mode="after")
@@ -545,6 +546,9 @@ class Detect(Section):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.model.backbone != "vit" and self.model.norm == "bn" and not self.soft_teacher.ema_buffers:
+            raise KeyValueError("soft_teacher.ema_buffers", False, "must be true with model.norm 'bn': the teacher's "
+                                "BatchNorm statistics would stay at their initial values")
         if self.soft_teacher.burn_in_steps >= self.steps:
             raise KeyValueError("soft_teacher.burn_in_steps", self.soft_teacher.burn_in_steps, f"must be < steps ({self.steps})")
         if any(not 0 < m < 1 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(self.lr_milestones):

@@ -139,7 +139,7 @@ def detect(ctx: StageContext) -> dict:
     st_cfg = SoftTeacherConfig(
         unsup_weight=st.unsup_weight, rpn_threshold=st.rpn_threshold, cls_threshold=st.cls_threshold, initial_threshold=st.initial_threshold,
         reg_uncertainty=st.reg_uncertainty, jitter_times=st.jitter_times, jitter_scale=st.jitter_scale, ema_momentum=st.ema_momentum,
-        burn_in_steps=st.burn_in_steps if method == "softteacher" else 0,
+        ema_buffers=st.ema_buffers, burn_in_steps=st.burn_in_steps if method == "softteacher" else 0,
     )
     model = SoftTeacher(student, teacher, st_cfg)
 

@@ -6,8 +6,9 @@ the masked global crops and the local crops, the EMA teacher only the unmasked g
 [CLS] self-distillation over cross-view pairs + MIM distillation over same-view pairs; AdamW with
 lr = base_lr x batch / 256, linear warmup then cosine to ``min_lr``, weight decay cosine
 ``weight_decay`` -> ``weight_decay_end``, per-parameter gradient clipping, the head's last layer frozen
-for ``freeze_last_layer_epochs``, teacher momentum cosine to 1, teacher temperature warm-up, and the
-centres all-reduced across processes.
+for ``freeze_last_layer_epochs``, teacher momentum cosine to 1 (lr, weight decay and momentum per
+iteration as ``utils.cosine_scheduler``), teacher temperature warm-up, and the centres all-reduced
+across processes.
 
 Writes the *teacher's* encoder (the one the paper evaluates) as ``models/pretrain_ibot/encoder.*``,
 ``metrics/pretrain_ibot.json`` (losses, the teacher's weighted k-NN accuracy on the labeled split ->
@@ -35,7 +36,7 @@ from components.training.distributed import EpochLoader
 from components.training.ema import copy_as_teacher
 from components.training.engine import Trainer, TrainConfig
 from components.training.optim import adamw, param_groups
-from components.training.schedules import cosine, warmup_cosine
+from components.training.schedules import cosine, cosine_scheduler
 from pipelines.common import StageContext, run_stage
 from pipelines.config import ParamsError, PretrainIBOT
 
@@ -165,7 +166,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
         ),
         ctx.device,
         ctx.info,
-        lr_fn=lambda step: warmup_cosine(step, total_steps, warmup_steps, lr, cfg.min_lr),
+        lr_fn=lambda step: cosine_scheduler(step, total_steps, lr, cfg.min_lr, warmup_steps),
         wd_fn=lambda step: cosine(step, total_steps, cfg.weight_decay, cfg.weight_decay_end),
         grad_hook=ibot.grad_hook,
         after_step=ibot.after_step,

@@ -93,6 +93,12 @@ def clip_boxes(boxes: torch.Tensor, size: tuple[int, int], min_size: float = 1.0
     return out, keep
 
 
+def larger_than(boxes: torch.Tensor, min_size: float = 0.0) -> torch.Tensor:
+    """Mask of the boxes wider and higher than ``min_size`` (strictly): Soft Teacher's ``filter_invalid``
+    rule for pseudo boxes, whose default ``min_pseduo_box_size = 0`` keeps any box of positive size."""
+    return ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
+
+
 def _move(view: View, image: torch.Tensor, step: torch.Tensor) -> View:
     """The view after a geometric op: new image, boxes mapped by ``step`` and clipped, matrix updated."""
     boxes, keep = clip_boxes(transform_boxes(view.boxes, step), tuple(image.shape[-2:]))

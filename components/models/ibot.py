@@ -8,7 +8,8 @@ One piece per part of the paper, named after bytedance/ibot (``models/head.py: i
 - :class:`IBOTViT` (Sec. 3.2): the shared timm ViT encoder with a learned mask embedding that
   replaces the masked patch embeddings *before* the position embedding is added
   (``prepare_tokens``), run per crop resolution as in DINO's ``MultiCropWrapper``; local crops get the
-  position embedding resampled (bicubic) to their grid, as ``interpolate_pos_encoding`` does.
+  position embedding resampled (bicubic, ``scale_factor = (n + 0.1) / N``, no antialiasing) to their
+  grid, as ``interpolate_pos_encoding`` does.
 - :class:`IBOTLoss` (Eq. 1-2, Sec. 3.2): [CLS] self-distillation over cross-view pairs (local crops
   included) and masked-image-modelling distillation over same-view pairs on masked patches, each
   image normalised by its number of masked patches; two centres (momentum 0.9) and sharpening with
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -121,12 +122,22 @@ class IBOTViT(nn.Module):
         self.masked_embed = nn.Parameter(torch.zeros(1, encoder.embed_dim))
 
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
-        """The encoder's position embedding for an ``h x w`` grid ([1, 1 + h*w, D]), bicubically
-        resampled when the grid differs from the encoder's (local crops)."""
+        """The encoder's position embedding for an ``h x w`` patch grid ([1, 1 + h*w, D]), as iBOT's
+        ``interpolate_pos_encoding`` (from DINO) makes it for local crops: the [CLS] row unchanged, the
+        patch table resized bicubically (no antialiasing) with ``scale_factor = (h + 0.1) / gh`` per axis
+        -- the 0.1 avoids a floating-point floor one row short (DINO issue #8); PyTorch then maps output
+        to input coordinates with that scale, not with the size ratio."""
         gh, gw = self.encoder.patch_embed.grid_size
+        pos = self.encoder.pos_embed  # [1, 1 + gh*gw, D]
         if (h, w) == (gh, gw):
-            return self.encoder.pos_embed
-        return resample_abs_pos_embed(self.encoder.pos_embed, new_size=(h, w), old_size=(gh, gw), num_prefix_tokens=1)
+            return pos
+        dim = pos.shape[-1]
+        table = pos[:, 1:].reshape(1, gh, gw, dim).permute(0, 3, 1, 2)  # [1, D, gh, gw]
+        table = F.interpolate(table, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic", align_corners=False)
+        if table.shape[-2:] != (h, w):
+            raise ValueError(f"resampling the {gh}x{gw} position table gave {tuple(table.shape[-2:])}, not {h}x{w}")
+        table = table.permute(0, 2, 3, 1).reshape(1, h * w, dim)  # [1, h*w, D]
+        return torch.cat([pos[:, :1], table], dim=1)
 
     def prepare_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embed, mask embedding on masked patches, [CLS], position embedding (iBOT Sec. 3.2)."""

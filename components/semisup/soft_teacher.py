@@ -1,7 +1,8 @@
 """Soft Teacher: end-to-end semi-supervised object detection (Xu et al., ICCV 2021).
 
 Each step mixes labeled and unlabeled images (1:4 in the paper). The teacher, an EMA of the student
-(Sec. 3.1; momentum ``min(m, 1 - 1/(t+1))`` as in the official ``MeanTeacher`` hook), detects objects
+(Sec. 3.1; the official ``MeanTeacher`` hook: parameters only, momentum ``min(m, 1 - 1/(t+1))`` after t
+student steps, so while below ``m`` the teacher is the average of the student's states S_0..S_t), detects objects
 in a weak view of each unlabeled image; its detections become pseudo boxes for the student, which
 sees a strong view of the same image. Boxes move between the views through their transform matrices.
 
@@ -31,7 +32,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import boxes as box_ops
 
-from components.data.box_transforms import between_views, clip_boxes, transform_boxes
+from components.data.box_transforms import between_views, clip_boxes, larger_than, transform_boxes
 from components.training.ema import ema_update
 
 Targets = list[dict[str, torch.Tensor]]
@@ -49,23 +50,30 @@ class SoftTeacherConfig:
     jitter_times: int = 10
     jitter_scale: float = 0.06
     ema_momentum: float = 0.999
-    min_box_size: float = 1.0  # pseudo boxes smaller than this (px) in the student view are dropped
+    ema_buffers: bool = False  # also copy the student's buffers each update (the reference: parameters only)
+    min_box_size: float = 0.0  # pseudo boxes kept when w and h > this (px) in the student view (min_pseduo_box_size)
     burn_in_steps: int = 0  # supervised-only steps before the unsupervised loss starts (0: end-to-end, as the paper)
 
 
 # --------------------------------------------------------------------------- the mean teacher
-def teacher_momentum(step: int, momentum: float) -> float:
-    """``min(m, 1 - 1/(t+1))``: the teacher starts as a copy (t = 0) and slows down to ``m``."""
-    return min(momentum, 1.0 - 1.0 / (step + 1))
+def teacher_momentum(step: int, momentum: float, warm_up: int = 0) -> float:
+    """The ``MeanTeacher`` hook's ``min(m, 1 - (1 + warm_up) / (t + 1 + warm_up))`` for a student that has
+    taken ``t = step`` optimizer steps: 0 at t = 0 (the teacher is a copy), then ``t / (t + 1)`` (warm_up 0,
+    the official configs) until it reaches ``m``."""
+    return min(momentum, 1.0 - (1.0 + warm_up) / (step + 1.0 + warm_up))
 
 
 @torch.no_grad()
-def update_teacher(teacher: nn.Module, student: nn.Module, step: int, momentum: float) -> float:
-    """EMA of the parameters; buffers (BatchNorm statistics, if any) are copied from the student."""
+def update_teacher(teacher: nn.Module, student: nn.Module, step: int, momentum: float, buffers: bool = False) -> float:
+    """One ``MeanTeacher.momentum_update`` with the student after ``step`` optimizer steps: EMA of the
+    parameters only, as the reference. ``buffers=True`` also copies the student's buffers (BatchNorm
+    running statistics, for the ``bn`` norm whose statistics the student updates; the reference keeps its
+    BatchNorm frozen, so its buffers never change)."""
     m = teacher_momentum(step, momentum)
     ema_update(teacher, student, m)
-    for tb, sb in zip(teacher.buffers(), student.buffers()):
-        tb.copy_(sb)
+    if buffers:
+        for tb, sb in zip(teacher.buffers(), student.buffers()):
+            tb.copy_(sb)
     return m
 
 
@@ -200,8 +208,10 @@ def teacher_pseudo_boxes(teacher: FasterRCNN, weak_images: list[torch.Tensor], c
 
 
 def to_student_view(boxes: torch.Tensor, labels: torch.Tensor, student_from_teacher: torch.Tensor, size: tuple[int, int], min_size: float) -> dict[str, torch.Tensor]:
-    """Pseudo boxes mapped into the student's view, clipped to it, tiny ones dropped."""
-    mapped, keep = clip_boxes(transform_boxes(boxes, student_from_teacher), size, min_size)
+    """Pseudo boxes mapped into the student's view, clipped to it, those not wider and higher than
+    ``min_size`` dropped (the reference's ``filter_invalid``; 0 keeps any box of positive size)."""
+    mapped, _ = clip_boxes(transform_boxes(boxes, student_from_teacher), size)
+    keep = larger_than(mapped, min_size)
     return {"boxes": mapped[keep], "labels": labels[keep]}
 
 
@@ -245,12 +255,15 @@ class SoftTeacher(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, step: int) -> float:
-        """EMA update after optimizer step ``step``. With a burn-in, the teacher's clock restarts at its
-        last step, so the first semi-supervised step starts from a teacher that is a copy of the student
-        (as when Unbiased Teacher's burn-in ends)."""
+        """EMA update after optimizer step ``step`` (the engine's ``after_step``, counted from 0): the
+        student has then taken t = step + 1 steps, the hook's ``curr_step`` before the next iteration, so
+        the teacher used at iteration t is the average of S_0..S_t while the momentum is below its cap.
+        With a burn-in, the teacher's clock restarts at its last step (t = 0: a copy of the student), so
+        the first semi-supervised step starts from a teacher that is a copy of the student (as when
+        Unbiased Teacher's burn-in ends)."""
         burn_in = self.cfg.burn_in_steps
-        t = step - (burn_in - 1) if burn_in > 0 and step >= burn_in - 1 else step
-        return update_teacher(self.teacher, self.student, t, self.cfg.ema_momentum)
+        t = step - (burn_in - 1) if burn_in > 0 and step >= burn_in - 1 else step + 1
+        return update_teacher(self.teacher, self.student, t, self.cfg.ema_momentum, self.cfg.ema_buffers)
 
     def forward(self, labeled: list[torch.Tensor], targets: Targets, weak: list[torch.Tensor] | None = None,
                 strong: list[torch.Tensor] | None = None, weak_matrix: list[torch.Tensor] | None = None,

@@ -85,6 +85,42 @@ def test_local_crops_get_a_resampled_position_embedding_and_forward_shapes():
         net([torch.randn(B, 3, 16, 16)] * 2, masks=[torch.zeros(B, 3, 3, dtype=torch.bool)] * 2)
 
 
+def _keys_cubic(x: float, a: float = -0.75) -> float:
+    """The cubic convolution kernel PyTorch's bicubic mode uses (Keys 1981, a = -0.75)."""
+    x = abs(x)
+    if x <= 1:
+        return (a + 2) * x**3 - (a + 3) * x**2 + 1
+    if x < 2:
+        return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+    return 0.0
+
+
+def test_local_crop_position_table_is_the_reference_interpolate_pos_encoding():
+    # iBOT/DINO interpolate_pos_encoding, 4x4 table -> 2x2 grid: F.interpolate(scale_factor=(2 + 0.1) / 4,
+    # bicubic, no antialiasing). Output pixel j samples input coordinate (j + 0.5) / s - 0.5 with s = 2.1 / 4
+    # itself (not the size ratio 2 / 4), taps at floor - 1 .. floor + 2 clamped to the border.
+    net = _net()
+    with torch.no_grad():
+        net.encoder.pos_embed.copy_(torch.randn_like(net.encoder.pos_embed))
+    s = 2.1 / 4
+    weights = np.zeros((2, 4))  # [out, in]
+    for j in range(2):
+        src = (j + 0.5) / s - 0.5  # 0.452381, 2.357143
+        f = int(np.floor(src))
+        for k in range(f - 1, f + 3):
+            weights[j, min(max(k, 0), 3)] += _keys_cubic(src - k)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0)
+    table = net.encoder.pos_embed[0, 1:].detach().double().reshape(4, 4, -1).numpy()  # [4, 4, D]
+    expected = np.einsum("ay,bx,yxd->abd", weights, weights, table).reshape(4, -1)  # [2 * 2, D]
+    pe = net.pos_embed_for(2, 2)
+    assert pe.shape == (1, 5, 32)
+    torch.testing.assert_close(pe[0, 0], net.encoder.pos_embed[0, 0])  # [CLS] row as it is
+    np.testing.assert_allclose(pe[0, 1:].detach().double().numpy(), expected, rtol=0, atol=1e-5)
+    # the same table from the size ratio (sample points 0.5 and 2.5) is a different one
+    by_size = torch.nn.functional.interpolate(torch.from_numpy(table).permute(2, 0, 1)[None], size=(2, 2), mode="bicubic")
+    assert not np.allclose(by_size[0].permute(1, 2, 0).reshape(4, -1).numpy(), expected, atol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------- loss
 def _loss(num_local=2, **kw) -> IBOTLoss:
     return IBOTLoss(K, K, num_global=2, num_local=num_local, **kw)
@@ -198,8 +234,18 @@ def test_teacher_gets_no_gradients_and_follows_the_ema_formula():
     ema_update(teacher, student, m)
     for t_new, t_old, p in zip(teacher.parameters(), before, student.parameters()):
         torch.testing.assert_close(t_new, m * t_old + (1 - m) * p)
-    assert teacher_momentum(0, 100) == pytest.approx(0.996) and teacher_momentum(99, 100) == pytest.approx(1.0)
     assert teacher_momentum(10, 100) < teacher_momentum(50, 100) < teacher_momentum(90, 100)
+
+
+def test_teacher_momentum_is_the_reference_cosine_scheduler_over_it_over_T():
+    # utils.cosine_scheduler(0.996, 1, epochs, niter_per_ep): final + 0.5 (base - final) (1 + cos(pi i / T))
+    T, base = 360, 0.996
+    reference = 1.0 + 0.5 * (base - 1.0) * (1 + np.cos(np.pi * np.arange(T) / T))
+    assert teacher_momentum(0, T, base) == base
+    assert teacher_momentum(T // 2, T, base) == pytest.approx(0.998, abs=1e-15)  # cos(pi / 2) = 0
+    assert teacher_momentum(T - 1, T, base) == pytest.approx(1 - 0.002 * (1 + np.cos(np.pi * 359 / 360)), abs=1e-15)
+    assert teacher_momentum(T - 1, T, base) < 1.0  # i / T never reaches 1: the last momentum stays below 1
+    np.testing.assert_allclose([teacher_momentum(i, T, base) for i in range(T)], reference, rtol=0, atol=1e-15)
 
 
 def test_last_layer_gradients_are_cancelled_during_the_first_epoch_only():
@@ -338,7 +384,7 @@ def test_no_collapse_after_a_short_run_on_shapes(one_thread):
 def test_no_collapse_and_the_knn_stays_above_chance_on_silhouette_shapes(one_thread):
     """The same run on the shapes drawn as silhouettes (prepare.classification.style), where nothing but
     the outline, its pose and two gray levels varies: the output stays informative and the teacher's
-    k-NN stays clearly above chance (22.9 % for 12.5 %; a random encoder reads 26 %). At this length
+    k-NN stays clearly above chance (23.0 % for 12.5 %; a random encoder reads 26 %). At this length
     the k-NN guards the features against being erased; it does not see a collapsed head: with centring
     off (one constant prototype) the encoder still reads 24.4 %. The output diagnostics see that, as
     test_centring_and_sharpening_are_both_needed checks. (At the stage's size and length the teacher's

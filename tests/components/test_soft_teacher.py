@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.data.box_transforms import hflip_matrix
+from components.data.box_transforms import hflip_matrix, larger_than
 from components.models.detection import DetectorSpec, create_detector
 from components.semisup.soft_teacher import (
     SoftTeacher,
@@ -45,7 +45,7 @@ def test_teacher_momentum_is_min_of_m_and_one_minus_one_over_t_plus_one():
     assert teacher_momentum(10_000, 0.999) == 0.999
 
 
-def test_ema_update_matches_its_formula_and_copies_buffers():
+def test_ema_update_matches_its_formula_on_parameters_only_unless_buffers_are_asked_for():
     torch.manual_seed(0)
     student, teacher = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     student[1].running_mean.fill_(0.7)
@@ -54,9 +54,33 @@ def test_ema_update_matches_its_formula_and_copies_buffers():
     assert m == pytest.approx(0.95)
     for t, b, s in zip(teacher.parameters(), before, student.parameters()):
         assert torch.allclose(t, 0.95 * b + 0.05 * s)
-    assert torch.equal(teacher[1].running_mean, student[1].running_mean)
-    update_teacher(teacher, student, step=0, momentum=0.99)
+    assert torch.equal(teacher[1].running_mean, torch.zeros(4))  # the reference hook leaves buffers alone
+    update_teacher(teacher, student, step=0, momentum=0.99, buffers=True)
     assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
+    assert torch.equal(teacher[1].running_mean, student[1].running_mean)
+
+
+def test_mean_teacher_after_one_and_two_updates_is_the_reference_average():
+    # MeanTeacher hook (warm_up 0): before_run copies S_0; before iteration t (curr_step = t, the student
+    # is S_t) teacher = m_t teacher + (1 - m_t) S_t with m_t = min(m, 1 - 1/(t + 1)): the teacher used at
+    # iteration t is mean(S_0..S_t). Our engine calls update_teacher(step) after optimizer step `step`.
+    states = [torch.tensor([[1.0, 2.0]]), torch.tensor([[4.0, -2.0]]), torch.tensor([[10.0, 3.0]])]  # S_0, S_1, S_2
+    student, teacher = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        student.weight.copy_(states[0])
+    st = SoftTeacher(student, teacher, SoftTeacherConfig(ema_momentum=0.999))
+    assert torch.equal(st.teacher.weight, states[0])  # the teacher used at iteration 0
+    reference = states[0].clone()
+    averages = [torch.tensor([[2.5, 0.0]]), torch.tensor([[5.0, 1.0]])]  # mean(S_0, S_1), mean(S_0, S_1, S_2)
+    for step in (0, 1):
+        with torch.no_grad():
+            student.weight.copy_(states[step + 1])  # the optimizer step
+        curr = step + 1
+        m_ref = min(0.999, 1 - (1 + 0) / (curr + 1 + 0))
+        reference = m_ref * reference + (1 - m_ref) * states[curr]
+        assert st.update_teacher(step) == pytest.approx(m_ref)
+        torch.testing.assert_close(st.teacher.weight, reference)
+        torch.testing.assert_close(st.teacher.weight, averages[step])
 
 
 def test_soft_teacher_starts_as_a_frozen_copy_in_eval_mode():
@@ -90,6 +114,18 @@ def test_pseudo_targets_move_into_the_student_view_and_drop_tiny_boxes():
     t = TeacherOutput({}, [(64, 64)], [boxes], [torch.tensor([1, 2])], [torch.tensor([0.99, 0.99])], [torch.tensor([0.0, 0.0])])
     _, cls, _ = pseudo_targets(t, [hflip_matrix(64)], [(64, 64)], SoftTeacherConfig(min_box_size=1.0))
     assert torch.allclose(cls[0]["boxes"], torch.tensor([[44.0, 8.0, 60.0, 30.0]]))  # flipped; the 0.5 px box is gone
+
+
+def test_a_sub_pixel_pseudo_box_is_kept_as_the_reference_min_pseduo_box_size_0():
+    # filter_invalid(min_size=0): keep w > 0 and h > 0; a box clipped to zero width is dropped
+    boxes = torch.tensor([[4.0, 8.0, 20.0, 30.0], [10.0, 10.0, 10.5, 10.5], [20.0, 5.0, 23.83, 5.998], [-9.0, 3.0, -1.0, 9.0]])
+    n = len(boxes)
+    t = TeacherOutput({}, [(64, 64)], [boxes], [torch.arange(n)], [torch.full((n,), 0.99)], [torch.zeros(n)])
+    rpn, cls, reg = pseudo_targets(t, [torch.eye(3, dtype=torch.float64)], [(64, 64)], SoftTeacherConfig())
+    for targets in (rpn, cls, reg):
+        assert torch.allclose(targets[0]["boxes"], boxes[:3]) and targets[0]["labels"].tolist() == [0, 1, 2]
+    # the rule is strict: a box exactly min_size wide goes, as in the reference
+    assert larger_than(torch.tensor([[0.0, 0.0, 1.0, 2.0], [0.0, 0.0, 1.5, 2.0]]), 1.0).tolist() == [False, True]
 
 
 # --------------------------------------------------------------------------- box jitter
@@ -196,7 +232,7 @@ def test_teacher_pseudo_boxes_are_its_detections_above_the_initial_threshold():
 def test_burn_in_restarts_the_teacher_as_a_copy_when_unlabeled_images_come_in():
     st = SoftTeacher(nn.Linear(3, 2), nn.Linear(3, 2), SoftTeacherConfig(burn_in_steps=5, ema_momentum=0.99))
     assert [st.semi_supervised(s) for s in (0, 4, 5, 6)] == [False, False, True, True]
-    assert st.update_teacher(3) == pytest.approx(0.75)  # during burn-in: min(m, 1 - 1/(t+1))
+    assert st.update_teacher(3) == pytest.approx(0.8)  # during burn-in: t = 4 student steps, min(m, 1 - 1/(t+1))
     with torch.no_grad():
         st.student.weight.add_(1.0)
     assert st.update_teacher(4) == 0.0  # last burn-in step: the teacher becomes the student

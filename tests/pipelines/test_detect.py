@@ -130,3 +130,18 @@ def test_a_reversed_short_side_range_is_a_params_error():
     raw["detect"]["views"]["short_side_range"] = [1200, 400]
     with pytest.raises(ParamsError, match=r"detect.views.short_side_range = \[1200, 400\]: must be \[min, max\]"):
         validate_params(raw, "params.yaml")
+
+
+def test_a_bn_detector_needs_the_teacher_to_copy_buffers():
+    import pytest
+
+    from pipelines.config import ParamsError, validate_params
+    from tests.pipelines.conftest import micro_params
+
+    raw = micro_params()
+    raw["detect"]["model"]["norm"] = "bn"
+    raw["detect"]["soft_teacher"]["ema_buffers"] = False
+    with pytest.raises(ParamsError, match=r"detect.soft_teacher.ema_buffers = False: must be true with model.norm 'bn'"):
+        validate_params(raw, "params.yaml")
+    raw["detect"]["soft_teacher"]["ema_buffers"] = True
+    assert validate_params(raw, "params.yaml").detect.soft_teacher.ema_buffers

@@ -70,9 +70,12 @@ def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflo
     assert all(torch.equal(saved[k], teacher[k]) for k in saved)
     assert not torch.equal(saved["blocks.0.attn.qkv.weight"], student["blocks.0.attn.qkv.weight"])
     assert ckpt["extra"]["ibot_loss"]["center"].abs().sum() > 0  # the centres are checkpointed
-    # weight decay followed its cosine schedule to weight_decay_end on the decaying groups only
+    # weight decay followed utils.cosine_scheduler towards weight_decay_end on the decaying groups only:
+    # the last of T steps sets final + (base - final) * 0.5 * (1 + cos(pi * (T - 1) / T))
     groups = ckpt["optimizer"]["param_groups"]
-    assert {round(g["weight_decay"], 6) for g in groups} == {0.0, round(cfg.weight_decay_end, 6)}
+    T = cfg.epochs * (8 * 12 // cfg.batch_size)
+    last_wd = cfg.weight_decay_end + (cfg.weight_decay - cfg.weight_decay_end) * 0.5 * (1 + math.cos(math.pi * (T - 1) / T))
+    assert {round(g["weight_decay"], 6) for g in groups} == {0.0, round(last_wd, 6)}
     # AdamW's step counts: the head's last layer was frozen for freeze_last_layer_epochs, the rest trained every step
     student_net, _ = build_networks(cfg)
     names = [n for g in param_groups(student_net, cfg.weight_decay) for n in g["names"]]
