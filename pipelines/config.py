@@ -710,6 +710,8 @@ def _describe(error: dict, source: str) -> str:
         return f"{source}: {loc}: unknown key"
     if error["type"] == "missing":
         return f"{source}: {loc}: missing key"
+    if error["type"] == "model_type" and error.get("input") is None:
+        return f"{source}: {loc}: empty section (every key is required)"
     value = error.get("input")
     msg = error["msg"].removeprefix("Value error, ")
     return f"{source}: {loc} = {value!r}: {msg}"

@@ -98,6 +98,8 @@ BAD_VALUES = [
     ("prepare.classification.style", DELETE, "prepare.classification.style: missing key"),
     ("runtime", DELETE, "runtime: missing key"),
     ("cka", DELETE, "cka: missing key"),
+    ("pretrain_mae", None, "pretrain_mae: empty section (every key is required)"),
+    ("detect.views.short_side_range", [400, 800, 1200], "detect.views.short_side_range = (400, 800, 1200): Tuple should have at"),
     ("pretrain_ibot.model.preset", DELETE, "pretrain_ibot.model.preset: missing key"),
 ]
 
