@@ -16,19 +16,19 @@ from components.models.vit import load_encoder
 from components.training.optim import param_groups
 from pipelines.config import ParamsError, validate_params
 from pipelines.pretrain_ibot import build_networks
-from tests.pipelines.conftest import (BIN, dvc_repro, kill_at_first_checkpoint, make_project, micro_config, micro_params,
-                                     run)
+from tests.pipelines.conftest import (BIN, dvc_repro, kill_at_first_checkpoint, make_project, merge_overrides,
+                                     micro_config, micro_params, run)
 
 STAGE = "pretrain_ibot"
 
 
 def _copy_with_data(project, dest, **overrides):
-    """A fresh project with the micro params (``overrides`` into pretrain_ibot) and the fixture's prepared data."""
+    """A fresh project with the micro params (``overrides`` merged into pretrain_ibot) and the fixture's data."""
     root = make_project(dest)
     shutil.copytree(project / "data" / "classification", root / "data" / "classification")
     if overrides:
         params = yaml.safe_load((root / "params.yaml").read_text())
-        params[STAGE].update(overrides)
+        params = merge_overrides(params, {STAGE: overrides})
         (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
@@ -148,9 +148,9 @@ def test_bad_params_and_a_missing_split_stop_the_stage_before_writing(tmp_path, 
 
     root = _copy_with_data(project, tmp_path / "split", knn={"labeled_percent": 30})
     proc = run(root, str(BIN / "python"), "-m", f"pipelines.{STAGE}", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a split prepare does not write: caught with the params, before anything is read
     last = proc.stderr.strip().splitlines()[-1]
-    assert "labeled_30_fold0.json" in last and "pretrain_ibot.knn.labeled_percent = 30" in last, last
+    assert "pretrain_ibot.knn.labeled_percent = 30.0: must be one of prepare.classification" in last, last
     assert not (root / "models").exists() and not (root / "metrics").exists()
 
 
