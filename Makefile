@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# The params check first: on a broken params.yaml it prints one line naming file, line and column (or the
+# key), where dvc repro's own YAML parser would print several.
 repro: $(STAMP)
+	$(BIN)/python -m pipelines.config params.yaml
 	$(BIN)/dvc repro
 
 test: $(STAMP) chromium

@@ -136,16 +136,12 @@ def detect(ctx: StageContext) -> dict:
     pretrained = cfg.model.init if spec.backbone != "vit" and cfg.model.init != "scratch" else "none"
     student = create_detector(spec, pretrained=pretrained, encoder_dir=encoder_dir)
     teacher = create_detector(spec)
-    st_cfg = SoftTeacherConfig(
-        unsup_weight=st.unsup_weight, rpn_threshold=st.rpn_threshold, cls_threshold=st.cls_threshold, initial_threshold=st.initial_threshold,
-        reg_uncertainty=st.reg_uncertainty, jitter_times=st.jitter_times, jitter_scale=st.jitter_scale, ema_momentum=st.ema_momentum,
-        ema_buffers=st.ema_buffers, burn_in_steps=st.burn_in_steps if method == "softteacher" else 0,
-    )
+    st_cfg = SoftTeacherConfig(**st.model_dump(exclude={"unlabeled_ratio", "burn_in_steps"}),
+                               burn_in_steps=st.burn_in_steps if method == "softteacher" else 0)
     model = SoftTeacher(student, teacher, st_cfg)
 
     v = cfg.views
-    views = ViewConfig(tuple(v.resize_range), v.flip_p, v.translate, v.rotate, v.shear, tuple(v.erase_n), v.erase_size,
-                       tuple(v.short_side_range) if v.short_side_range else None, cfg.model.max_size)
+    views = ViewConfig(**v.model_dump(exclude={"short_side_range"}), short_side=v.short_side_range, max_size=cfg.model.max_size)
     dataset = SemiSupervisedViews(CocoDetection(labeled), CocoDetection(unlabeled) if ratio else None, category_to_label, ratio, views)
     loader = EpochLoader(dataset, cfg.batch_size, seed=ctx.seed, info=ctx.info, num_workers=ctx.num_workers, collate_fn=collate_views)
     val_set = CocoDetection(val)

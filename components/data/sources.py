@@ -63,7 +63,8 @@ def read_image_folder(root: str | os.PathLike, check_images: bool = True, on_err
 
     With ``check_images`` every image is decoded once; an unreadable one is a DataError, or with
     ``on_error="skip"`` is left out and counted under ``unreadable_images``. A class folder without
-    images is an error, or counted under ``empty_classes`` (the class keeps its label).
+    images is an error, or counted under ``empty_classes`` (the class keeps its label). Fewer than two
+    classes with images is always an error: there is nothing to classify.
     """
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
@@ -96,6 +97,10 @@ def read_image_folder(root: str | os.PathLike, check_images: bool = True, on_err
         items.append((path, int(label)))
     if not items:
         raise DataError(f"{root}: no readable images")
+    with_images = sorted({classes[label] for _, label in items})
+    if len(with_images) < 2:
+        raise DataError(f"{root}: {len(with_images)} class folder(s) with images ({', '.join(with_images)}); "
+                        "classification needs at least 2 (root/<class>/<image>)")
     return classes, items, skipped
 
 

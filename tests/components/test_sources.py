@@ -63,6 +63,18 @@ def test_image_folder_reads_a_tree_and_skips_or_rejects_bad_images(tmp_path):
     assert classes == ["cat", "dog", "empty"] and skipped["empty_classes"] == 1
 
 
+def test_an_image_folder_with_fewer_than_two_classes_is_an_error_naming_the_root(tmp_path):
+    root = tmp_path / "one"
+    _png(root / "cat" / "a1.png")
+    with pytest.raises(DataError, match=r"one: 1 class folder\(s\) with images \(cat\); classification needs at least 2"):
+        read_image_folder(root)
+    (root / "dog").mkdir()  # an empty second class does not make two, even when empty classes are skipped
+    with pytest.raises(DataError, match=r"one: 1 class folder\(s\) with images \(cat\)"):
+        read_image_folder(root, on_error="skip")
+    _png(root / "dog" / "d1.png")
+    assert read_image_folder(root)[0] == ["cat", "dog"]
+
+
 def test_image_folder_missing_directory(tmp_path):
     with pytest.raises(DataError, match="not found") as e:
         read_image_folder(tmp_path / "nowhere")

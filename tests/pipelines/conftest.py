@@ -1,6 +1,6 @@
 """Stage tests run the real CLI (`dvc repro`, `python -m pipelines.<stage>`) in a temporary git + DVC
-copy of the project whose params.yaml is tests/micro.params.yaml and whose MLflow store is a temporary
-SQLite file."""
+copy of the project whose params.yaml is the micro params (params.yaml with tests/micro.params.yaml's
+overrides) and whose MLflow store is a temporary SQLite file."""
 from __future__ import annotations
 
 import os
@@ -19,15 +19,44 @@ COPY = ["components", "pipelines", "dvc.yaml", ".dvcignore", "pyproject.toml", "
 MICRO = REPO / "tests" / "micro.params.yaml"
 
 
+def merge_overrides(base: dict, overrides: dict, where: str = "") -> dict:
+    """``base`` with ``overrides`` merged in, mapping by mapping (a list or a scalar replaces the base's value).
+    An override of a mapping by a non-mapping, or of a non-mapping by a mapping, is an error naming the key;
+    keys the schema does not know are caught when the result is validated."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        path = f"{where}{key}"
+        if isinstance(value, dict):
+            if not isinstance(base.get(key, {}), dict):
+                raise ValueError(f"{MICRO.name}: {path}: a mapping overrides params.yaml's {base[key]!r}")
+            merged[key] = merge_overrides(base.get(key) or {}, value, f"{path}.")
+        elif isinstance(base.get(key), dict):
+            raise ValueError(f"{MICRO.name}: {path} = {value!r}: overrides a whole section of params.yaml")
+        else:
+            merged[key] = value
+    return merged
+
+
 def micro_params() -> dict:
-    """The micro params as a dict, to change a value and validate it."""
-    import yaml
+    """The micro params as a dict (tests/micro.params.yaml merged onto params.yaml), to change a value and
+    validate it. Validated here, so an override the schema does not know fails every test that uses it."""
+    from pipelines.config import read_yaml, validate_params
 
-    return yaml.safe_load(MICRO.read_text())
+    merged = merge_overrides(read_yaml(REPO / "params.yaml"), read_yaml(MICRO))
+    validate_params(merged, f"{MICRO.name} merged onto params.yaml")
+    return merged
 
 
-def make_project(dest: Path, params: Path = MICRO) -> Path:
-    """Copy the project's code and dvc.yaml into ``dest`` as a fresh git + DVC repository."""
+def micro_config():
+    """The validated micro params (``pipelines.config.Params``)."""
+    from pipelines.config import validate_params
+
+    return validate_params(micro_params())
+
+
+def make_project(dest: Path, params: Path | None = None) -> Path:
+    """Copy the project's code and dvc.yaml into ``dest`` as a fresh git + DVC repository whose params.yaml
+    is ``params``, or the micro params (params.yaml with tests/micro.params.yaml's overrides)."""
     dest.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in COPY:
@@ -39,7 +68,12 @@ def make_project(dest: Path, params: Path = MICRO) -> Path:
     (dest / ".dvc").mkdir(exist_ok=True)
     shutil.copy2(REPO / ".dvc" / "config", dest / ".dvc" / "config")
     (dest / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
-    shutil.copy2(params, dest / "params.yaml")
+    if params is None:
+        import yaml
+
+        (dest / "params.yaml").write_text(yaml.safe_dump(micro_params(), sort_keys=False))
+    else:
+        shutil.copy2(params, dest / "params.yaml")
     env = project_env(dest)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)

@@ -107,11 +107,10 @@ def test_a_pretrained_vit_detector_normalises_as_its_encoder(tmp_path):
     from types import SimpleNamespace
 
     from components.models.vit import ViTSpec, create_vit, save_encoder
-    from pipelines.config import load_params
     from pipelines.detect import detector_spec
-    from tests.pipelines.conftest import MICRO
+    from tests.pipelines.conftest import micro_config
 
-    params = load_params(MICRO)
+    params = micro_config()
     vit = ViTSpec(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
     save_encoder(create_vit(vit), vit, tmp_path / "models" / "pretrain_mae", source="pretrain_mae", mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
     section = params.detect.model_copy(update={"model": params.detect.model.model_copy(update={"backbone": "vit", "init": "mae"})})

@@ -71,7 +71,9 @@ def test_a_broken_coco_file_is_one_line_naming_it_and_keeps_earlier_data(tmp_pat
     before = (root / "data" / "detection" / "train.json").read_bytes()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 10, "height": 10}], "categories": [{"id": 1, "name": "x"}]}))
-    _set(root, "prepare.detection", {"source": "coco", "train_images": str(tmp_path), "train_annotations": str(bad), "val_images": str(tmp_path), "val_annotations": str(bad)})
+    detection = yaml.safe_load((root / "params.yaml").read_text())["prepare"]["detection"]
+    _set(root, "prepare.detection", {**detection, "source": "coco", "train_images": str(tmp_path), "train_annotations": str(bad),
+                                     "val_images": str(tmp_path), "val_annotations": str(bad)})
     proc = run(root, str(BIN / "python"), "-m", "pipelines.prepare", check=False)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]

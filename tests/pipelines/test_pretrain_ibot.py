@@ -14,20 +14,21 @@ import yaml
 from components.io import load_safetensors, read_json, torch_load
 from components.models.vit import load_encoder
 from components.training.optim import param_groups
-from pipelines.config import ParamsError, load_params, validate_params
+from pipelines.config import ParamsError, validate_params
 from pipelines.pretrain_ibot import build_networks
-from tests.pipelines.conftest import BIN, MICRO, dvc_repro, kill_at_first_checkpoint, make_project, run
+from tests.pipelines.conftest import (BIN, dvc_repro, kill_at_first_checkpoint, make_project, merge_overrides,
+                                     micro_config, micro_params, run)
 
 STAGE = "pretrain_ibot"
 
 
 def _copy_with_data(project, dest, **overrides):
-    """A fresh project with the micro params (``overrides`` into pretrain_ibot) and the fixture's prepared data."""
+    """A fresh project with the micro params (``overrides`` merged into pretrain_ibot) and the fixture's data."""
     root = make_project(dest)
     shutil.copytree(project / "data" / "classification", root / "data" / "classification")
     if overrides:
         params = yaml.safe_load((root / "params.yaml").read_text())
-        params[STAGE].update(overrides)
+        params = merge_overrides(params, {STAGE: overrides})
         (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
@@ -44,7 +45,7 @@ def test_the_networks_learn_their_position_embedding_and_decay_their_tokens_as_i
     """iBOT's ViT (DINO's ``vision_transformer.py``) learns its position embedding from a truncated-normal
     init (std 0.02), and ``utils.get_params_groups`` exempts only biases and 1-D tensors from weight decay:
     the [CLS] token, the position embedding and the mask embedding are decayed."""
-    cfg = load_params(MICRO).pretrain_ibot
+    cfg = micro_config().pretrain_ibot
     student, teacher = build_networks(cfg)
     pos = student.encoder.pos_embed
     assert pos.requires_grad and not teacher.encoder.pos_embed.requires_grad and torch.equal(pos, teacher.encoder.pos_embed)
@@ -56,7 +57,7 @@ def test_the_networks_learn_their_position_embedding_and_decay_their_tokens_as_i
 
 def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflow_run(project):
     dvc_repro(project, STAGE)
-    cfg = load_params(MICRO).pretrain_ibot
+    cfg = micro_config().pretrain_ibot
     out = project / "models" / STAGE
     encoder, spec = load_encoder(out)  # the shared format every later stage loads
     assert spec == cfg.model.spec()
@@ -133,7 +134,7 @@ def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflo
     ],
 )
 def test_bad_params_are_one_line_naming_the_key(key, value, expected):
-    raw = yaml.safe_load(MICRO.read_text())
+    raw = micro_params()
     raw[STAGE][key] = {**raw[STAGE].get(key, {}), **value} if isinstance(value, dict) else value
     with pytest.raises(ParamsError) as e:
         validate_params(raw, "params.yaml")
@@ -150,9 +151,9 @@ def test_bad_params_and_a_missing_split_stop_the_stage_before_writing(tmp_path, 
 
     root = _copy_with_data(project, tmp_path / "split", knn={"labeled_percent": 30})
     proc = run(root, str(BIN / "python"), "-m", f"pipelines.{STAGE}", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a split prepare does not write: caught with the params, before anything is read
     last = proc.stderr.strip().splitlines()[-1]
-    assert "labeled_30_fold0.json" in last and "pretrain_ibot.knn.labeled_percent = 30" in last, last
+    assert "pretrain_ibot.knn.labeled_percent = 30.0: must be one of prepare.classification" in last, last
     assert not (root / "models").exists() and not (root / "metrics").exists()
 
 
@@ -175,7 +176,7 @@ def test_two_processes_match_one_process_with_the_whole_batch(tmp_path, project)
     by DDP, the centres are all-reduced, the teacher follows the same student (drop path off in both,
     its per-process draws are the one thing that would differ)."""
     dvc_repro(project, "prepare")
-    batch = load_params(MICRO).pretrain_ibot.batch_size
+    batch = micro_config().pretrain_ibot.batch_size
     single = _copy_with_data(project, tmp_path / "single", drop_path=0.0)
     run(single, str(BIN / "python"), "-m", f"pipelines.{STAGE}")
     ddp = _copy_with_data(project, tmp_path / "ddp", drop_path=0.0, batch_size=batch // 2)

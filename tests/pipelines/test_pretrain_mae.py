@@ -15,7 +15,8 @@ from components.io import load_safetensors, read_json
 from components.models.mae import MaskedAutoencoder
 from components.models.vit import load_encoder
 from pipelines.config import ParamsError, load_params, validate_params
-from tests.pipelines.conftest import BIN, MICRO, REPO, dvc_repro, kill_at_first_checkpoint, make_project, run
+from tests.pipelines.conftest import (BIN, REPO, dvc_repro, kill_at_first_checkpoint, make_project, micro_config,
+                                     micro_params, run)
 
 
 
@@ -37,7 +38,7 @@ def _encoder(root):
 
 def test_stage_through_dvc_repro_writes_weights_metrics_figure_and_mlflow_run(project):
     dvc_repro(project, "pretrain_mae")
-    cfg = load_params(MICRO).pretrain_mae
+    cfg = micro_config().pretrain_mae
     out = project / "models" / "pretrain_mae"
     encoder, spec = load_encoder(out)  # the shared format every later stage loads
     assert spec == cfg.model.spec()
@@ -85,7 +86,7 @@ def test_stage_through_dvc_repro_writes_weights_metrics_figure_and_mlflow_run(pr
     ],
 )
 def test_bad_params_are_one_line_naming_the_key(key, value, expected):
-    raw = yaml.safe_load(MICRO.read_text())
+    raw = micro_params()
     raw["pretrain_mae"][key] = value
     with pytest.raises(ParamsError) as e:
         validate_params(raw, "params.yaml")
@@ -110,7 +111,7 @@ def test_two_processes_with_accumulation_match_one_process_with_the_whole_batch(
     """torchrun x 2 with batch_size B/4 and accumulation 2 = one process with batch B: the masking noise
     travels with each sample, and the loader shards the same global batch between ranks."""
     dvc_repro(project, "pretrain_mae")
-    batch = load_params(MICRO).pretrain_mae.batch_size
+    batch = micro_config().pretrain_mae.batch_size
     root = _copy_with_data(project, tmp_path / "ddp", batch_size=batch // 4, effective_batch=batch)
     run(root, str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "pipelines.pretrain_mae")
     metrics = json.loads((root / "metrics" / "pretrain_mae.json").read_text())
