@@ -1,0 +1,113 @@
+"""The documents stay short, free of commit references, linked to files that exist, and the README's
+results table says what the committed metrics say."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipelines import readme_results
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]
+
+# A commit reference: 7-40 hex digits with at least one digit and one letter, as a bare word or in backticks.
+COMMIT = re.compile(r"(?<![\w/.#-])`?(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}`?(?![\w/.-])")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def test_readme_is_at_most_12000_bytes():
+    assert README.stat().st_size <= 12_000, README.stat().st_size
+
+
+def test_commit_pattern_finds_hashes_and_nothing_else():
+    assert COMMIT.search("until `c486366` the tokens") and COMMIT.search("at commit f62dd78, the")
+    assert COMMIT.search("a9f3b2c41e0d5f6a7b8c9d0e1f2a3b4c5d6e7f80 merged")
+    for text in ("1,391 boxes", "decade 2026112", "abcdefab", "0.0001234", "rand-m9-mstd0.5-inc1", "dvc_plots/a1b2c3d4e"):
+        assert not COMMIT.search(text), text
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_no_commit_references(doc):
+    found = [m.group(0) for m in COMMIT.finditer(doc.read_text(encoding="utf-8"))]
+    assert not found, f"{doc.name}: commit references {found}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_relative_links_point_to_existing_files(doc):
+    broken = []
+    for target in LINK.findall(doc.read_text(encoding="utf-8")):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+            continue  # a URL or an anchor in the same page
+        path = (doc.parent / target.split("#")[0]).resolve()
+        if not path.exists():
+            broken.append(target)
+    assert not broken, f"{doc.name}: links to missing files {broken}"
+
+
+def _table(block: str) -> dict[str, str]:
+    rows = [line for line in block.splitlines() if line.startswith("| `")]
+    return {row.split("|")[1].strip().strip("`"): row for row in rows}
+
+
+def test_readme_results_block_is_the_generators_output():
+    head, block, tail = readme_results.split_readme(README.read_text(encoding="utf-8"), README)
+    machine, date = readme_results.provenance(block, README)
+    assert block == readme_results.render(REPO, machine, date), "run: python -m pipelines.readme_results"
+
+
+def test_readme_results_numbers_equal_the_metrics_files():
+    """Independently of the generator's formatting code paths: the headline numbers of every metrics file
+    appear, rounded as printed, in that stage's row."""
+    _, block, _ = readme_results.split_readme(README.read_text(encoding="utf-8"), README)
+    rows = _table(block)
+    m = REPO / "metrics"
+    expected: dict[str, list[str]] = {}
+    mae = json.loads((m / "pretrain_mae.json").read_text())
+    expected["pretrain_mae"] = [f"{mae['val_masked_loss']:.3f}"]
+    ibot = json.loads((m / "pretrain_ibot.json").read_text())
+    expected["pretrain_ibot"] = [f"{ibot['knn_top1']:.1f} %", f"{ibot['teacher_kl']:.2f}"]
+    for path in (m / "finetune").glob("*.json"):
+        d = json.loads(path.read_text())
+        expected[f"finetune@{path.stem}"] = [f"**{d['top1']:.1f} %**"] + [f"{d[k]:.1f}" for k in ("linear_probe_top1", "knn_top1") if k in d]
+    for path in (m / "detect").glob("*.json"):
+        d = json.loads(path.read_text())
+        expected[f"detect@{path.stem}"] = [f"**{d['AP']:.3f}**", f"{d['AP50']:.3f}", f"{d['student']['AP']:.3f}"]
+    cka = json.loads((m / "cka.json").read_text())["summary"]["finetuned__cnn"]
+    expected["cka"] = [f"{cka['lowest_layers']:.2f}", f"{cka['top_vit_best_cnn']:.2f}"]
+    assert set(expected) <= set(rows), f"stages missing from the README table: {sorted(set(expected) - set(rows))}"
+    for stage, numbers in expected.items():
+        for number in numbers:
+            assert number in rows[stage], f"README row {stage}: {number} not in {rows[stage]!r}"
+
+
+def test_generator_rewrites_a_stale_block_and_check_catches_it(tmp_path):
+    project = tmp_path / "p"
+    shutil.copytree(REPO / "metrics", project / "metrics")
+    readme = project / "README.md"
+    readme.write_text(README.read_text(encoding="utf-8"), encoding="utf-8")
+    mae = project / "metrics" / "pretrain_mae.json"
+    d = json.loads(mae.read_text())
+    d["val_masked_loss"] = 0.123456
+    mae.write_text(json.dumps(d))
+    args = ["--readme", str(readme), "--root", str(project)]
+    assert readme_results.main([*args, "--check"]) == 1
+    assert readme_results.main(args) == 0
+    assert "held-out masked-patch loss 0.123 " in readme.read_text()
+    assert readme_results.main([*args, "--check"]) == 0
+    assert readme_results.main([*args, "--machine", "an H200", "--date", "2027-01-02"]) == 0
+    assert "Measured on 2027-01-02, on an H200, by `make repro`" in readme.read_text()
+    assert readme.read_text().endswith(README.read_text(encoding="utf-8").split(readme_results.END)[1])
+
+
+def test_generator_names_a_missing_metrics_file(tmp_path, capsys):
+    (tmp_path / "metrics").mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text(README.read_text(encoding="utf-8"), encoding="utf-8")
+    assert readme_results.main(["--readme", str(readme), "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prepare.json: metrics file not found" in err
