@@ -28,7 +28,7 @@ from components.models.detection import DetectorSpec, create_detector, save_dete
 from components.models.vit import read_normalisation, read_spec
 from components.semisup.soft_teacher import SoftTeacher, SoftTeacherConfig
 from components.training.distributed import EpochLoader
-from components.training.engine import TrainConfig, Trainer
+from components.training.engine import TrainConfig, Trainer, compile_backend
 from components.training.optim import FINETUNE_NO_DECAY, param_groups
 from components.training.schedules import multistep
 from pipelines.common import StageContext, run_stage
@@ -116,6 +116,16 @@ def evaluate(model: torch.nn.Module, val: dict, dataset: CocoDetection, label_to
     return coco_evaluate(val, to_coco_results(detections, label_to_category)), detections
 
 
+def compile_backbones(*detectors: torch.nn.Module) -> None:
+    """``runtime.compile`` for detectors: the backbones (ResNet/ViT + FPN, most of the FLOPs) in place, with
+    dynamic shapes. The whole Soft Teacher step does not compile usefully: the RPN, RoI pooling and
+    pseudo-box code are data-dependent (torchvision's ``MultiScaleRoIAlign`` breaks the graph) and every
+    new image size recompiles; on an H200 four smoke steps had not finished after 106 s, and on a CPU
+    two Soft Teacher steps took 459 s (benchmarks/README.md)."""
+    for detector in detectors:
+        detector.backbone.compile(dynamic=True, backend=compile_backend())
+
+
 def detect(ctx: StageContext) -> dict:
     """Train one method on one labeled split and evaluate teacher and student on the held-out scenes."""
     cfg = ctx.section
@@ -139,6 +149,8 @@ def detect(ctx: StageContext) -> dict:
     st_cfg = SoftTeacherConfig(**st.model_dump(exclude={"unlabeled_ratio", "burn_in_steps"}),
                                burn_in_steps=st.burn_in_steps if method == "softteacher" else 0)
     model = SoftTeacher(student, teacher, st_cfg)
+    if ctx.params.runtime.compile:
+        compile_backbones(student, teacher)
 
     v = cfg.views
     views = ViewConfig(**v.model_dump(exclude={"short_side_range"}), short_side=v.short_side_range, max_size=cfg.model.max_size)
@@ -157,7 +169,7 @@ def detect(ctx: StageContext) -> dict:
     train_cfg = TrainConfig(
         total_steps=cfg.steps, batch_size=cfg.batch_size * (1 + ratio), clip_grad=cfg.clip_grad, precision=ctx.precision,
         ckpt_dir=ctx.checkpoint_dir, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, fingerprint=ctx.fingerprint(method, percent, ctx.root / DATA, *([encoder_dir] if encoder_dir else [])),
-        desc=ctx.stage_id, progress=ctx.params.runtime.progress, compile=ctx.params.runtime.compile,
+        desc=ctx.stage_id, progress=ctx.params.runtime.progress,
     )
 
     def on_log(step: int, record: dict) -> None:

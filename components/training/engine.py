@@ -60,15 +60,19 @@ class TrainConfig:
     desc: str = "train"
     progress: bool = True
     compile: bool = False
-    # torch.compile's backend; MIMFLOW_COMPILE_BACKEND=aot_eager captures the same graphs and AOT autograd
-    # without inductor's code generation (the CPU smoke runs of the GPU profile, benchmarks/gpu_check.py)
-    compile_backend: str = field(default_factory=lambda: os.environ.get("MIMFLOW_COMPILE_BACKEND", "inductor"))
+    compile_backend: str = field(default_factory=lambda: compile_backend())
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.clip_mode not in ("norm", "per_param"):
             raise ValueError(f"clip_mode must be 'norm' or 'per_param', got {self.clip_mode!r}")
+
+
+def compile_backend() -> str:
+    """torch.compile's backend: inductor, or ``MIMFLOW_COMPILE_BACKEND`` (``aot_eager`` captures the same graphs
+    and AOT autograd without inductor's code generation: the CPU smoke runs of the GPU profile)."""
+    return os.environ.get("MIMFLOW_COMPILE_BACKEND", "inductor")
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
