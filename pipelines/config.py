@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -31,6 +31,17 @@ class Section(BaseModel):
 
 
 Percent = float
+
+
+def check_seeds(seeds: list[int]) -> list[int]:
+    """A section's ``seeds``: the runs of a matrix stage, one per seed (dvc.yaml expands them)."""
+    if not seeds:
+        raise ValueError("must list at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("must not repeat a seed")
+    if any(s < 0 for s in seeds):
+        raise ValueError("seeds must be >= 0")
+    return seeds
 
 
 # --------------------------------------------------------------------------- runtime, tracking
@@ -388,6 +399,7 @@ class FinetuneKNN(Section):
 class Finetune(Section):
     """Fine-tuning of every init (scratch, mae, ibot, cnn) on one labeled split; shared data and schedule."""
 
+    seeds: list[StrictInt] = Field(default_factory=lambda: [0])  # finetune@<init>-<seed>: one run per seed
     labeled_percent: float = Field(10.0, gt=0, le=100)  # one of prepare.classification.labeled_percents
     fold: int = Field(0, ge=0)
     epochs: int = Field(30, ge=1)
@@ -412,6 +424,8 @@ class Finetune(Section):
     cnn: FinetuneCNN = FinetuneCNN()
     linear_probe: FinetuneProbe = FinetuneProbe()
     knn: FinetuneKNN = FinetuneKNN()
+
+    _seeds = field_validator("seeds")(check_seeds)
 
     @model_validator(mode="after")
     def _check(self):
@@ -520,6 +534,7 @@ class Detect(Section):
     """detect@<method>-<percent>: the supervised baseline and Soft Teacher on the same detector and
     schedule, for every labeled percent of prepare.detection.labeled_percents (the dvc.yaml matrix)."""
 
+    seeds: list[StrictInt] = Field(default_factory=lambda: [0])  # detect@<method>-<percent>-<seed>: one run per seed
     fold: int = Field(0, ge=0)  # which fold of prepare's splits
     class_agnostic: bool = False  # merge every category into one "object" class (training and AP)
     model: DetectModel = DetectModel()
@@ -542,6 +557,8 @@ class Detect(Section):
     figure_score: float = Field(0.5, ge=0, le=1)  # detections drawn in the figure: score >= this
     ckpt_every: int = Field(1000, ge=1)
     log_every: int = Field(20, ge=1)
+
+    _seeds = field_validator("seeds")(check_seeds)
 
     @model_validator(mode="after")
     def _check(self):
