@@ -29,3 +29,16 @@ def test_build_claims_picks_the_best_model_and_every_percent():
     assert claims["best_model_vs_pixels"].a.values == {0: 25.0, 1: 26.0}
     assert {k for k in claims if k.startswith("detect")} == {f"detect_softteacher_vs_supervised_{w}_ap_{p}" for w in ("teacher", "student") for p in (5, 10)}
     assert claims["detect_softteacher_vs_supervised_student_ap_5"].a.values == {0: 0.2, 1: 0.2}
+
+
+@pytest.mark.parametrize("section", ["finetune", "detect"])
+@pytest.mark.parametrize("seeds, message", [([], "must list at least one seed"), ([0, 1, 0], "must not repeat a seed"),
+                                            ([0, 1.5], "Input should be a valid integer"), (["1"], "Input should be a valid integer"),
+                                            ([-1], "seeds must be >= 0"), (2, "Input should be a valid list")])
+def test_bad_seeds_lists_are_one_line_params_errors(section, seeds, message):
+    from pipelines.config import ParamsError, validate_params
+
+    with pytest.raises(ParamsError) as e:
+        validate_params({section: {"seeds": seeds}})
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(f"params.yaml: {section}.seeds") and message in line
