@@ -248,7 +248,7 @@ def cka_table(stages: list[StageOutputs]) -> Table | None:
     return t
 
 
-def stage_times(stages: list[StageOutputs], root: Path) -> Table:
+def stage_times(stages: list[StageOutputs]) -> Table:
     t = Table("Wall time per stage", ["stage", "seconds"])
     total = 0.0
     for s in stages:
@@ -333,7 +333,7 @@ def report(ctx: StageContext) -> dict:
     claims = claims_table(judged)
     write_text(out / "claims.md", claims.markdown(heading=False))
     tables = [claims, pretraining_table(stages), finetune_table(stages), detection_table(stages)]
-    tables += [t for t in (cka_table(stages),) if t is not None] + [stage_times(stages, ctx.root)]
+    tables += [t for t in (cka_table(stages),) if t is not None] + [stage_times(stages)]
     title = ctx.section.title
     figures_dir = out / "figures"
     if figures_dir.exists():

@@ -24,7 +24,7 @@ def test_logistic_regression_converges_to_the_optimum_of_its_objective():
     w_, b_ = w.double().requires_grad_(), b.double().requires_grad_()
     loss = F.cross_entropy(x.double() @ w_.T + b_, y) + 0.5 * (1 / 60) * (w_ * w_).sum()
     loss.backward()
-    assert w_.grad.abs().max() < 1e-4 and b_.grad.abs().max() < 1e-4
+    assert w_.grad.abs().max() <= 1e-4 and b_.grad.abs().max() <= 1e-4
     # and a perturbed solution is worse
     with torch.no_grad():
         worse = F.cross_entropy(x.double() @ (w_ + 0.05).T + b_, y) + 0.5 * (1 / 60) * ((w_ + 0.05) ** 2).sum()

@@ -24,6 +24,8 @@ def full_run(project):
     return project
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(1800)
 def test_whole_dag_through_dvc_repro(full_run):
     status = run(full_run, str(BIN / "dvc"), "status").stdout
     assert "up to date" in status, status
@@ -39,6 +41,8 @@ def test_whole_dag_through_dvc_repro(full_run):
         assert f"## {section}" in summary
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(1800)
 def test_results_page_loads_every_figure_and_holds_numbers(full_run):
     browser = chromium()
     if browser is None:
@@ -69,6 +73,8 @@ CLAIMS = {"finetune_mae_vs_scratch", "finetune_ibot_vs_scratch", "probe_mae_vs_s
           "finetune_cnn_vs_scratch", "best_model_vs_pixels"}
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(1800)
 def test_claims_over_two_seeds_and_the_baselines_on_the_models_split(full_run):
     """Every claim is judged on the micro params' two seeds; the raw-pixel baselines used the models' split."""
     params = yaml.safe_load((full_run / "params.yaml").read_text())
