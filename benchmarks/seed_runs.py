@@ -8,6 +8,7 @@ Each run is ``python -m pipelines.<stage> --params <copy> ...`` with ``runtime.t
 and tracking off, in a copy of the project under ``--out``; per-run wall times (process start included)
 go to ``runs.json``, the claims (``pipelines.claims``) for the first 2, 3, ... seeds to ``claims.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.claims import build_claims  # noqa: E402
 
-
 START = time.perf_counter()
 BUDGET_S = [float("inf")]
 
@@ -37,8 +37,13 @@ def run(cmd: list[str], cwd: Path, log: Path) -> dict:
     if t - START > BUDGET_S[0]:
         return {"cmd": " ".join(cmd[:1] + cmd[3:]), "rc": None, "wall_s": 0.0, "skipped": "past --budget-s"}
     with log.open("w") as f:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(cwd), os.environ.get("PYTHONPATH")) if p)}  # the copy's code, also where the project is pip-installed in editable mode
-        rc = subprocess.run([sys.executable, "-m", *cmd], cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(cwd), os.environ.get("PYTHONPATH")) if p),
+        }  # the copy's code, also where the project is pip-installed in editable mode
+        rc = subprocess.run(
+            [sys.executable, "-m", *cmd], cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env
+        ).returncode
     return {"cmd": " ".join(cmd[:1] + cmd[3:]), "rc": rc, "wall_s": round(time.perf_counter() - t, 2)}
 
 
@@ -57,8 +62,24 @@ def main() -> int:
     work = args.out / "project"
     if work.exists():
         shutil.rmtree(work)
-    outputs = {".git", ".venv", ".whl", "data", "models", "metrics", "plots", "checkpoints", "reports", "mlflow.db", "benchmarks"}
-    shutil.copytree(ROOT, work, ignore=lambda d, names: [n for n in names if n == "__pycache__" or (Path(d) == ROOT and n in outputs)])
+    outputs = {
+        ".git",
+        ".venv",
+        ".whl",
+        "data",
+        "models",
+        "metrics",
+        "plots",
+        "checkpoints",
+        "reports",
+        "mlflow.db",
+        "benchmarks",
+    }
+    shutil.copytree(
+        ROOT,
+        work,
+        ignore=lambda d, names: [n for n in names if n == "__pycache__" or (Path(d) == ROOT and n in outputs)],
+    )
     params = yaml.safe_load(args.params.read_text())
     params["runtime"].update(threads=args.threads, device="cpu", progress=False)
     params["tracking"]["enabled"] = False
@@ -80,9 +101,17 @@ def main() -> int:
     first = [["pipelines.pretrain_mae", *pp], ["pipelines.pretrain_ibot", *pp], ["pipelines.baselines", *pp]]
     with ThreadPoolExecutor(3) as pool:
         records += list(pool.map(lambda c: run(c, work, logs / f"{c[0].split('.')[1]}.log"), first))
-    matrix = [["pipelines.detect", *pp, "--variant", f"{m}-{pct:g}", "--seed", str(s)]
-              for s in args.seeds for pct in params["prepare"]["detection"]["labeled_percents"] for m in ("softteacher", "supervised")]
-    matrix += [["pipelines.finetune", *pp, "--init", i, "--seed", str(s)] for s in args.seeds for i in ("mae", "scratch", "ibot", "cnn")]
+    matrix = [
+        ["pipelines.detect", *pp, "--variant", f"{m}-{pct:g}", "--seed", str(s)]
+        for s in args.seeds
+        for pct in params["prepare"]["detection"]["labeled_percents"]
+        for m in ("softteacher", "supervised")
+    ]
+    matrix += [
+        ["pipelines.finetune", *pp, "--init", i, "--seed", str(s)]
+        for s in args.seeds
+        for i in ("mae", "scratch", "ibot", "cnn")
+    ]
     with ThreadPoolExecutor(args.jobs) as pool:
         records += list(pool.map(lambda c: run(c, work, logs / ("_".join(c[4:]) + ".log")), matrix))
     (args.out / "runs.json").write_text(json.dumps(records, indent=1))
@@ -94,13 +123,21 @@ def main() -> int:
     done = [s for s in args.seeds if all(r["rc"] == 0 for r in records if r["cmd"].endswith(f"--seed {s}"))]
     for n in range(2, len(done) + 1):
         keep = set(done[:n])
-        judged[n] = [c.judge() for c in build_claims([m for m in ft if m["seed"] in keep], [m for m in det if m["seed"] in keep], base)]
-    (args.out / "claims.json").write_text(json.dumps({"runs": records, "claims": judged, "finetune": ft, "detect": det, "baselines": base}, indent=1))
+        judged[n] = [
+            c.judge()
+            for c in build_claims([m for m in ft if m["seed"] in keep], [m for m in det if m["seed"] in keep], base)
+        ]
+    (args.out / "claims.json").write_text(
+        json.dumps({"runs": records, "claims": judged, "finetune": ft, "detect": det, "baselines": base}, indent=1)
+    )
     for n, claims in judged.items():
         print(f"--- {n} seeds")
         for c in claims:
             ci = "-" if c["ci_low"] is None else f"[{c['ci_low']:.3f}, {c['ci_high']:.3f}]"
-            print(f"{c['id']:52s} {c['verdict']:13s} diff {c['diff']:8.3f} {ci}  A {c['a']['mean']:.3f} B {c['b']['mean']:.3f}")
+            print(
+                f"{c['id']:52s} {c['verdict']:13s} diff {c['diff']:8.3f} {ci}  "
+                f"A {c['a']['mean']:.3f} B {c['b']['mean']:.3f}"
+            )
     for r in records:
         print(f"{r['wall_s']:8.1f} s rc {r['rc']} {r['cmd']}")
     return 0 if all(r["rc"] in (0, None) for r in records) else 1

@@ -7,6 +7,7 @@ normalisation (``finetune.eval_crop_pct``, ``finetune.mean/std``) as the classif
 ``metrics/baselines.json``; the report shows it beside the models and the claims compare the best
 model with it. Deterministic: no seed enters.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,22 +43,45 @@ def baselines(ctx: StageContext) -> dict:
     split = DATA / "splits" / f"labeled_{ft.labeled_percent:g}_fold{ft.fold}.json"
     if not (ctx.root / split).is_file():
         have = ctx.params.prepare.classification
-        raise DataError(f"{ctx.root / split}: no labeled split for finetune.labeled_percent = {ft.labeled_percent:g}, finetune.fold = {ft.fold} "
-                        f"(prepare.classification.labeled_percents = {have.labeled_percents}, folds = {have.folds})")
+        raise DataError(
+            f"{ctx.root / split}: no labeled split for finetune.labeled_percent = {ft.labeled_percent:g}, "
+            f"finetune.fold = {ft.fold} "
+            f"(prepare.classification.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
+        )
     labeled = read_labeled_indices(ctx.root / split, len(index.train))
-    _, eval_tf = finetune_transforms(index.image_size, None, 0.0, tuple(ft.crop_scale), tuple(ft.mean), tuple(ft.std), eval_crop_pct=ft.eval_crop_pct)
+    _, eval_tf = finetune_transforms(
+        index.image_size, None, 0.0, tuple(ft.crop_scale), tuple(ft.mean), tuple(ft.std), eval_crop_pct=ft.eval_crop_pct
+    )
     t = time.perf_counter()
     train_x, train_y = pixels([index.train[i] for i in labeled], eval_tf)
     val_x, val_y = pixels(index.val, eval_tf)
-    res = pixel_baselines(train_x, train_y, val_x, val_y, len(index.classes), k=ft.knn.k, temperature=ft.knn.temperature)
+    res = pixel_baselines(
+        train_x, train_y, val_x, val_y, len(index.classes), k=ft.knn.k, temperature=ft.knn.temperature
+    )
     info = res.pop("logistic")
     if not info["converged"]:
-        log.warning("logistic regression stopped at gradient %.2e after %d iterations", info["grad_max"], info["iterations"])
-    log.info("raw pixels: logistic %.1f %%, k-NN %.1f %% (%d labeled, %d held-out)", res["logistic_top1"], res["knn_top1"], len(labeled), len(index.val))
+        log.warning(
+            "logistic regression stopped at gradient %.2e after %d iterations", info["grad_max"], info["iterations"]
+        )
+    log.info(
+        "raw pixels: logistic %.1f %%, k-NN %.1f %% (%d labeled, %d held-out)",
+        res["logistic_top1"],
+        res["knn_top1"],
+        len(labeled),
+        len(index.val),
+    )
     return {
-        **res, "logistic_iterations": info["iterations"], "logistic_converged": info["converged"], "logistic_l2": info["l2"],
-        "features": int(train_x.shape[1]), "labeled_images": len(labeled), "val_images": len(index.val), "classes": len(index.classes),
-        "split": str(split), "split_digest": split_digest(labeled), "fit_s": round(time.perf_counter() - t, 2),
+        **res,
+        "logistic_iterations": info["iterations"],
+        "logistic_converged": info["converged"],
+        "logistic_l2": info["l2"],
+        "features": int(train_x.shape[1]),
+        "labeled_images": len(labeled),
+        "val_images": len(index.val),
+        "classes": len(index.classes),
+        "split": str(split),
+        "split_digest": split_digest(labeled),
+        "fit_s": round(time.perf_counter() - t, 2),
     }
 
 

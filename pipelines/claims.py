@@ -6,6 +6,7 @@ paired t interval; sides without common seeds get Welch's; a side that is one fi
 raw-pixel baseline, which no seed enters) is compared as a one-sample t interval of A - baseline.
 The statistics are ``components.evaluation.stats``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,12 +55,28 @@ class Claim:
 
         def side(s: Side, values: list[float]) -> dict:
             mean, se = mean_se(values)
-            return {"label": s.label, "mean": mean, "se": se, "values": {str(k): v for k, v in sorted(s.values.items())}}
+            return {
+                "label": s.label,
+                "mean": mean,
+                "se": se,
+                "values": {str(k): v for k, v in sorted(s.values.items())},
+            }
 
         return {
-            "id": self.id, "claim": self.statement, "metric": self.metric, "n": ci.n, "seeds": seeds, "test": test,
-            "a": side(self.a, a), "b": side(self.b, b if not self.b.fixed else [self.b.values[-1]]),
-            "diff": ci.diff, "ci_low": ci.low, "ci_high": ci.high, "df": ci.df, "level": ci.level, "verdict": ci.verdict,
+            "id": self.id,
+            "claim": self.statement,
+            "metric": self.metric,
+            "n": ci.n,
+            "seeds": seeds,
+            "test": test,
+            "a": side(self.a, a),
+            "b": side(self.b, b if not self.b.fixed else [self.b.values[-1]]),
+            "diff": ci.diff,
+            "ci_low": ci.low,
+            "ci_high": ci.high,
+            "df": ci.df,
+            "level": ci.level,
+            "verdict": ci.verdict,
         }
 
 
@@ -85,39 +102,88 @@ def build_claims(finetune: list[dict], detect: list[dict], baselines: dict | Non
         return Side(INIT_LABELS[init], runs(finetune, key, init=init))
 
     claims = [
-        Claim("finetune_mae_vs_scratch", "MAE pretraining beats training from scratch (fine-tune top-1 %)", "top1",
-              ft("mae", "top1"), ft("scratch", "top1")),
-        Claim("finetune_ibot_vs_scratch", "iBOT pretraining beats training from scratch (fine-tune top-1 %)", "top1",
-              ft("ibot", "top1"), ft("scratch", "top1")),
-        Claim("probe_mae_vs_scratch", "MAE's frozen encoder beats a random one (linear probe top-1 %)", "linear_probe_top1",
-              ft("mae", "linear_probe_top1"), ft("scratch", "linear_probe_top1")),
-        Claim("probe_ibot_vs_scratch", "iBOT's frozen encoder beats a random one (linear probe top-1 %)", "linear_probe_top1",
-              ft("ibot", "linear_probe_top1"), ft("scratch", "linear_probe_top1")),
-        Claim("knn_ibot_vs_random", "iBOT's teacher represents the images better than a random encoder (k-NN top-1 %, same split)",
-              "knn_top1", ft("ibot", "knn_top1"), ft("scratch", "knn_top1")),
-        Claim("finetune_cnn_vs_scratch", "A CNN beats a ViT trained from scratch on few labels (fine-tune top-1 %)", "top1",
-              ft("cnn", "top1"), ft("scratch", "top1")),
+        Claim(
+            "finetune_mae_vs_scratch",
+            "MAE pretraining beats training from scratch (fine-tune top-1 %)",
+            "top1",
+            ft("mae", "top1"),
+            ft("scratch", "top1"),
+        ),
+        Claim(
+            "finetune_ibot_vs_scratch",
+            "iBOT pretraining beats training from scratch (fine-tune top-1 %)",
+            "top1",
+            ft("ibot", "top1"),
+            ft("scratch", "top1"),
+        ),
+        Claim(
+            "probe_mae_vs_scratch",
+            "MAE's frozen encoder beats a random one (linear probe top-1 %)",
+            "linear_probe_top1",
+            ft("mae", "linear_probe_top1"),
+            ft("scratch", "linear_probe_top1"),
+        ),
+        Claim(
+            "probe_ibot_vs_scratch",
+            "iBOT's frozen encoder beats a random one (linear probe top-1 %)",
+            "linear_probe_top1",
+            ft("ibot", "linear_probe_top1"),
+            ft("scratch", "linear_probe_top1"),
+        ),
+        Claim(
+            "knn_ibot_vs_random",
+            "iBOT's teacher represents the images better than a random encoder (k-NN top-1 %, same split)",
+            "knn_top1",
+            ft("ibot", "knn_top1"),
+            ft("scratch", "knn_top1"),
+        ),
+        Claim(
+            "finetune_cnn_vs_scratch",
+            "A CNN beats a ViT trained from scratch on few labels (fine-tune top-1 %)",
+            "top1",
+            ft("cnn", "top1"),
+            ft("scratch", "top1"),
+        ),
     ]
     for pct in sorted({float(m["percent"]) for m in detect}):
         for who in ("teacher", "student"):
-            claims.append(Claim(
-                f"detect_softteacher_vs_supervised_{who}_ap_{pct:g}",
-                f"Soft Teacher beats the supervised baseline at {pct:g} % labels ({who} COCO AP)", f"{who}.AP",
-                Side("Soft Teacher", runs(detect, f"{who}.AP", method="softteacher", percent=pct)),
-                Side("supervised", runs(detect, f"{who}.AP", method="supervised", percent=pct)),
-            ))
+            claims.append(
+                Claim(
+                    f"detect_softteacher_vs_supervised_{who}_ap_{pct:g}",
+                    f"Soft Teacher beats the supervised baseline at {pct:g} % labels ({who} COCO AP)",
+                    f"{who}.AP",
+                    Side("Soft Teacher", runs(detect, f"{who}.AP", method="softteacher", percent=pct)),
+                    Side("supervised", runs(detect, f"{who}.AP", method="supervised", percent=pct)),
+                )
+            )
     if baselines is not None:
-        means = {init: sum(v) / len(v) for init in INIT_LABELS if (v := list(runs(finetune, "top1", init=init).values()))}
+        means = {
+            init: sum(v) / len(v) for init in INIT_LABELS if (v := list(runs(finetune, "top1", init=init).values()))
+        }
         if means:
             best = max(means, key=means.get)
-            claims.append(Claim(
-                "best_model_vs_pixels", f"The best model ({INIT_LABELS[best]}) beats logistic regression on raw pixels (top-1 %)", "top1",
-                ft(best, "top1"), Side("raw pixels, logistic regression", {-1: float(baselines["logistic_top1"])}),
-            ))
+            claims.append(
+                Claim(
+                    "best_model_vs_pixels",
+                    f"The best model ({INIT_LABELS[best]}) beats logistic regression on raw pixels (top-1 %)",
+                    "top1",
+                    ft(best, "top1"),
+                    Side("raw pixels, logistic regression", {-1: float(baselines["logistic_top1"])}),
+                )
+            )
     return claims
 
 
 def claims_metrics(judged: list[dict]) -> dict:
-    """metrics/claims.json for `dvc metrics show`: per claim, numbers only (verdict 1 holds, 0 inside noise, -1 reversed)."""
-    return {c["id"]: {"diff": c["diff"], "ci_low": c["ci_low"], "ci_high": c["ci_high"], "n": c["n"], "verdict": VERDICT_CODE[c["verdict"]]}
-            for c in judged}
+    """metrics/claims.json for `dvc metrics show`: per claim, numbers only
+    (verdict 1 holds, 0 inside noise or too few seeds, -1 reversed)."""
+    return {
+        c["id"]: {
+            "diff": c["diff"],
+            "ci_low": c["ci_low"],
+            "ci_high": c["ci_high"],
+            "n": c["n"],
+            "verdict": VERDICT_CODE[c["verdict"]],
+        }
+        for c in judged
+    }

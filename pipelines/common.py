@@ -161,14 +161,21 @@ def setup_logging(is_main: bool) -> None:
 
 
 def _section_params(params: Params, name: str) -> dict:
-    """The params an MLflow run records: the stage's own section (a stage without one, like baselines, reads others') and runtime."""
+    """The params an MLflow run records: the stage's own section (a stage without one, like baselines,
+    reads others') and runtime."""
     own = {name: getattr(params, name).model_dump(mode="json")} if name in Params.model_fields else {}
     return {**own, "runtime": params.runtime.model_dump(mode="json")}
 
 
-def run_stage(name: str, body: Callable[[StageContext], dict], variant_arg: str | None = None, variants: tuple[str, ...] = (),
-              seeded: bool = False) -> None:
-    """Command-line entry point of a stage: ``python -m pipelines.<name> [--params FILE] [--<variant_arg> X] [--seed N]``.
+def run_stage(
+    name: str,
+    body: Callable[[StageContext], dict],
+    variant_arg: str | None = None,
+    variants: tuple[str, ...] = (),
+    seeded: bool = False,
+) -> None:
+    """Command-line entry point of a stage:
+    ``python -m pipelines.<name> [--params FILE] [--<variant_arg> X] [--seed N]``.
 
     A seeded stage (``seeded``) runs once per seed of its section's ``seeds``; ``--seed`` picks one
     (default: the first) and the run's name, outputs and MLflow tags carry it."""
@@ -193,8 +200,14 @@ def run_seed(params: Params, name: str, seed: int | None) -> int:
     return seed
 
 
-def main(name: str, body: Callable[[StageContext], dict], params_path: Path, variant: str | None = None, seed: int | None = None,
-         seeded: bool = False) -> int:
+def main(
+    name: str,
+    body: Callable[[StageContext], dict],
+    params_path: Path,
+    variant: str | None = None,
+    seed: int | None = None,
+    seeded: bool = False,
+) -> int:
     """Run a stage body; returns the process exit code."""
     info = DistInfo()
     setup_logging(True)
@@ -222,8 +235,10 @@ def main(name: str, body: Callable[[StageContext], dict], params_path: Path, var
         if seeded:
             tags.update(seed=str(seed), item=item or "")
         tracker.start(stage_id, _section_params(params, name), tags=tags or None)
-        ctx = StageContext(name=name, params=params, device=device, precision=precision, info=info, tracker=tracker, variant=variant,
-                           item=item, run_seed=seed if seeded else None, root=root)
+        ctx = StageContext(
+            name=name, params=params, device=device, precision=precision, info=info, tracker=tracker,
+            variant=variant, item=item, run_seed=seed if seeded else None, root=root,
+        )
         log.info("%s on %s (%s), %d process(es), seed %d", stage_id, device, precision, info.world_size, ctx.seed)
         metrics = body(ctx) or {}
         if info.is_main:

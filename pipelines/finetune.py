@@ -8,7 +8,8 @@ drop path, Mixup/CutMix + label smoothing, RandAugment, random erasing, AdamW, w
 against. Before fine-tuning, each ViT encoder is also evaluated frozen: a linear probe and a weighted
 k-NN on its [CLS] feature (for ``scratch`` that is the random init, the floor the pretrained ones must beat).
 
-Writes (``<run>`` = ``<init>-<seed>``) ``models/finetune/<run>/model.{safetensors,json}``, ``metrics/finetune/<run>.json``,
+Writes (``<run>`` = ``<init>-<seed>``) ``models/finetune/<run>/model.{safetensors,json}``,
+``metrics/finetune/<run>.json``,
 ``plots/finetune/<run>/`` (per-epoch train/val CSVs, predictions for dvc's confusion template and a
 confusion-matrix figure), resumable checkpoints in ``checkpoints/finetune/<run>/``, and the
 classifier to MLflow (registered as ``mimflow-finetune-<init>``; the registry alias moves to this
@@ -131,8 +132,11 @@ def finetune(ctx: StageContext) -> dict:
     eval_loader = lambda items: DataLoader(ImageListDataset(items, eval_tf), batch_size=cfg.eval_batch_size, num_workers=ctx.num_workers)  # noqa: E731
     val_loader = eval_loader(index.val)
 
-    metrics: dict = {"init": init, "seed": ctx.seed, "split": str(split_path.relative_to(ctx.root)), "split_digest": split_digest(labeled),
-                     "labeled_images": len(labeled), "val_images": len(index.val), "classes": num_classes}
+    metrics: dict = {
+        "init": init, "seed": ctx.seed,
+        "split": str(split_path.relative_to(ctx.root)), "split_digest": split_digest(labeled),
+        "labeled_images": len(labeled), "val_images": len(index.val), "classes": num_classes,
+    }
     if init != "cnn" and ctx.is_main and (cfg.linear_probe.enabled or cfg.knn.enabled):
         t = time.perf_counter()
         metrics.update(frozen_evaluation(ctx, init, encoder_dir or read_meta_spec(meta), eval_loader(train_items), val_loader, num_classes))

@@ -12,6 +12,7 @@ mean and s.e., the paired difference with its 95 % t interval, the verdict), ``m
 copied into ``reports/figures/`` so the page is self-contained). Logged to MLflow; under the Prefect
 flow the summary is also published as a Markdown artifact (by the flow's stage task).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -138,17 +139,26 @@ class Table:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self.rows)
         note = f"<p class='note'>{html.escape(self.note)}</p>" if self.note else ""
-        return f"<section><h2>{html.escape(self.title)}</h2>{note}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>"
+        table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return f"<section><h2>{html.escape(self.title)}</h2>{note}{table}</section>"
 
 
 def claims_table(judged: list[dict]) -> Table:
-    t = Table("Claims", ["claim", "verdict", "difference (A − B)", "95 % CI", "n", "A: mean ± s.e.", "B: mean ± s.e.", "test"],
-              note=("Each claim compares A with B over seeds; runs of one seed share the labeled split, data order and init and are "
-                    "paired. holds: the 95 % t interval of the mean difference lies above 0; inside noise: it contains 0; "
-                    "reversed: it lies below 0."))
+    t = Table(
+        "Claims",
+        ["claim", "verdict", "difference (A − B)", "95 % CI", "n", "A: mean ± s.e.", "B: mean ± s.e.", "test"],
+        note=(
+            "Each claim compares A with B over seeds; runs of one seed share the labeled split, data order and init "
+            "and are "
+            "paired. holds: the 95 % t interval of the mean difference lies above 0; inside noise: it contains 0; "
+            "reversed: it lies below 0."
+        ),
+    )
     for c in judged:
         ci = "—" if c["ci_low"] is None else f"[{fmt(c['ci_low'], 3)}, {fmt(c['ci_high'], 3)}]"
-        side = lambda s: f"{s['label']}: {fmt(s['mean'], 3)}" + ("" if s["se"] is None else f" ± {fmt(s['se'], 3)}")  # noqa: E731
+        side = lambda s: f"{s['label']}: {fmt(s['mean'], 3)}" + (
+            "" if s["se"] is None else f" ± {fmt(s['se'], 3)}"
+        )  # noqa: E731
         t.add(c["claim"], c["verdict"], fmt(c["diff"], 3), ci, c["n"], side(c["a"]), side(c["b"]), c["test"])
     return t
 
@@ -190,40 +200,69 @@ def claims_figure(judged: list[dict], path: Path) -> None:
 
 
 def pretraining_table(stages: list[StageOutputs]) -> Table:
-    t = Table("Pretraining", ["method", "final train loss", "held-out loss", "k-NN top-1 (%)", "images/s", "wall time (s)"])
+    t = Table(
+        "Pretraining", ["method", "final train loss", "held-out loss", "k-NN top-1 (%)", "images/s", "wall time (s)"]
+    )
     for mae in stage_metrics(stages, "pretrain_mae"):
-        t.add("MAE", mae.get("train_loss"), mae.get("val_masked_loss"), None, mae.get("images_per_s"), mae.get("wall_time_s"))
+        t.add(
+            "MAE",
+            mae.get("train_loss"),
+            mae.get("val_masked_loss"),
+            None,
+            mae.get("images_per_s"),
+            mae.get("wall_time_s"),
+        )
     for ibot in stage_metrics(stages, "pretrain_ibot"):
         t.add("iBOT", ibot.get("loss"), None, ibot.get("knn_top1"), ibot.get("images_per_s"), ibot.get("wall_time_s"))
     return t
 
 
 def finetune_table(stages: list[StageOutputs]) -> Table:
-    t = Table("Classification (held-out top-1 %, mean ± s.e. over seeds)",
-              ["model", "seeds", "fine-tune top-1", "top-5", "linear probe top-1", "k-NN top-1", "wall time (s)"],
-              note="The raw-pixel rows: a logistic regression and the same weighted k-NN on the flattened, normalised pixels of the same labeled split.")
+    t = Table(
+        "Classification (held-out top-1 %, mean ± s.e. over seeds)",
+        ["model", "seeds", "fine-tune top-1", "top-5", "linear probe top-1", "k-NN top-1", "wall time (s)"],
+        note=(
+            "The raw-pixel rows: a logistic regression and the same weighted k-NN on the flattened, normalised "
+            "pixels of the same labeled split."
+        ),
+    )
     runs = stage_metrics(stages, "finetune")
     for init in FINETUNE_INITS:
         rows = [m for m in runs if m.get("init") == init]
         if rows:
             col = lambda k: mean_pm([pick(m, k) for m in rows])  # noqa: E731
-            t.add(init, len(rows), col("top1"), col("top5"), col("linear_probe_top1"), col("knn_top1"), col("wall_time_s"))
+            t.add(
+                init, len(rows), col("top1"), col("top5"), col("linear_probe_top1"), col("knn_top1"), col("wall_time_s")
+            )
     for base in stage_metrics(stages, "baselines"):
-        t.add("raw pixels: logistic regression", "—", base.get("logistic_top1"), None, None, None, base.get("wall_time_s"))
+        t.add(
+            "raw pixels: logistic regression", "—", base.get("logistic_top1"), None, None, None, base.get("wall_time_s")
+        )
         t.add("raw pixels: k-NN", "—", None, None, None, base.get("knn_top1"), None)
     return t
 
 
 def detection_table(stages: list[StageOutputs]) -> Table:
-    t = Table("Detection (COCO mAP on held-out scenes, pycocotools; mean ± s.e. over seeds)",
-              ["method", "labeled %", "seeds", "AP (teacher)", "AP50", "AP75", "AP (student)", "wall time (s)"])
+    t = Table(
+        "Detection (COCO mAP on held-out scenes, pycocotools; mean ± s.e. over seeds)",
+        ["method", "labeled %", "seeds", "AP (teacher)", "AP50", "AP75", "AP (student)", "wall time (s)"],
+    )
     runs = stage_metrics(stages, "detect")
     for pct in sorted({float(m["percent"]) for m in runs}):
         for method in DETECT_METHODS:
             rows = [m for m in runs if m.get("method") == method and float(m["percent"]) == pct]
             if rows:
                 col = lambda k: mean_pm([pick(m, k) for m in rows], 3)  # noqa: E731
-                t.add(method, f"{pct:g}", len(rows), col("teacher.AP"), col("teacher.AP50"), col("teacher.AP75"), col("student.AP"), col("wall_time_s"))
+                t.add(
+                    method,
+                    f"{pct:g}",
+                    len(rows),
+                    col("teacher.AP"),
+                    col("teacher.AP50"),
+                    col("teacher.AP75"),
+                    col("student.AP"),
+                    col("wall_time_s"),
+                )
     return t
 
 
@@ -236,15 +275,24 @@ def cka_table(stages: list[StageOutputs]) -> Table | None:
     t = Table(
         f"CKA ({kind}, {m.get('images', '?')} held-out images)",
         ["pair", "layers", "mean CKA", "lowest layers", "top ViT layer vs best CNN layer"],
-        note=("What to compare with (Raghu et al. 2021, on ImageNet-scale models): a ViT's layers are more alike across depth "
-              "than a ResNet's, the lowest layers of the two agree, and the top ViT layers match no ResNet layer well. "
-              "'mean CKA': the mean over every layer pair; 'lowest layers': the first layer of each; "
-              "'top ViT layer vs best CNN layer': the best CKA of the last ViT block with any CNN layer."),
+        note=(
+            "What to compare with (Raghu et al. 2021, on ImageNet-scale models): a ViT's layers are more alike "
+            "across depth "
+            "than a ResNet's, the lowest layers of the two agree, and the top ViT layers match no ResNet layer well. "
+            "'mean CKA': the mean over every layer pair; 'lowest layers': the first layer of each; "
+            "'top ViT layer vs best CNN layer': the best CKA of the last ViT block with any CNN layer."
+        ),
     )
     for name, pair in (m.get("pairs") or {}).items():
         summary = (m.get("summary") or {}).get(name, {})
         matrix = pair.get("cka") or []
-        t.add(name.replace("__", " vs "), f"{len(matrix)}×{len(matrix[0]) if matrix else 0}", summary.get("mean"), summary.get("lowest_layers"), summary.get("top_vit_best_cnn"))
+        t.add(
+            name.replace("__", " vs "),
+            f"{len(matrix)}×{len(matrix[0]) if matrix else 0}",
+            summary.get("mean"),
+            summary.get("lowest_layers"),
+            summary.get("top_vit_best_cnn"),
+        )
     return t
 
 
@@ -262,7 +310,9 @@ def stage_times(stages: list[StageOutputs]) -> Table:
     return t
 
 
-def collect_figures(stages: list[StageOutputs], first_seeds: dict[str, int], out: Path, root: Path) -> list[tuple[str, Path]]:
+def collect_figures(
+    stages: list[StageOutputs], first_seeds: dict[str, int], out: Path, root: Path
+) -> list[tuple[str, Path]]:
     """Copy the current stages' PNG figures into ``out`` (seeded stages: the first seed's only),
     returning (caption, copied path)."""
     figures = []
@@ -315,11 +365,15 @@ def judge_claims(stages: list[StageOutputs]) -> list[dict]:
     DAG, the probe or k-NN turned off) is left out with a warning."""
     baselines = stage_metrics(stages, "baselines")
     judged = []
-    for claim in build_claims(stage_metrics(stages, "finetune"), stage_metrics(stages, "detect"), baselines[0] if baselines else None):
+    for claim in build_claims(
+        stage_metrics(stages, "finetune"), stage_metrics(stages, "detect"), baselines[0] if baselines else None
+    ):
         if claim.a.values and claim.b.values:
             judged.append(claim.judge())
         else:
-            log.warning("claim %s left out: no runs of %s", claim.id, claim.a.label if not claim.a.values else claim.b.label)
+            log.warning(
+                "claim %s left out: no runs of %s", claim.id, claim.a.label if not claim.a.values else claim.b.label
+            )
     return judged
 
 
@@ -340,23 +394,51 @@ def report(ctx: StageContext) -> dict:
         shutil.rmtree(figures_dir)
     claims_png = figures_dir / "claims.png"
     claims_figure(judged, claims_png)
-    summary = f"# {title}\n\n" + tables[0].markdown() + "\n![claims: per-seed differences](figures/claims.png)\n\n" + "\n".join(t.markdown() for t in tables[1:])
+    summary = (
+        f"# {title}\n\n"
+        + tables[0].markdown()
+        + "\n![claims: per-seed differences](figures/claims.png)\n\n"
+        + "\n".join(t.markdown() for t in tables[1:])
+    )
     firsts = {"finetune": ctx.params.finetune.seeds[0], "detect": ctx.params.detect.seeds[0]}
     figures = collect_figures(stages, firsts, figures_dir, ctx.root)
     figure_html = "\n".join(
-        f"<figure><img src='{html.escape(str(p.relative_to(out)))}' alt='{html.escape(c)}'><figcaption>{html.escape(c)}</figcaption></figure>" for c, p in figures
+        f"<figure><img src='{html.escape(str(p.relative_to(out)))}' alt='{html.escape(c)}'>"
+        f"<figcaption>{html.escape(c)}</figcaption></figure>"
+        for c, p in figures
     )
-    claims_html = (tables[0].html() + "<figure class='wide'><img src='figures/claims.png' alt='claims: per-seed differences'>"
-                   "<figcaption>Per claim: each seed's difference A − B (dots), the mean (tick) and its 95 % interval (bar); dashed: 0."
-                   "</figcaption></figure>")
-    page = PAGE.format(title=html.escape(title), tables=claims_html + "\n" + "\n".join(t.html() for t in tables[1:]), figures=figure_html)
+    claims_html = (
+        tables[0].html() + "<figure class='wide'><img src='figures/claims.png' alt='claims: per-seed differences'>"
+        "<figcaption>Per claim: each seed's difference A − B (dots), the mean (tick) and its 95 % interval (bar); "
+        "dashed: 0."
+        "</figcaption></figure>"
+    )
+    page = PAGE.format(
+        title=html.escape(title),
+        tables=claims_html + "\n" + "\n".join(t.html() for t in tables[1:]),
+        figures=figure_html,
+    )
     write_text(out / "summary.md", summary)
     write_text(out / "index.html", page)
     if ctx.is_main:
         ctx.tracker.log_artifact(out, "report")
-    verdicts = {v: sum(c["verdict"] == v for c in judged) for v in ("holds", "inside noise", "reversed", "too few seeds")}
-    log.info("report: %s (%d claims: %s; %d tables, %d figures)", out / "index.html", len(judged), verdicts, len(tables), len(figures) + 1)
-    return {"tables": len(tables), "figures": len(figures) + 1, "claims": len(judged), **{f"claims_{k.replace(' ', '_')}": v for k, v in verdicts.items()}}
+    verdicts = {
+        v: sum(c["verdict"] == v for c in judged) for v in ("holds", "inside noise", "reversed", "too few seeds")
+    }
+    log.info(
+        "report: %s (%d claims: %s; %d tables, %d figures)",
+        out / "index.html",
+        len(judged),
+        verdicts,
+        len(tables),
+        len(figures) + 1,
+    )
+    return {
+        "tables": len(tables),
+        "figures": len(figures) + 1,
+        "claims": len(judged),
+        **{f"claims_{k.replace(' ', '_')}": v for k, v in verdicts.items()},
+    }
 
 
 def fill_readme(readme: Path, claims_md: Path) -> bool:
@@ -376,8 +458,10 @@ def fill_readme(readme: Path, claims_md: Path) -> bool:
 
 
 def readme_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.report --readme",
-                                     description="Copy reports/claims.md between the README's claims markers.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.report --readme",
+        description="Copy reports/claims.md between the README's claims markers.",
+    )
     parser.add_argument("--readme", type=Path, nargs="?", const=Path("README.md"), required=True)
     parser.add_argument("--claims", type=Path, default=Path("reports/claims.md"))
     args = parser.parse_args(argv)

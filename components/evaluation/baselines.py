@@ -8,6 +8,7 @@ pixels would not find. Two baselines, both on the flattened, normalised pixels [
   weights, so the result is the penalised problem's unique optimum, whatever the seed;
 - the weighted k-NN the pretrained encoders are evaluated with (``components.evaluation.knn``), on pixels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ def flatten_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.reshape(images.shape[0], -1).float()
 
 
-def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float | None = None,
-                            max_iter: int = 1000, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def fit_logistic_regression(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float | None = None, max_iter: int = 1000, tol: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(W [K, D], b [K], info) minimising mean CE(x W^T + b, y) + l2 / 2 * |W|^2 by L-BFGS.
 
     ``l2`` None: 1 / N. Stops when the largest gradient entry is below ``tol`` (scikit-learn's lbfgs
@@ -32,8 +34,16 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     w = torch.zeros(num_classes, d, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     x64, y64 = x.double(), y.long()
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=tol, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=2 * max_iter,
+        tolerance_grad=tol,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def objective() -> torch.Tensor:
         opt.zero_grad()
@@ -45,7 +55,13 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     loss = objective()
     grad = max(float(w.grad.abs().max()), float(b.grad.abs().max()))
     state = opt.state[opt._params[0]]
-    info = {"iterations": int(state.get("n_iter", 0)), "objective": float(loss.detach()), "grad_max": grad, "converged": grad <= tol, "l2": lam}
+    info = {
+        "iterations": int(state.get("n_iter", 0)),
+        "objective": float(loss.detach()),
+        "grad_max": grad,
+        "converged": grad <= tol,
+        "l2": lam,
+    }
     return w.detach().float(), b.detach().float(), info
 
 
@@ -54,8 +70,15 @@ def logistic_accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torc
     return 100.0 * float(((x @ w.T + b).argmax(1) == y.long()).float().mean())
 
 
-def pixel_baselines(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
-                    k: int, temperature: float) -> dict:
+def pixel_baselines(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    num_classes: int,
+    k: int,
+    temperature: float,
+) -> dict:
     """Both baselines on flattened pixels: {"logistic_top1", "logistic_train_top1", "knn_top1", "logistic": info}."""
     w, b, info = fit_logistic_regression(train_x, train_y, num_classes)
     return {

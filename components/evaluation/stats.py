@@ -12,6 +12,7 @@ when it contains 0; with fewer than two pairs there is no interval (``too few se
 Pure Python (math): the t quantile is the inverse of the t CDF, which is a regularized incomplete
 beta function evaluated by its continued fraction (Press et al., Numerical Recipes, Sec. 6.4).
 """
+
 from __future__ import annotations
 
 import math

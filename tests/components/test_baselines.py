@@ -1,5 +1,6 @@
 """Raw-pixel baselines: the logistic regression reaches the penalised optimum, and both baselines
 separate what is separable in pixels."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,13 +39,19 @@ def test_baselines_separate_separable_pixels_and_sit_at_chance_on_noise():
     assert res["logistic_top1"] == 100.0 and res["knn_top1"] == 100.0 and res["logistic"]["converged"]
     g = torch.Generator().manual_seed(3)
     noise_y = torch.randint(0, 4, (400,), generator=g)
-    noise = pixel_baselines(torch.randn(80, 48, generator=g), noise_y[:80], torch.randn(320, 48, generator=g), noise_y[80:], 4, 5, 0.07)
+    noise = pixel_baselines(
+        torch.randn(80, 48, generator=g), noise_y[:80], torch.randn(320, 48, generator=g), noise_y[80:], 4, 5, 0.07
+    )
     assert noise["logistic_train_top1"] == 100.0  # 48 dims fit 80 labels ...
-    assert 10 < noise["logistic_top1"] < 40 and 10 < noise["knn_top1"] < 40  # ... and generalise to nothing (chance 25 %)
+    assert (
+        10 < noise["logistic_top1"] < 40 and 10 < noise["knn_top1"] < 40
+    )  # ... and generalise to nothing (chance 25 %)
 
 
 def test_flatten_and_accuracy():
     images = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
     assert flatten_pixels(images).shape == (2, 12) and torch.equal(flatten_pixels(images)[1], images[1].flatten())
     w, b = torch.eye(2), torch.zeros(2)
-    assert logistic_accuracy(w, b, torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]]), torch.tensor([0, 1, 1])) == pytest.approx(100 * 2 / 3, abs=1e-4)
+    assert logistic_accuracy(
+        w, b, torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]]), torch.tensor([0, 1, 1])
+    ) == pytest.approx(100 * 2 / 3, abs=1e-4)

@@ -1,13 +1,25 @@
 """The claims' statistics against worked examples: Student's sleep data (Cushny & Peebles 1905), whose
 paired and Welch intervals are the ones R's ``t.test`` documents, and closed forms of the t CDF."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from components.evaluation.stats import (HOLDS, NOISE, REVERSED, TOO_FEW, betainc, mean_se, paired_t_interval, t_cdf, t_ppf,
-                                         verdict, welch_t_interval)
+from components.evaluation.stats import (
+    HOLDS,
+    NOISE,
+    REVERSED,
+    TOO_FEW,
+    betainc,
+    mean_se,
+    paired_t_interval,
+    t_cdf,
+    t_ppf,
+    verdict,
+    welch_t_interval,
+)
 
 # R: sleep$extra by group (extra hours of sleep for 10 patients under two drugs)
 DRUG1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
@@ -20,8 +32,10 @@ def test_t_cdf_matches_the_closed_forms_for_one_and_two_degrees_of_freedom(t):
     assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
 
 
-@pytest.mark.parametrize("df, q", [(1, 12.706204736), (2, 4.302652730), (4, 2.776445105), (9, 2.262157163), (30, 2.042272456),
-                                   (1000, 1.962339081)])
+@pytest.mark.parametrize(
+    "df, q",
+    [(1, 12.706204736), (2, 4.302652730), (4, 2.776445105), (9, 2.262157163), (30, 2.042272456), (1000, 1.962339081)],
+)
 def test_t_quantiles_match_the_printed_tables(df, q):
     assert t_ppf(0.975, df) == pytest.approx(q, abs=1e-7)
     assert t_ppf(0.025, df) == pytest.approx(-q, abs=1e-7)
@@ -57,7 +71,12 @@ def test_mean_se_and_the_verdicts_at_the_edges():
     assert mean_se([3.0]) == (3.0, None)
     one = paired_t_interval([2.0], [1.0])
     assert one.diff == 1.0 and one.low is None and one.verdict == TOO_FEW
-    assert verdict(0.1, 0.5) == HOLDS and verdict(-0.5, -0.1) == REVERSED and verdict(-0.1, 0.1) == NOISE and verdict(0.0, 1.0) == NOISE
+    assert (
+        verdict(0.1, 0.5) == HOLDS
+        and verdict(-0.5, -0.1) == REVERSED
+        and verdict(-0.1, 0.1) == NOISE
+        and verdict(0.0, 1.0) == NOISE
+    )
     same = paired_t_interval([3.0, 4.0], [1.0, 2.0])  # the same difference on every seed: no spread
     assert (same.low, same.high, same.verdict) == (2.0, 2.0, HOLDS)
     with pytest.raises(ValueError, match="equal lengths"):

@@ -27,7 +27,8 @@ def test_each_init_through_dvc_repro_writes_metrics_and_weights(project, monkeyp
     for run_name in runs:
         init, seed = run_name.rsplit("-", 1)
         m = json.loads((project / "metrics" / "finetune" / f"{run_name}.json").read_text())
-        assert m["init"] == init and m["seed"] == int(seed) and m["labeled_images"] == 48 and m["val_images"] == len(index.val)
+        assert m["init"] == init and m["seed"] == int(seed)
+        assert m["labeled_images"] == 48 and m["val_images"] == len(index.val)
         assert 0 <= m["top1"] <= m["top5"] <= 100 and 1 <= m["best_epoch"] <= params["epochs"]
         frozen = {"knn_top1", "linear_probe_top1"}
         assert frozen <= m.keys() if init != "cnn" else not frozen & m.keys()
@@ -48,8 +49,9 @@ def test_each_init_through_dvc_repro_writes_metrics_and_weights(project, monkeyp
     # a pretrained init really started from its encoder: with the pretrained weights loaded back, the
     # fine-tuned patch embedding is closer to them than the scratch model's
     enc = load_safetensors(project / "models" / "pretrain_mae" / "encoder.safetensors")["patch_embed.proj.weight"]
-    mae = load_safetensors(project / "models" / "finetune" / "mae-0" / "model.safetensors")["patch_embed.proj.weight"]
-    scratch = load_safetensors(project / "models" / "finetune" / "scratch-0" / "model.safetensors")["patch_embed.proj.weight"]
+    finetuned = project / "models" / "finetune"
+    mae = load_safetensors(finetuned / "mae-0" / "model.safetensors")["patch_embed.proj.weight"]
+    scratch = load_safetensors(finetuned / "scratch-0" / "model.safetensors")["patch_embed.proj.weight"]
     if enc.shape == scratch.shape:
         assert (mae - enc).norm() < (scratch - enc).norm()
     # MLflow: every classifier registered, the alias on a version, logged with its signature
@@ -69,7 +71,8 @@ def test_each_init_through_dvc_repro_writes_metrics_and_weights(project, monkeyp
     for init in INITS:
         a, b = (json.loads((project / "metrics" / "finetune" / f"{init}-{s}.json").read_text()) for s in seeds)
         assert a["split_digest"] == b["split_digest"]
-        w0, w1 = (load_safetensors(project / "models" / "finetune" / f"{init}-{s}" / "model.safetensors") for s in seeds)
+        w0, w1 = (load_safetensors(project / "models" / "finetune" / f"{init}-{s}" / "model.safetensors")
+                  for s in seeds)
         assert any(not torch.equal(w0[k], w1[k]) for k in w0), f"{init}: seeds {seeds} trained the same weights"
     # nothing changed: nothing re-runs
     out = dvc_repro(project, "finetune").stdout
@@ -84,7 +87,8 @@ def test_a_labeled_percent_without_split_is_a_one_line_error(project):
     proc = run(project, str(BIN / "python"), "-m", "pipelines.finetune", "--params", "bad.params.yaml", "--init", "cnn", check=False)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: finetune@cnn-0:") and "labeled_30_fold0.json" in last and "finetune.labeled_percent = 30" in last
+    assert last.startswith("error: finetune@cnn-0:")
+    assert "labeled_30_fold0.json" in last and "finetune.labeled_percent = 30" in last
 
 
 def test_an_odd_batch_with_mixing_is_a_params_error():
