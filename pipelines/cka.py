@@ -35,9 +35,10 @@ ENCODERS = {"mae": Path("models/pretrain_mae"), "ibot": Path("models/pretrain_ib
 FINETUNE = Path("models/finetune")
 
 
-def model_dirs(finetuned: str) -> dict[str, Path]:
-    """The compared models, in the order of the heatmaps: name -> weights directory."""
-    return {**ENCODERS, "finetuned": FINETUNE / finetuned, "cnn": FINETUNE / "cnn"}
+def model_dirs(finetuned: str, seed: int) -> dict[str, Path]:
+    """The compared models, in the order of the heatmaps: name -> weights directory. The fine-tuned
+    ViT and the CNN are the runs of ``seed`` (the first of finetune.seeds)."""
+    return {**ENCODERS, "finetuned": FINETUNE / f"{finetuned}-{seed}", "cnn": FINETUNE / f"cnn-{seed}"}
 
 
 def titles(finetuned: str, cnn_arch: str) -> dict[str, str]:
@@ -59,7 +60,7 @@ def normalisation(ctx: StageContext, name: str, meta: dict) -> tuple[list[float]
 def load_models(ctx: StageContext, image_size: int) -> tuple[dict[str, nn.Module], dict[str, dict]]:
     """name -> model (eval, on the device), and name -> {"path", "arch", "mean", "std"}."""
     models, info = {}, {}
-    for name, rel in model_dirs(ctx.section.finetuned).items():
+    for name, rel in model_dirs(ctx.section.finetuned, ctx.params.finetune.seeds[0]).items():
         path = ctx.root / rel
         if name in ENCODERS:
             model, spec = load_encoder(path)

@@ -53,7 +53,9 @@ class StageContext:
     precision: str
     info: DistInfo
     tracker: Tracker
-    variant: str | None = None
+    variant: str | None = None  # DVC's matrix key: ``mae-0`` (init mae, seed 0), ``softteacher-10-1``
+    item: str | None = None  # the variant without its seed: ``mae``, ``softteacher-10``
+    run_seed: int | None = None  # a seeded stage's seed (one of its section's ``seeds``)
     root: Path = field(default_factory=Path.cwd)
     started: float = field(default_factory=time.perf_counter)
 
@@ -63,7 +65,8 @@ class StageContext:
 
     @property
     def seed(self) -> int:
-        return self.params.runtime.seed
+        """The seed of everything random in this run: a seeded stage's own, else runtime.seed."""
+        return self.run_seed if self.run_seed is not None else self.params.runtime.seed
 
     @property
     def num_workers(self) -> int:
@@ -158,40 +161,85 @@ def setup_logging(is_main: bool) -> None:
 
 
 def _section_params(params: Params, name: str) -> dict:
-    return {name: getattr(params, name).model_dump(mode="json"), "runtime": params.runtime.model_dump(mode="json")}
+    """The params an MLflow run records: the stage's own section (a stage without one, like baselines,
+    reads others') and runtime."""
+    own = {name: getattr(params, name).model_dump(mode="json")} if name in Params.model_fields else {}
+    return {**own, "runtime": params.runtime.model_dump(mode="json")}
 
 
-def run_stage(name: str, body: Callable[[StageContext], dict], variant_arg: str | None = None, variants: tuple[str, ...] = ()) -> None:
-    """Command-line entry point of a stage: ``python -m pipelines.<name> [--params FILE] [--<variant_arg> X]``."""
+def run_stage(
+    name: str,
+    body: Callable[[StageContext], dict],
+    variant_arg: str | None = None,
+    variants: tuple[str, ...] = (),
+    seeded: bool = False,
+) -> None:
+    """Command-line entry point of a stage:
+    ``python -m pipelines.<name> [--params FILE] [--<variant_arg> X] [--seed N]``.
+
+    A seeded stage (``seeded``) runs once per seed of its section's ``seeds``; ``--seed`` picks one
+    (default: the first) and the run's name, outputs and MLflow tags carry it."""
     parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}", description=(body.__doc__ or "").strip().splitlines()[0] if body.__doc__ else None)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     if variant_arg:
         parser.add_argument(f"--{variant_arg}", required=True, choices=variants or None)
+    if seeded:
+        parser.add_argument("--seed", type=int, default=None, help=f"one of {name}.seeds (default: the first)")
     args = parser.parse_args()
     variant = getattr(args, variant_arg) if variant_arg else None
-    sys.exit(main(name, body, Path(args.params), variant))
+    sys.exit(main(name, body, Path(args.params), variant, seed=args.seed if seeded else None, seeded=seeded))
 
 
-def main(name: str, body: Callable[[StageContext], dict], params_path: Path, variant: str | None = None) -> int:
+def run_seed(params: Params, name: str, seed: int | None) -> int:
+    """The seed a seeded stage runs with: ``seed`` when it is one of ``<name>.seeds``, the first of them when None."""
+    seeds = list(getattr(params, name).seeds)
+    if seed is None:
+        return seeds[0]
+    if seed not in seeds:
+        raise ParamsError(f"--seed {seed}: not one of {name}.seeds = {seeds}")
+    return seed
+
+
+def main(
+    name: str,
+    body: Callable[[StageContext], dict],
+    params_path: Path,
+    variant: str | None = None,
+    seed: int | None = None,
+    seeded: bool = False,
+) -> int:
     """Run a stage body; returns the process exit code."""
     info = DistInfo()
     setup_logging(True)
     debug = os.environ.get("MIMFLOW_DEBUG") == "1"
+    item = variant
     stage_id = f"{name}@{variant}" if variant else name
+    if seeded and seed is not None:
+        stage_id = f"{stage_id}-{seed}" if variant else f"{name}@{seed}"
     tracker: Tracker | None = None
     try:
         params = load_params(params_path)
+        if seeded:
+            seed = run_seed(params, name, seed)
+            variant = f"{item}-{seed}" if item else str(seed)
+            stage_id = f"{name}@{variant}"
         info, device = init_distributed(params.runtime.device)
         setup_logging(info.is_main)
         precision = resolve_precision(params.runtime.precision, device)
         if params.runtime.threads:
             torch.set_num_threads(params.runtime.threads)
-        seed_everything(params.runtime.seed)
+        seed_everything(seed if seeded else params.runtime.seed)
         root = Path.cwd()
         tracker = Tracker(params.tracking, root, enabled=info.is_main)
-        tracker.start(stage_id, _section_params(params, name), tags={"variant": variant} if variant else None)
-        ctx = StageContext(name=name, params=params, device=device, precision=precision, info=info, tracker=tracker, variant=variant, root=root)
-        log.info("%s on %s (%s), %d process(es), seed %d", stage_id, device, precision, info.world_size, params.runtime.seed)
+        tags = {"variant": variant} if variant else {}
+        if seeded:
+            tags.update(seed=str(seed), item=item or "")
+        tracker.start(stage_id, _section_params(params, name), tags=tags or None)
+        ctx = StageContext(
+            name=name, params=params, device=device, precision=precision, info=info, tracker=tracker,
+            variant=variant, item=item, run_seed=seed if seeded else None, root=root,
+        )
+        log.info("%s on %s (%s), %d process(es), seed %d", stage_id, device, precision, info.world_size, ctx.seed)
         metrics = body(ctx) or {}
         if info.is_main:
             metrics = {**metrics, "wall_time_s": round(time.perf_counter() - ctx.started, 2)}

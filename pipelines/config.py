@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 INT_LIMIT = 2**32 - 1  # every integer knob; also the largest seed numpy accepts
 EXIT_PARAMS = 2
@@ -95,6 +95,17 @@ def check_warmup(key: str, warmup: float, total: float, total_key: str) -> None:
 
 
 Percent = float
+
+
+def check_seeds(seeds: list[int]) -> list[int]:
+    """A section's ``seeds``: the runs of a matrix stage, one per seed (dvc.yaml expands them)."""
+    if not seeds:
+        raise ValueError("must list at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("must not repeat a seed")
+    if any(not 0 <= s <= INT_LIMIT for s in seeds):
+        raise ValueError(f"seeds must be in 0..{INT_LIMIT} (numpy seeds are 32-bit)")
+    return seeds
 
 
 # --------------------------------------------------------------------------- runtime, tracking
@@ -473,6 +484,7 @@ class FinetuneKNN(Section):
 class Finetune(Section):
     """Fine-tuning of every init (scratch, mae, ibot, cnn) on one labeled split; shared data and schedule."""
 
+    seeds: list[StrictInt]  # finetune@<init>-<seed>: one run per seed
     labeled_percent: float = Field(gt=0, le=100)  # one of prepare.classification.labeled_percents
     fold: int = Field(ge=0)
     epochs: int = Field(ge=1)
@@ -498,6 +510,8 @@ class Finetune(Section):
     cnn: FinetuneCNN
     linear_probe: FinetuneProbe
     knn: FinetuneKNN
+
+    _seeds = field_validator("seeds")(check_seeds)
 
     @model_validator(mode="after")
     def _check(self):
@@ -617,6 +631,7 @@ class Detect(Section):
     """detect@<method>-<percent>: the supervised baseline and Soft Teacher on the same detector and
     schedule, for every labeled percent of prepare.detection.labeled_percents (the dvc.yaml matrix)."""
 
+    seeds: list[StrictInt]  # detect@<method>-<percent>-<seed>: one run per seed
     fold: int = Field(ge=0)  # which fold of prepare's splits
     class_agnostic: bool  # merge every category into one "object" class (training and AP)
     model: DetectModel
@@ -639,6 +654,8 @@ class Detect(Section):
     figure_score: float = Field(ge=0, le=1)  # detections drawn in the figure: score >= this
     ckpt_every: int = Field(ge=1)
     log_every: int = Field(ge=1)
+
+    _seeds = field_validator("seeds")(check_seeds)
 
     @model_validator(mode="after")
     def _check(self):

@@ -1,4 +1,6 @@
-"""Stage ``detect@<method>-<percent>``: semi-supervised detection with Soft Teacher vs the supervised baseline.
+"""Stage ``detect@<method>-<percent>-<seed>``: semi-supervised detection with Soft Teacher vs the supervised baseline,
+once per seed of ``detect.seeds`` (the seed fixes the heads' init, the data order and the views; the
+labeled split is prepare's, so runs of the same seed are paired across methods).
 
 ``softteacher`` trains a Faster R-CNN on batches of labeled and unlabeled scenes (1:4) with an EMA
 teacher that pseudo-labels weak views for the student's strong views (Xu et al. 2021);
@@ -6,10 +8,10 @@ teacher that pseudo-labels weak views for the student's strong views (Xu et al. 
 the EMA teacher, so the two are evaluated the same way (teacher and student, COCO AP with pycocotools
 on the held-out scenes). The labeled percents are prepare's (``prepare.detection.labeled_percents``).
 
-Writes ``metrics/detect/<method>-<percent>.json``, ``plots/detect/<method>-<percent>/`` (AP and loss
+Writes (``<run>`` = ``<method>-<percent>-<seed>``) ``metrics/detect/<run>.json``, ``plots/detect/<run>/`` (AP and loss
 over training for dvc plots, predictions against ground truth on held-out scenes),
-``models/detect/<method>-<percent>/`` (the teacher at the top, the student in ``student/``:
-safetensors + detector.json), resumable checkpoints in ``checkpoints/detect/<method>-<percent>/``, and
+``models/detect/<run>/`` (the teacher at the top, the student in ``student/``:
+safetensors + detector.json), resumable checkpoints in ``checkpoints/detect/<run>/``, and
 the teacher to MLflow (registered as ``mimflow-detect-<method>-<percent>``).
 """
 from __future__ import annotations
@@ -129,7 +131,7 @@ def compile_backbones(*detectors: torch.nn.Module) -> None:
 def detect(ctx: StageContext) -> dict:
     """Train one method on one labeled split and evaluate teacher and student on the held-out scenes."""
     cfg = ctx.section
-    method, percent = parse_variant(ctx.variant)
+    method, percent = parse_variant(ctx.item)
     labeled, unlabeled, val = load_split(ctx, percent)
     categories = sorted(c["id"] for c in labeled["categories"])
     names = {c["id"]: c["name"] for c in labeled["categories"]}
@@ -137,7 +139,7 @@ def detect(ctx: StageContext) -> dict:
     st = cfg.soft_teacher
     ratio = st.unlabeled_ratio if method == "softteacher" else 0
     if ratio and not unlabeled["images"]:
-        raise DataError(f"detect@{ctx.variant}: the split has no unlabeled images for Soft Teacher")
+        raise DataError(f"{ctx.stage_id}: the split has no unlabeled images for Soft Teacher")
     world = ctx.info.world_size
     if cfg.batch_size * world > len(labeled["images"]):
         raise ValueError(f"detect.batch_size = {cfg.batch_size}: larger than the {len(labeled['images'])} labeled images ({world} process(es))")
@@ -230,7 +232,7 @@ def detect(ctx: StageContext) -> dict:
     save_detector(model.student.cpu(), spec, ctx.models_dir / "student", role="student", **meta)
     steps_done = [r for r in history if "images_per_s" in r]
     metrics = {
-        "method": method, "percent": percent, "fold": cfg.fold, "class_agnostic": cfg.class_agnostic,
+        "method": method, "percent": percent, "seed": ctx.seed, "fold": cfg.fold, "class_agnostic": cfg.class_agnostic,
         "burn_in_steps": st_cfg.burn_in_steps,
         "labeled_images": len(labeled["images"]), "unlabeled_images": len(unlabeled["images"]) if ratio else 0,
         "val_images": len(val["images"]), "steps": cfg.steps,
@@ -246,10 +248,10 @@ def detect(ctx: StageContext) -> dict:
 
 def register(ctx: StageContext, model: torch.nn.Module, ap: float) -> None:
     """Log the teacher to MLflow, register it, and move the alias when this run's AP is the best."""
-    name = f"mimflow-detect-{ctx.variant}"
+    name = f"mimflow-detect-{ctx.item}"
     previous = ctx.tracker.alias_metric(name, "AP")
     ctx.tracker.log_model(model, name="detector", registered_name=name, alias=previous is None or ap >= previous, serialization_format="pickle")
 
 
 if __name__ == "__main__":
-    run_stage("detect", detect, variant_arg="variant")
+    run_stage("detect", detect, variant_arg="variant", seeded=True)

@@ -1,4 +1,6 @@
-"""Stage ``finetune@<init>``: fine-tune a classifier on the labeled split, for init in scratch | mae | ibot | cnn.
+"""Stage ``finetune@<init>-<seed>``: fine-tune a classifier on the labeled split, for init in scratch | mae | ibot | cnn
+and each seed of ``finetune.seeds``. The seed fixes the head's init, the data order, augmentation and
+drop path; the labeled split is prepare's, so runs of the same seed are paired across inits.
 
 ViTs follow MAE's fine-tuning recipe (layer-wise lr decay for pretrained encoders, avg pool + fc_norm,
 drop path, Mixup/CutMix + label smoothing, RandAugment, random erasing, AdamW, warmup + cosine);
@@ -6,9 +8,10 @@ drop path, Mixup/CutMix + label smoothing, RandAugment, random erasing, AdamW, w
 against. Before fine-tuning, each ViT encoder is also evaluated frozen: a linear probe and a weighted
 k-NN on its [CLS] feature (for ``scratch`` that is the random init, the floor the pretrained ones must beat).
 
-Writes ``models/finetune/<init>/model.{safetensors,json}``, ``metrics/finetune/<init>.json``,
-``plots/finetune/<init>/`` (per-epoch train/val CSVs, predictions for dvc's confusion template and a
-confusion-matrix figure), resumable checkpoints in ``checkpoints/finetune/<init>/``, and the
+Writes (``<run>`` = ``<init>-<seed>``) ``models/finetune/<run>/model.{safetensors,json}``,
+``metrics/finetune/<run>.json``,
+``plots/finetune/<run>/`` (per-epoch train/val CSVs, predictions for dvc's confusion template and a
+confusion-matrix figure), resumable checkpoints in ``checkpoints/finetune/<run>/``, and the
 classifier to MLflow (registered as ``mimflow-finetune-<init>``; the registry alias moves to this
 version when its top-1 is at least that of the version holding it).
 """
@@ -22,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from components.data.sources import DataError, ImageListDataset, load_classification_index
-from components.data.splits import read_labeled_indices
+from components.data.splits import read_labeled_indices, split_digest
 from components.evaluation.classification import confusion_figure, evaluate_classifier
 from components.evaluation.knn import knn_accuracy
 from components.evaluation.linear_probe import extract_pooled_features, fit_probe_head, probe_head
@@ -112,10 +115,10 @@ def frozen_evaluation(ctx: StageContext, init: str, spec_or_dir, train_loader, v
 
 def finetune(ctx: StageContext) -> dict:
     """Fine-tune one initialisation on the labeled split and evaluate it on the held-out set."""
-    cfg, init = ctx.section, ctx.variant
+    cfg, init = ctx.section, ctx.item
     index_path = ctx.root / DATA / "index.json"
     index = load_classification_index(index_path)
-    _, labeled = labeled_split(ctx, len(index.train))
+    split_path, labeled = labeled_split(ctx, len(index.train))
     num_classes, size = len(index.classes), index.image_size
     world = ctx.info.world_size
     if cfg.batch_size * world > len(labeled):
@@ -129,7 +132,11 @@ def finetune(ctx: StageContext) -> dict:
     eval_loader = lambda items: DataLoader(ImageListDataset(items, eval_tf), batch_size=cfg.eval_batch_size, num_workers=ctx.num_workers)  # noqa: E731
     val_loader = eval_loader(index.val)
 
-    metrics: dict = {"init": init, "labeled_images": len(labeled), "val_images": len(index.val), "classes": num_classes}
+    metrics: dict = {
+        "init": init, "seed": ctx.seed,
+        "split": str(split_path.relative_to(ctx.root)), "split_digest": split_digest(labeled),
+        "labeled_images": len(labeled), "val_images": len(index.val), "classes": num_classes,
+    }
     if init != "cnn" and ctx.is_main and (cfg.linear_probe.enabled or cfg.knn.enabled):
         t = time.perf_counter()
         metrics.update(frozen_evaluation(ctx, init, encoder_dir or read_meta_spec(meta), eval_loader(train_items), val_loader, num_classes))
@@ -228,4 +235,4 @@ def register(ctx: StageContext, model: torch.nn.Module, init: str, top1: float, 
 
 
 if __name__ == "__main__":
-    run_stage("finetune", finetune, variant_arg="init", variants=INITS)
+    run_stage("finetune", finetune, variant_arg="init", variants=INITS, seeded=True)

@@ -1,32 +1,77 @@
-"""Stage ``report``: one page with every table and figure of the pipeline.
+"""Stage ``report``: the claims over seeds, then one page with every table and figure of the pipeline.
 
-Reads the metrics files and figures the other stages wrote (the paths dvc.yaml gives this stage as
-deps) and writes ``reports/summary.md`` (tables) and ``reports/index.html`` (the same tables and the
-figures, copied into ``reports/figures/`` so the page is self-contained). Logged to MLflow; under the
-Prefect flow the summary is also published as a Markdown artifact (by the flow's stage task).
+Which results belong on the page is what the current dvc.yaml and params define, read through DVC's
+own index of stages (``current_stages``): the metrics files and figures those stages declare, never
+a glob of ``metrics/`` or ``plots/``, so files left by stages no longer in the DAG (another labeled
+percent, a dropped seed) are not shown. Writes ``reports/claims.json`` (every claim: n, each side's
+mean and s.e., the paired difference with its 95 % t interval, the verdict), ``metrics/claims.json``
+(the numbers, for ``dvc metrics show``), ``reports/claims.md`` (the claims table, which
+``python -m pipelines.report --readme README.md`` copies between the README's
+``<!-- claims:begin -->`` and ``<!-- claims:end -->`` markers), ``reports/summary.md`` and
+``reports/index.html`` (claims table and per-seed dot plot first, then the tables and the figures,
+copied into ``reports/figures/`` so the page is self-contained). Logged to MLflow; under the Prefect
+flow the summary is also published as a Markdown artifact (by the flow's stage task).
 """
+
 from __future__ import annotations
 
+import argparse
 import html
 import json
 import logging
+import re
 import shutil
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.io import write_text
+from components.evaluation.stats import mean_se
+from components.io import atomic_write, write_json, write_text
+from pipelines.claims import build_claims, claims_metrics
 from pipelines.common import StageContext, run_stage
 
 log = logging.getLogger("mimflow.report")
 
 FINETUNE_INITS = ("scratch", "mae", "ibot", "cnn")
-DETECT_METHODS = ("supervised", "softteacher")  # dvc.yaml's detect matrix, with prepare.detection.labeled_percents
+DETECT_METHODS = ("supervised", "softteacher")
+README_BEGIN, README_END = "<!-- claims:begin -->", "<!-- claims:end -->"
 
 
-def detect_metrics_files(metrics: Path, percents: list[float]) -> list[Path]:
-    """The metrics of the detect stages params.yaml asks for now; files of earlier percents may
-    linger in metrics/detect and are left out."""
-    return [metrics / "detect" / f"{method}-{p:g}.json" for p in sorted(percents) for method in DETECT_METHODS]
+@dataclass
+class StageOutputs:
+    """One stage of the current DAG: its DVC name, metrics files and PNG figures (existing or not)."""
+
+    name: str
+    metrics: list[Path] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        return self.name.split("@")[0]
+
+
+def current_stages(root: Path) -> list[StageOutputs]:
+    """Every stage dvc.yaml defines under the current params (matrix items expanded), through DVC's
+    index: metrics outputs, and figures: PNG outputs and the PNGs inside directory outputs under plots/."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        out = []
+        for stage in repo.index.stages:
+            if not getattr(stage, "cmd", None):
+                continue
+            s = StageOutputs(stage.addressing)
+            for o in stage.outs:
+                path = root / str(o.def_path)
+                if o.metric:
+                    s.metrics.append(path)
+                elif path.suffix == ".png":
+                    s.figures.append(path)
+                elif path.is_dir() and str(o.def_path).startswith("plots"):
+                    s.figures.extend(sorted(path.rglob("*.png")))
+            out.append(s)
+    return out
 
 
 def read_metrics(path: Path) -> dict:
@@ -36,6 +81,11 @@ def read_metrics(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def stage_metrics(stages: list[StageOutputs], base: str) -> list[dict]:
+    """The metrics of every current stage named ``base`` (``finetune`` -> every finetune@<init>-<seed>)."""
+    return [read_metrics(p) for s in stages if s.base == base for p in s.metrics]
 
 
 def pick(d: dict, *keys: str) -> Any:
@@ -61,6 +111,15 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def mean_pm(values: list[float], digits: int = 2) -> str:
+    """'24.87 ± 0.31' (mean ± s.e. over seeds), '24.87' for one value, '—' for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    mean, se = mean_se(values)
+    return fmt(mean, digits) if se is None else f"{fmt(mean, digits)} ± {fmt(se, digits)}"
+
+
 class Table:
     def __init__(self, title: str, columns: list[str], note: str = ""):
         self.title, self.columns, self.note, self.rows = title, columns, note, []
@@ -68,8 +127,8 @@ class Table:
     def add(self, *cells: Any) -> None:
         self.rows.append([fmt(c) for c in cells])
 
-    def markdown(self) -> str:
-        lines = [f"## {self.title}", ""]
+    def markdown(self, heading: bool = True) -> str:
+        lines = [f"## {self.title}", ""] if heading else []
         if self.note:
             lines += [self.note, ""]
         lines += ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
@@ -80,76 +139,194 @@ class Table:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self.rows)
         note = f"<p class='note'>{html.escape(self.note)}</p>" if self.note else ""
-        return f"<section><h2>{html.escape(self.title)}</h2>{note}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>"
+        table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return f"<section><h2>{html.escape(self.title)}</h2>{note}{table}</section>"
 
 
-def pretraining_table(metrics: Path) -> Table:
-    t = Table("Pretraining", ["method", "final train loss", "held-out loss", "k-NN top-1 (%)", "images/s", "wall time (s)"])
-    mae = read_metrics(metrics / "pretrain_mae.json")
-    t.add("MAE", mae.get("train_loss"), mae.get("val_masked_loss"), None, mae.get("images_per_s"), mae.get("wall_time_s"))
-    ibot = read_metrics(metrics / "pretrain_ibot.json")
-    t.add("iBOT", ibot.get("loss"), None, ibot.get("knn_top1"), ibot.get("images_per_s"), ibot.get("wall_time_s"))
+def claims_table(judged: list[dict]) -> Table:
+    t = Table(
+        "Claims",
+        ["claim", "verdict", "difference (A − B)", "95 % CI", "n", "A: mean ± s.e.", "B: mean ± s.e.", "test"],
+        note=(
+            "Each claim compares A with B over seeds; runs of one seed share the labeled split, data order and init "
+            "and are "
+            "paired. holds: the 95 % t interval of the mean difference lies above 0; inside noise: it contains 0; "
+            "reversed: it lies below 0."
+        ),
+    )
+    for c in judged:
+        ci = "—" if c["ci_low"] is None else f"[{fmt(c['ci_low'], 3)}, {fmt(c['ci_high'], 3)}]"
+        side = lambda s: f"{s['label']}: {fmt(s['mean'], 3)}" + (
+            "" if s["se"] is None else f" ± {fmt(s['se'], 3)}"
+        )  # noqa: E731
+        t.add(c["claim"], c["verdict"], fmt(c["diff"], 3), ci, c["n"], side(c["a"]), side(c["b"]), c["test"])
     return t
 
 
-def finetune_table(metrics: Path) -> Table:
-    t = Table("Classification (held-out top-1 %)", ["init", "fine-tune top-1", "top-5", "linear probe top-1", "k-NN top-1", "best epoch", "wall time (s)"])
+def claims_figure(judged: list[dict], path: Path) -> None:
+    """Per claim, one row: each seed's difference A − B as a dot, the mean and its 95 % interval as a bar,
+    and 0 as a dashed line (a dot plot per claim; each row has its own scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(judged), 1, figsize=(8, 0.9 * len(judged) + 0.6), squeeze=False)
+    colours = {"holds": "#1a7f37", "inside noise": "#9a6700", "reversed": "#cf222e", "too few seeds": "#57606a"}
+    for ax, c in zip(axes[:, 0], judged):
+        a, b = c["a"]["values"], c["b"]["values"]
+        if "-1" in b:  # a fixed value (the raw-pixel baseline)
+            diffs = [v - b["-1"] for v in a.values()]
+        else:  # paired seeds; Welch's unpaired sides have no per-seed difference to draw
+            diffs = [a[s] - b[s] for s in map(str, c["seeds"])]
+        colour = colours[c["verdict"]]
+        ax.axvline(0, color="#888", ls="--", lw=1)
+        if c["ci_low"] is not None:
+            ax.plot([c["ci_low"], c["ci_high"]], [0, 0], color=colour, lw=3, alpha=0.5, solid_capstyle="butt")
+        ax.plot([c["diff"]], [0], marker="|", ms=14, color=colour, mew=2)
+        ax.plot(diffs, [0] * len(diffs), "o", color=colour, ms=5, alpha=0.8)
+        ax.set_yticks([])
+        ax.set_title(f"{c['claim']}: {c['verdict']} (n = {c['n']})", fontsize=8, loc="left")
+        ax.tick_params(axis="x", labelsize=7)
+        lo = min([0.0, *diffs, *(v for v in (c["ci_low"], c["ci_high"]) if v is not None)])
+        hi = max([0.0, *diffs, *(v for v in (c["ci_low"], c["ci_high"]) if v is not None)])
+        pad = 0.1 * (hi - lo or 1.0)
+        ax.set_xlim(lo - pad, hi + pad)
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def pretraining_table(stages: list[StageOutputs]) -> Table:
+    t = Table(
+        "Pretraining", ["method", "final train loss", "held-out loss", "k-NN top-1 (%)", "images/s", "wall time (s)"]
+    )
+    for mae in stage_metrics(stages, "pretrain_mae"):
+        t.add(
+            "MAE",
+            mae.get("train_loss"),
+            mae.get("val_masked_loss"),
+            None,
+            mae.get("images_per_s"),
+            mae.get("wall_time_s"),
+        )
+    for ibot in stage_metrics(stages, "pretrain_ibot"):
+        t.add("iBOT", ibot.get("loss"), None, ibot.get("knn_top1"), ibot.get("images_per_s"), ibot.get("wall_time_s"))
+    return t
+
+
+def finetune_table(stages: list[StageOutputs]) -> Table:
+    t = Table(
+        "Classification (held-out top-1 %, mean ± s.e. over seeds)",
+        ["model", "seeds", "fine-tune top-1", "top-5", "linear probe top-1", "k-NN top-1", "wall time (s)"],
+        note=(
+            "The raw-pixel rows: a logistic regression and the same weighted k-NN on the flattened, normalised "
+            "pixels of the same labeled split."
+        ),
+    )
+    runs = stage_metrics(stages, "finetune")
     for init in FINETUNE_INITS:
-        m = read_metrics(metrics / "finetune" / f"{init}.json")
-        t.add(init, pick(m, "top1"), pick(m, "top5"), m.get("linear_probe_top1"), pick(m, "knn_top1"), pick(m, "best_epoch"), pick(m, "wall_time_s"))
+        rows = [m for m in runs if m.get("init") == init]
+        if rows:
+            col = lambda k: mean_pm([pick(m, k) for m in rows])  # noqa: E731
+            t.add(
+                init, len(rows), col("top1"), col("top5"), col("linear_probe_top1"), col("knn_top1"), col("wall_time_s")
+            )
+    for base in stage_metrics(stages, "baselines"):
+        t.add(
+            "raw pixels: logistic regression", "—", base.get("logistic_top1"), None, None, None, base.get("wall_time_s")
+        )
+        t.add("raw pixels: k-NN", "—", None, None, None, base.get("knn_top1"), None)
     return t
 
 
-def detection_table(metrics: Path, percents: list[float]) -> Table:
-    t = Table("Detection (COCO mAP on held-out scenes, pycocotools)", ["method", "labeled %", "AP (teacher)", "AP50", "AP75", "AP (student)", "wall time (s)"])
-    for path in detect_metrics_files(metrics, percents):
-        method, pct = path.stem.rsplit("-", 1)
-        m = read_metrics(path)
-        t.add(method, pct, pick(m, "teacher.AP"), pick(m, "teacher.AP50"), pick(m, "teacher.AP75"), pick(m, "student.AP"), m.get("wall_time_s"))
+def detection_table(stages: list[StageOutputs]) -> Table:
+    t = Table(
+        "Detection (COCO mAP on held-out scenes, pycocotools; mean ± s.e. over seeds)",
+        ["method", "labeled %", "seeds", "AP (teacher)", "AP50", "AP75", "AP (student)", "wall time (s)"],
+    )
+    runs = stage_metrics(stages, "detect")
+    for pct in sorted({float(m["percent"]) for m in runs}):
+        for method in DETECT_METHODS:
+            rows = [m for m in runs if m.get("method") == method and float(m["percent"]) == pct]
+            if rows:
+                col = lambda k: mean_pm([pick(m, k) for m in rows], 3)  # noqa: E731
+                t.add(
+                    method,
+                    f"{pct:g}",
+                    len(rows),
+                    col("teacher.AP"),
+                    col("teacher.AP50"),
+                    col("teacher.AP75"),
+                    col("student.AP"),
+                    col("wall_time_s"),
+                )
     return t
 
 
-def cka_table(metrics: Path) -> Table:
-    m = read_metrics(metrics / "cka.json")
+def cka_table(stages: list[StageOutputs]) -> Table | None:
+    found = stage_metrics(stages, "cka")
+    if not found:
+        return None
+    m = found[0]
     kind = f"{'debiased' if m.get('debiased') else 'biased'}, {m.get('kernel', 'linear')} kernel"
     t = Table(
         f"CKA ({kind}, {m.get('images', '?')} held-out images)",
         ["pair", "layers", "mean CKA", "lowest layers", "top ViT layer vs best CNN layer"],
-        note=("What to compare with (Raghu et al. 2021, on ImageNet-scale models): a ViT's layers are more alike across depth "
-              "than a ResNet's, the lowest layers of the two agree, and the top ViT layers match no ResNet layer well. "
-              "'mean CKA': the mean over every layer pair; 'lowest layers': the first layer of each; "
-              "'top ViT layer vs best CNN layer': the best CKA of the last ViT block with any CNN layer."),
+        note=(
+            "What to compare with (Raghu et al. 2021, on ImageNet-scale models): a ViT's layers are more alike "
+            "across depth "
+            "than a ResNet's, the lowest layers of the two agree, and the top ViT layers match no ResNet layer well. "
+            "'mean CKA': the mean over every layer pair; 'lowest layers': the first layer of each; "
+            "'top ViT layer vs best CNN layer': the best CKA of the last ViT block with any CNN layer."
+        ),
     )
     for name, pair in (m.get("pairs") or {}).items():
         summary = (m.get("summary") or {}).get(name, {})
         matrix = pair.get("cka") or []
-        t.add(name.replace("__", " vs "), f"{len(matrix)}×{len(matrix[0]) if matrix else 0}", summary.get("mean"), summary.get("lowest_layers"), summary.get("top_vit_best_cnn"))
+        t.add(
+            name.replace("__", " vs "),
+            f"{len(matrix)}×{len(matrix[0]) if matrix else 0}",
+            summary.get("mean"),
+            summary.get("lowest_layers"),
+            summary.get("top_vit_best_cnn"),
+        )
     return t
 
 
-def stage_times(metrics: Path, percents: list[float]) -> Table:
+def stage_times(stages: list[StageOutputs]) -> Table:
     t = Table("Wall time per stage", ["stage", "seconds"])
-    current = set(detect_metrics_files(metrics, percents))
-    for path in sorted(metrics.rglob("*.json")):
-        if path.parent == metrics / "detect" and path not in current:
-            continue
-        m = read_metrics(path)
-        if "wall_time_s" in m:
-            t.add(str(path.relative_to(metrics).with_suffix("")), m["wall_time_s"])
+    total = 0.0
+    for s in stages:
+        for path in s.metrics:
+            if path.is_file() and s.base != "report":
+                seconds = read_metrics(path).get("wall_time_s")
+                if seconds is not None:
+                    t.add(s.name, seconds)
+                    total += float(seconds)
+    t.add("total (stages' own time, without start-up)", round(total, 2))
     return t
 
 
-def collect_figures(plots: Path, out: Path) -> list[tuple[str, Path]]:
-    """Copy every PNG under plots/ into reports/figures/, returning (caption, copied path)."""
-    if out.exists():
-        shutil.rmtree(out)
+def collect_figures(
+    stages: list[StageOutputs], first_seeds: dict[str, int], out: Path, root: Path
+) -> list[tuple[str, Path]]:
+    """Copy the current stages' PNG figures into ``out`` (seeded stages: the first seed's only),
+    returning (caption, copied path)."""
     figures = []
-    for png in sorted(plots.rglob("*.png")):
-        rel = png.relative_to(plots)
-        dest = out / "__".join(rel.parts)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(png, dest)
-        figures.append((str(rel.with_suffix("")), dest))
+    for s in stages:
+        if s.base in first_seeds and not s.name.endswith(f"-{first_seeds[s.base]}"):
+            continue
+        for png in s.figures:
+            if not png.is_file():
+                raise FileNotFoundError(f"{png}: figure of stage {s.name} not found (run the stage)")
+            rel = png.relative_to(root / "plots") if png.is_relative_to(root / "plots") else Path(png.name)
+            dest = out / "__".join(rel.parts)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(png, dest)
+            figures.append((str(rel.with_suffix("")), dest))
     return figures
 
 
@@ -162,6 +339,7 @@ th, td {{ border: 1px solid #ccc; padding: .3rem .7rem; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }}
 thead {{ background: #f3f3f3; }}
 figure {{ display: inline-block; margin: .5rem; vertical-align: top; max-width: 560px; }}
+figure.wide {{ display: block; max-width: 820px; }}
 figure img {{ max-width: 100%; border: 1px solid #ddd; }}
 figcaption {{ font-size: .85rem; color: #555; }}
 .note {{ color: #555; font-size: .9rem; }}
@@ -182,25 +360,121 @@ window.addEventListener("load", () => {{
 """
 
 
+def judge_claims(stages: list[StageOutputs]) -> list[dict]:
+    """Every claim the current stages' metrics can judge; one whose side has no runs (a stage not in the
+    DAG, the probe or k-NN turned off) is left out with a warning."""
+    baselines = stage_metrics(stages, "baselines")
+    judged = []
+    for claim in build_claims(
+        stage_metrics(stages, "finetune"), stage_metrics(stages, "detect"), baselines[0] if baselines else None
+    ):
+        if claim.a.values and claim.b.values:
+            judged.append(claim.judge())
+        else:
+            log.warning(
+                "claim %s left out: no runs of %s", claim.id, claim.a.label if not claim.a.values else claim.b.label
+            )
+    return judged
+
+
 def report(ctx: StageContext) -> dict:
-    """Write reports/summary.md and reports/index.html from every stage's metrics and figures."""
-    metrics, plots, out = ctx.root / "metrics", ctx.root / "plots", ctx.root / "reports"
-    percents = ctx.params.prepare.detection.labeled_percents
-    tables = [pretraining_table(metrics), finetune_table(metrics), detection_table(metrics, percents), cka_table(metrics), stage_times(metrics, percents)]
+    """Write the claims, reports/summary.md and reports/index.html from the current stages' metrics and figures."""
+    out = ctx.root / "reports"
+    stages = current_stages(ctx.root)
+    judged = judge_claims(stages)
+    write_json(out / "claims.json", {"level": 0.95, "claims": judged})
+    write_json(ctx.root / "metrics" / "claims.json", claims_metrics(judged))
+    claims = claims_table(judged)
+    write_text(out / "claims.md", claims.markdown(heading=False))
+    tables = [claims, pretraining_table(stages), finetune_table(stages), detection_table(stages)]
+    tables += [t for t in (cka_table(stages),) if t is not None] + [stage_times(stages)]
     title = ctx.section.title
-    summary = f"# {title}\n\n" + "\n".join(t.markdown() for t in tables)
-    figures = collect_figures(plots, out / "figures")
-    figure_html = "\n".join(
-        f"<figure><img src='{html.escape(str(p.relative_to(out)))}' alt='{html.escape(c)}'><figcaption>{html.escape(c)}</figcaption></figure>" for c, p in figures
+    figures_dir = out / "figures"
+    if figures_dir.exists():
+        shutil.rmtree(figures_dir)
+    claims_png = figures_dir / "claims.png"
+    claims_figure(judged, claims_png)
+    summary = (
+        f"# {title}\n\n"
+        + tables[0].markdown()
+        + "\n![claims: per-seed differences](figures/claims.png)\n\n"
+        + "\n".join(t.markdown() for t in tables[1:])
     )
-    page = PAGE.format(title=html.escape(title), tables="\n".join(t.html() for t in tables), figures=figure_html)
+    firsts = {"finetune": ctx.params.finetune.seeds[0], "detect": ctx.params.detect.seeds[0]}
+    figures = collect_figures(stages, firsts, figures_dir, ctx.root)
+    figure_html = "\n".join(
+        f"<figure><img src='{html.escape(str(p.relative_to(out)))}' alt='{html.escape(c)}'>"
+        f"<figcaption>{html.escape(c)}</figcaption></figure>"
+        for c, p in figures
+    )
+    claims_html = (
+        tables[0].html() + "<figure class='wide'><img src='figures/claims.png' alt='claims: per-seed differences'>"
+        "<figcaption>Per claim: each seed's difference A − B (dots), the mean (tick) and its 95 % interval (bar); "
+        "dashed: 0."
+        "</figcaption></figure>"
+    )
+    page = PAGE.format(
+        title=html.escape(title),
+        tables=claims_html + "\n" + "\n".join(t.html() for t in tables[1:]),
+        figures=figure_html,
+    )
     write_text(out / "summary.md", summary)
     write_text(out / "index.html", page)
     if ctx.is_main:
         ctx.tracker.log_artifact(out, "report")
-    log.info("report: %s (%d tables, %d figures)", out / "index.html", len(tables), len(figures))
-    return {"tables": len(tables), "figures": len(figures)}
+    verdicts = {
+        v: sum(c["verdict"] == v for c in judged) for v in ("holds", "inside noise", "reversed", "too few seeds")
+    }
+    log.info(
+        "report: %s (%d claims: %s; %d tables, %d figures)",
+        out / "index.html",
+        len(judged),
+        verdicts,
+        len(tables),
+        len(figures) + 1,
+    )
+    return {
+        "tables": len(tables),
+        "figures": len(figures) + 1,
+        "claims": len(judged),
+        **{f"claims_{k.replace(' ', '_')}": v for k, v in verdicts.items()},
+    }
+
+
+def fill_readme(readme: Path, claims_md: Path) -> bool:
+    """Replace what stands between the README's claims markers with ``claims_md``; True when the README changed.
+    A README without both markers is an error naming them."""
+    text = readme.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), flags=re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{readme}: no {README_BEGIN} ... {README_END} markers to fill")
+    if not claims_md.is_file():
+        raise FileNotFoundError(f"{claims_md}: not found (run the report stage: dvc repro report)")
+    block = f"{README_BEGIN}\n{claims_md.read_text(encoding='utf-8').strip()}\n{README_END}"
+    new = pattern.sub(lambda _: block, text, count=1)
+    if new != text:
+        write_text(readme, new)
+    return new != text
+
+
+def readme_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.report --readme",
+        description="Copy reports/claims.md between the README's claims markers.",
+    )
+    parser.add_argument("--readme", type=Path, nargs="?", const=Path("README.md"), required=True)
+    parser.add_argument("--claims", type=Path, default=Path("reports/claims.md"))
+    args = parser.parse_args(argv)
+    try:
+        changed = fill_readme(args.readme, args.claims)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: report --readme: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.readme}: {'claims table updated' if changed else 'claims table already current'}")
+    return 0
 
 
 if __name__ == "__main__":
+    if "--readme" in sys.argv[1:]:
+        sys.exit(readme_main(sys.argv[1:]))
     run_stage("report", report)

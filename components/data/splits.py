@@ -9,6 +9,8 @@ differences between percents less noisy; different folds draw different permutat
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -76,3 +78,8 @@ def read_labeled_indices(path: str | os.PathLike, num_train: int) -> list[int]:
     if not idx:
         raise DataError(f"{path}: 'labeled' is empty")
     return idx
+
+
+def split_digest(indices: list[int]) -> str:
+    """A short digest of a labeled split's indices: two stages that record the same one used one split."""
+    return hashlib.sha256(json.dumps(sorted(int(i) for i in indices)).encode()).hexdigest()[:16]

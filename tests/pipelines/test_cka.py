@@ -28,9 +28,9 @@ def _upstream(root, classes: list[str]) -> None:
         torch.manual_seed(i)
         save_encoder(create_vit(spec), spec, root / "models" / stage, source=stage, mean=MEAN, std=STD)
     vit, spec = build_vit_classifier(len(classes), encoder_dir=root / "models" / "pretrain_mae", global_pool="avg")
-    save_classifier(vit, root / "models" / "finetune" / "mae", vit_meta(spec, len(classes), "avg", classes))
+    save_classifier(vit, root / "models" / "finetune" / "mae-0", vit_meta(spec, len(classes), "avg", classes))
     cnn = build_cnn_classifier("resnet10", len(classes), 32, width=8)
-    save_classifier(cnn, root / "models" / "finetune" / "cnn", cnn_meta("resnet10", len(classes), 32, 8, classes))
+    save_classifier(cnn, root / "models" / "finetune" / "cnn-0", cnn_meta("resnet10", len(classes), 32, 8, classes))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The detect@{supervised,softteacher}-<pct> matrix through `dvc repro` on the micro params, resume, and errors."""
+"""The detect@{supervised,softteacher}-<pct>-<seed> matrix through `dvc repro` on the micro params, resume,
+and errors."""
 from __future__ import annotations
 
 import csv
@@ -16,17 +17,20 @@ AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
 
 def variants(project) -> list[str]:
+    """Every run of the matrix: <method>-<percent>-<seed>."""
     params = yaml.safe_load((project / "params.yaml").read_text())
-    return [f"{m}-{p:g}" for p in params["prepare"]["detection"]["labeled_percents"] for m in ("supervised", "softteacher")]
+    percents, seeds = params["prepare"]["detection"]["labeled_percents"], params["detect"]["seeds"]
+    return [f"{m}-{p:g}-{s}" for p in percents for m in ("supervised", "softteacher") for s in seeds]
 
 
 def test_each_method_through_dvc_repro_writes_metrics_plots_and_weights(project):
     dvc_repro(project, "detect")
     params = yaml.safe_load((project / "params.yaml").read_text())["detect"]
     for variant in variants(project):
-        method = variant.split("-")[0]
+        method, _, seed = variant.split("-")
         m = json.loads((project / "metrics" / "detect" / f"{variant}.json").read_text())
-        assert m["method"] == method and m["steps"] == params["steps"] and m["labeled_images"] > 0 and m["val_images"] > 0
+        assert m["method"] == method and m["seed"] == int(seed)
+        assert m["steps"] == params["steps"] and m["labeled_images"] > 0 and m["val_images"] > 0
         assert m["class_agnostic"] == params.get("class_agnostic", False)
         assert (m["unlabeled_images"] > 0) == (method == "softteacher")
         for who in ("teacher", "student"):
@@ -50,15 +54,21 @@ def test_each_method_through_dvc_repro_writes_metrics_plots_and_weights(project)
                 (det,) = model.eval()([torch.rand(3, 64, 64)])
             assert set(det) == {"boxes", "scores", "labels"}
     # the Soft Teacher run saw pseudo boxes (the micro params keep every teacher detection)
-    loss = list(csv.DictReader((project / "plots" / "detect" / variants(project)[1] / "loss.csv").open()))
+    soft = [v for v in variants(project) if v.startswith("softteacher")]
+    loss = list(csv.DictReader((project / "plots" / "detect" / soft[0] / "loss.csv").open()))
     assert loss[0]["pseudo_boxes_cls"] == "" and any(float(r["pseudo_boxes_cls"] or 0) > 0 for r in loss)  # after the burn-in step
     # MLflow: each teacher registered as a model, the alias on a version of this stage
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    for variant in variants(project):
+    for variant in {v.rsplit("-", 1)[0] for v in variants(project)}:  # one registered model per method and percent
         version = client.get_model_version_by_alias(f"mimflow-detect-{variant}", "best")
-        assert client.get_run(version.run_id).data.tags["mimflow.stage"] == f"detect@{variant}"
+        tags = client.get_run(version.run_id).data.tags
+        assert tags["mimflow.stage"] == f"detect@{variant}-{tags['seed']}" and tags["item"] == variant
+    # the seeds are different runs: the same scenes, other heads and data order
+    sup = [v for v in variants(project) if v.startswith("supervised")]
+    first, second = (list(csv.DictReader((project / "plots" / "detect" / v / "loss.csv").open())) for v in sup[:2])
+    assert [r["loss"] for r in first] != [r["loss"] for r in second]
     # nothing changed: nothing re-runs
     assert "Running stage 'detect@" not in dvc_repro(project, "detect").stdout
 
@@ -67,9 +77,10 @@ def test_a_rerun_resumes_from_the_checkpoint_with_the_same_teacher(project):
     """The checkpoint holds the student, the EMA teacher and the RNG state: a re-run trains no further
     and evaluates to the same AP."""
     dvc_repro(project, "detect")
-    variant = variants(project)[1]
+    variant = [v for v in variants(project) if v.startswith("softteacher")][-1]
+    item, seed = variant.rsplit("-", 1)
     before = json.loads((project / "metrics" / "detect" / f"{variant}.json").read_text())
-    proc = run(project, str(BIN / "python"), "-m", "pipelines.detect", "--variant", variant)
+    proc = run(project, str(BIN / "python"), "-m", "pipelines.detect", "--variant", item, "--seed", seed)
     assert f"resumed detect@{variant}" in proc.stderr
     after = json.loads((project / "metrics" / "detect" / f"{variant}.json").read_text())
     assert after["teacher"] == before["teacher"] and after["student"] == before["student"]
@@ -80,9 +91,14 @@ def test_a_percent_without_split_is_a_one_line_error(project):
     proc = run(project, str(BIN / "python"), "-m", "pipelines.detect", "--variant", "softteacher-30", check=False)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: detect@softteacher-30:") and "30_fold0" in last and "prepare.detection.labeled_percents" in last
+    assert last.startswith("error: detect@softteacher-30-0:")
+    assert "30_fold0" in last and "prepare.detection.labeled_percents" in last
     proc = run(project, str(BIN / "python"), "-m", "pipelines.detect", "--variant", "fancy-10", check=False)
     assert proc.returncode == 1 and "not <method>-<percent>" in proc.stderr.strip().splitlines()[-1]
+    proc = run(project, str(BIN / "python"), "-m", "pipelines.detect", "--variant", "softteacher-20", "--seed", "7",
+               check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last == "error: detect@softteacher-20-7: --seed 7: not one of detect.seeds = [0, 1]"
 
 
 def test_class_agnostic_merges_categories_and_scores_boxes_whatever_their_class():

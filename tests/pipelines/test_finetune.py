@@ -1,4 +1,4 @@
-"""The finetune@{scratch,mae,ibot,cnn} matrix through `dvc repro` on the micro params, and its error path."""
+"""The finetune@{scratch,mae,ibot,cnn}-<seed> matrix through `dvc repro` on the micro params, and its error path."""
 from __future__ import annotations
 
 import csv
@@ -21,20 +21,25 @@ def test_each_init_through_dvc_repro_writes_metrics_and_weights(project, monkeyp
     params = yaml.safe_load((project / "params.yaml").read_text())["finetune"]
     index = load_classification_index(project / "data" / "classification" / "index.json")
     x = torch.randn(2, 3, index.image_size, index.image_size)
-    for init in INITS:
-        m = json.loads((project / "metrics" / "finetune" / f"{init}.json").read_text())
-        assert m["init"] == init and m["labeled_images"] == 48 and m["val_images"] == len(index.val)
+    seeds = params["seeds"]
+    assert len(seeds) == 2
+    runs = [f"{init}-{seed}" for init in INITS for seed in seeds]
+    for run_name in runs:
+        init, seed = run_name.rsplit("-", 1)
+        m = json.loads((project / "metrics" / "finetune" / f"{run_name}.json").read_text())
+        assert m["init"] == init and m["seed"] == int(seed)
+        assert m["labeled_images"] == 48 and m["val_images"] == len(index.val)
         assert 0 <= m["top1"] <= m["top5"] <= 100 and 1 <= m["best_epoch"] <= params["epochs"]
         frozen = {"knn_top1", "linear_probe_top1"}
         assert frozen <= m.keys() if init != "cnn" else not frozen & m.keys()
         # weights for cka: the JSON names the architecture and the classes, and they load strictly
-        d = project / "models" / "finetune" / init
+        d = project / "models" / "finetune" / run_name
         meta = read_classifier_meta(d)
         assert meta["arch"] == ("vit" if init != "cnn" else params["cnn"]["arch"]) and meta["classes"] == index.classes
         model = load_classifier(d)
         assert model(x).shape == (2, len(index.classes))
         # curves for dvc plots and the confusion figure
-        plots = project / "plots" / "finetune" / init
+        plots = project / "plots" / "finetune" / run_name
         train = list(csv.DictReader((plots / "train.csv").open()))
         val = list(csv.DictReader((plots / "val.csv").open()))
         assert [int(r["epoch"]) for r in train] == list(range(1, params["epochs"] + 1))
@@ -44,8 +49,9 @@ def test_each_init_through_dvc_repro_writes_metrics_and_weights(project, monkeyp
     # a pretrained init really started from its encoder: with the pretrained weights loaded back, the
     # fine-tuned patch embedding is closer to them than the scratch model's
     enc = load_safetensors(project / "models" / "pretrain_mae" / "encoder.safetensors")["patch_embed.proj.weight"]
-    mae = load_safetensors(project / "models" / "finetune" / "mae" / "model.safetensors")["patch_embed.proj.weight"]
-    scratch = load_safetensors(project / "models" / "finetune" / "scratch" / "model.safetensors")["patch_embed.proj.weight"]
+    finetuned = project / "models" / "finetune"
+    mae = load_safetensors(finetuned / "mae-0" / "model.safetensors")["patch_embed.proj.weight"]
+    scratch = load_safetensors(finetuned / "scratch-0" / "model.safetensors")["patch_embed.proj.weight"]
     if enc.shape == scratch.shape:
         assert (mae - enc).norm() < (scratch - enc).norm()
     # MLflow: every classifier registered, the alias on a version, logged with its signature
@@ -56,10 +62,18 @@ def test_each_init_through_dvc_repro_writes_metrics_and_weights(project, monkeyp
     client = mlflow.MlflowClient(tracking_uri=uri)
     for init in INITS:
         version = client.get_model_version_by_alias(f"mimflow-finetune-{init}", "best")
-        assert client.get_run(version.run_id).data.tags["mimflow.stage"] == f"finetune@{init}"
+        tags = client.get_run(version.run_id).data.tags
+        assert tags["mimflow.stage"] == f"finetune@{init}-{tags['seed']}" and int(tags["seed"]) in seeds
         signature = mlflow.models.get_model_info(f"models:/mimflow-finetune-{init}@best").signature
         assert tuple(signature.inputs.inputs[0].shape) == (-1, 3, index.image_size, index.image_size), signature
         assert tuple(signature.outputs.inputs[0].shape) == (-1, len(index.classes)), signature
+    # one run per seed: the seed changes the run (head init, data order), the labeled split stays prepare's
+    for init in INITS:
+        a, b = (json.loads((project / "metrics" / "finetune" / f"{init}-{s}.json").read_text()) for s in seeds)
+        assert a["split_digest"] == b["split_digest"]
+        w0, w1 = (load_safetensors(project / "models" / "finetune" / f"{init}-{s}" / "model.safetensors")
+                  for s in seeds)
+        assert any(not torch.equal(w0[k], w1[k]) for k in w0), f"{init}: seeds {seeds} trained the same weights"
     # nothing changed: nothing re-runs
     out = dvc_repro(project, "finetune").stdout
     assert "Running stage 'finetune@" not in out
@@ -73,7 +87,7 @@ def test_a_labeled_percent_without_split_is_a_one_line_error(project):
     proc = run(project, str(BIN / "python"), "-m", "pipelines.finetune", "--params", "bad.params.yaml", "--init", "cnn", check=False)
     assert proc.returncode == 2  # a split prepare does not write: caught with the params, before anything is read
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: finetune@cnn:"), last
+    assert last.startswith("error: finetune@cnn-0:"), last
     assert "finetune.labeled_percent = 30.0: must be one of prepare.classification.labeled_percents" in last, last
 
 

@@ -135,7 +135,7 @@ def test_the_check_runs_dvc_yamls_stages_in_the_dags_order():
     names = [name for name, _ in gpu_check.stage_commands(REPO / "dvc.yaml", params)]
     assert names == stage_order(REPO)
     commands = dict(gpu_check.stage_commands(REPO / "dvc.yaml", params))
-    assert commands["finetune@mae"] == f"{params['runtime']['launcher']} -m pipelines.finetune --init mae"
+    assert commands["finetune@mae-0"] == f"{params['runtime']['launcher']} -m pipelines.finetune --init mae --seed 0"
 
 
 @pytest.mark.integration
@@ -152,7 +152,7 @@ def test_gpu_check_on_cpu_fills_every_section_and_runs_the_whole_dag(tmp_path):
     assert results["mae"]["result"]["speedup_vs_transformers"] > 0
     dag = results["dag"]
     assert dag["runner"] == "dvc repro" and dag["completed"] == dag["total"] and dag["all_finite"]
-    assert {s["stage"] for s in dag["stages"]} >= {"prepare", "pretrain_mae", "pretrain_ibot", "finetune@cnn",
-                                                   "detect@softteacher-25", "cka", "report"}
+    assert {s["stage"] for s in dag["stages"]} >= {"prepare", "pretrain_mae", "pretrain_ibot", "finetune@cnn-0",
+                                                   "detect@softteacher-25-0", "baselines", "cka", "report"}
     assert all(math.isfinite(s["images_per_s"]) for s in dag["stages"] if s.get("images_per_s"))
     assert (tmp_path / "gpu-check-cpu.md").read_text().startswith("# gpu-check on")

@@ -20,9 +20,14 @@ from pydantic import BaseModel
 from pipelines.config import EncoderArch, Params, ParamsError, load_params, read_yaml, validate_params
 from tests.pipelines.conftest import BIN, MICRO, REPO, make_project, merge_overrides, micro_params, project_env
 
-DVC_STAGES = ["prepare", "pretrain_mae", "pretrain_ibot", "finetune@scratch", "finetune@mae", "finetune@ibot",
-              "finetune@cnn", "detect@supervised-10", "detect@softteacher-10", "cka", "report"]
-MICRO_STAGES = [s.replace("-10", "-20") for s in DVC_STAGES]  # the micro params detect at 20 %
+INITS = ["scratch", "mae", "ibot", "cnn"]
+DVC_STAGES = ["prepare", "pretrain_mae", "pretrain_ibot", "baselines", *(f"finetune@{i}-0" for i in INITS),
+              "detect@supervised-10-0", "detect@softteacher-10-0", "cka", "report"]
+# the micro params: detection at 20 %, seeds 0 and 1
+MICRO_FINETUNE = {f"finetune@{i}-{s}" for i in INITS for s in (0, 1)}
+MICRO_DETECT = {f"detect@{m}-20-{s}" for m in ("supervised", "softteacher") for s in (0, 1)}
+MICRO_STAGES = ["prepare", "pretrain_mae", "pretrain_ibot", "baselines", *sorted(MICRO_FINETUNE), *sorted(MICRO_DETECT),
+                "cka", "report"]
 
 
 def _with(raw: dict, key: str, value) -> dict:
@@ -355,10 +360,9 @@ def test_dvc_status_reports_the_stages_a_change_of_the_schema_or_of_params_yaml_
     _edit_params(root, "pretrain_mae.epochs", 3)
     assert _dvc_status(root) == {"pretrain_mae"}
     _edit_params(root, "pretrain_mae.model.depth", 3)  # detect builds a scratch ViT backbone of this shape
-    assert _dvc_status(root) == {"pretrain_mae", "detect@supervised-20", "detect@softteacher-20"}
+    assert _dvc_status(root) == {"pretrain_mae", *MICRO_DETECT}
     _edit_params(root, "finetune.epochs", 3)
-    assert _dvc_status(root) == {"pretrain_mae", "detect@supervised-20", "detect@softteacher-20", "cka",
-                                 "finetune@scratch", "finetune@mae", "finetune@ibot", "finetune@cnn"}
+    assert _dvc_status(root) == {"pretrain_mae", *MICRO_DETECT, "baselines", "cka", *MICRO_FINETUNE}
 
 
 def test_the_dvc_stage_lists_above_are_dvc_yamls():

@@ -1,4 +1,5 @@
 """End to end: `dvc repro` of the whole DAG on the micro params, then the results page in headless Chromium."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from tests.pipelines.conftest import BIN, dvc_repro, run
 
@@ -23,20 +25,34 @@ def full_run(project):
     return project
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(1800)
 def test_whole_dag_through_dvc_repro(full_run):
     status = run(full_run, str(BIN / "dvc"), "status").stdout
     assert "up to date" in status, status
     shown = json.loads(run(full_run, str(BIN / "dvc"), "metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]
     names = {os.path.normpath(p) for p in files}
-    for expected in ["metrics/prepare.json", "metrics/pretrain_mae.json", "metrics/pretrain_ibot.json", "metrics/finetune/mae.json", "metrics/cka.json", "metrics/report.json"]:
+    for expected in [
+        "metrics/prepare.json",
+        "metrics/pretrain_mae.json",
+        "metrics/pretrain_ibot.json",
+        "metrics/finetune/mae-0.json",
+        "metrics/finetune/mae-1.json",
+        "metrics/baselines.json",
+        "metrics/cka.json",
+        "metrics/report.json",
+        "metrics/claims.json",
+    ]:
         assert expected in names, sorted(names)
     assert any(n.startswith("metrics/detect/") for n in names)
     summary = (full_run / "reports" / "summary.md").read_text()
-    for section in ("Pretraining", "Classification", "Detection", "CKA", "Wall time"):
+    for section in ("Claims", "Pretraining", "Classification", "Detection", "CKA", "Wall time"):
         assert f"## {section}" in summary
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(1800)
 def test_results_page_loads_every_figure_and_holds_numbers(full_run):
     browser = chromium()
     if browser is None:
@@ -45,10 +61,24 @@ def test_results_page_loads_every_figure_and_holds_numbers(full_run):
         pytest.skip("chromium is not installed")
     page = full_run / "reports" / "index.html"
     proc = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", f"--user-data-dir={full_run / '.chromium'}", "--virtual-time-budget=10000",
-         "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={full_run / '.chromium'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     dom = proc.stdout
     assert "<table" in dom, proc.stderr[-2000:]
@@ -63,17 +93,141 @@ def test_results_page_loads_every_figure_and_holds_numbers(full_run):
         assert any(re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", c) for c in cells), table[:300]
 
 
-def test_detection_rows_follow_the_labeled_percents_params_asks_for(tmp_path):
-    """metrics/detect keeps the files of percents run earlier; the page shows the current ones only,
-    and a current one that is missing is an error naming it."""
-    from pipelines.report import detection_table, stage_times
+CLAIMS = {
+    "finetune_mae_vs_scratch",
+    "finetune_ibot_vs_scratch",
+    "probe_mae_vs_scratch",
+    "probe_ibot_vs_scratch",
+    "knn_ibot_vs_random",
+    "finetune_cnn_vs_scratch",
+    "best_model_vs_pixels",
+}
 
-    detect = tmp_path / "detect"
-    detect.mkdir()
-    for name, ap in (("supervised-10", 0.2), ("softteacher-10", 0.25), ("supervised-20", 0.3), ("softteacher-20", 0.35)):
-        (detect / f"{name}.json").write_text(json.dumps({"teacher": {"AP": ap}, "wall_time_s": 1.0}))
-    rows = detection_table(tmp_path, [20]).rows
-    assert [(r[0], r[1]) for r in rows] == [("supervised", "20"), ("softteacher", "20")]
-    assert [r[0] for r in stage_times(tmp_path, [20]).rows] == ["detect/softteacher-20", "detect/supervised-20"]
-    with pytest.raises(FileNotFoundError, match="supervised-5.json"):
-        detection_table(tmp_path, [5])
+
+@pytest.mark.integration
+@pytest.mark.timeout(1800)
+def test_claims_over_two_seeds_and_the_baselines_on_the_models_split(full_run):
+    """Every claim is judged on the micro params' two seeds; the raw-pixel baselines used the models' split."""
+    params = yaml.safe_load((full_run / "params.yaml").read_text())
+    claims = json.loads((full_run / "reports" / "claims.json").read_text())["claims"]
+    percents = params["prepare"]["detection"]["labeled_percents"]
+    detect = {f"detect_softteacher_vs_supervised_{who}_ap_{p:g}" for p in percents for who in ("teacher", "student")}
+    assert {c["id"] for c in claims} == CLAIMS | detect
+    for c in claims:
+        assert c["n"] == 2 and c["verdict"] in ("holds", "inside noise", "reversed"), c
+        assert c["ci_low"] <= c["diff"] <= c["ci_high"] and c["test"] in (
+            "paired t",
+            "one-sample t against a fixed value",
+        )
+        a, b = c["a"]["values"], c["b"]["values"]
+        if c["test"] == "paired t":
+            assert c["seeds"] == [0, 1] and c["diff"] == pytest.approx(sum(a[s] - b[s] for s in ("0", "1")) / 2)
+    shown = json.loads(run(full_run, str(BIN / "dvc"), "metrics", "show", "--json").stdout)
+    numbers = next(iter(shown.values()))["data"]["metrics/claims.json"]["data"]
+    assert set(numbers) == {c["id"] for c in claims} and all(
+        set(v) == {"diff", "ci_low", "ci_high", "n", "verdict"} for v in numbers.values()
+    )
+    summary = (full_run / "reports" / "summary.md").read_text()
+    assert summary.index("## Claims") < summary.index("## Pretraining") and "figures/claims.png" in summary
+    assert (full_run / "reports" / "claims.md").read_text().count("\n| ") == len(claims) + 1
+    # the baselines: the labeled split and held-out set of every fine-tuned model
+    base = json.loads((full_run / "metrics" / "baselines.json").read_text())
+    for seed in params["finetune"]["seeds"]:
+        for init in ("scratch", "mae", "ibot", "cnn"):
+            m = json.loads((full_run / "metrics" / "finetune" / f"{init}-{seed}.json").read_text())
+            assert (m["split"], m["split_digest"], m["labeled_images"], m["val_images"]) == (
+                base["split"],
+                base["split_digest"],
+                base["labeled_images"],
+                base["val_images"],
+            )
+    assert 0 <= base["logistic_top1"] <= 100 and base["logistic_converged"] and base["features"] == 3 * 32 * 32
+    assert "raw pixels: logistic regression" in summary
+
+
+def fake_outputs(root, stages):
+    """Metrics and PNGs for every current stage, as the stages would write them (the report reads nothing else)."""
+    from PIL import Image
+
+    for s in stages:
+        for path in s.metrics:
+            base, _, variant = s.name.partition("@")
+            m = {"wall_time_s": 1.0}
+            if base == "finetune":
+                init, seed = variant.rsplit("-", 1)
+                m.update(
+                    init=init,
+                    seed=int(seed),
+                    top1=20.0 + int(seed) + (init == "mae"),
+                    top5=60.0,
+                    knn_top1=15.0,
+                    linear_probe_top1=18.0,
+                )
+            elif base == "detect":
+                method, pct, seed = variant.split("-")
+                ap = 0.2 + 0.01 * int(seed) + 0.05 * (method == "softteacher")
+                m.update(method=method, percent=float(pct), seed=int(seed), teacher={"AP": ap}, student={"AP": ap})
+            elif base == "baselines":
+                m.update(logistic_top1=19.0, knn_top1=17.0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(m))
+        names = [str(f.relative_to(root)) for f in s.figures]
+        if s.name in ("prepare", "cka"):
+            names = [f"plots/{s.name}/a.png"]
+        for name in names:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (4, 4)).save(root / name)
+
+
+def test_the_page_shows_this_runs_stages_only(tmp_path, monkeypatch):
+    """Issue 28: the page lists what the current dvc.yaml and params define. With the outputs of a run at
+    10 % detection labels still in the workspace, a run at 20 % shows only the 20 % figures and rows."""
+    from pipelines.common import main
+    from pipelines.report import current_stages, report
+    from tests.pipelines.conftest import make_project, micro_params
+
+    params = micro_params()
+    params["tracking"]["enabled"] = False
+    params["prepare"]["detection"]["labeled_percents"] = [10]
+    root = make_project(tmp_path / "p")
+    monkeypatch.chdir(root)
+    pages = {}
+    for pct in (10, 20):
+        params["prepare"]["detection"]["labeled_percents"] = [pct]
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        stages = current_stages(root)
+        assert sum(s.name.startswith("detect@") for s in stages) == 2 * 2  # two methods, two seeds
+        fake_outputs(root, stages)
+        assert main("report", report, root / "params.yaml") == 0
+        pages[pct] = (root / "reports" / "index.html").read_text()
+    assert "detect__supervised-10-0__predictions.png" in pages[10]
+    assert (
+        root / "plots" / "detect" / "supervised-10-0" / "predictions.png"
+    ).is_file()  # the stale figure is still there ...
+    assert (
+        "-10-" not in pages[20] and "detect__softteacher-20-0__predictions.png" in pages[20]
+    )  # ... and not on the page
+    assert not list((root / "reports" / "figures").glob("*-10-*"))
+    claims = json.loads((root / "reports" / "claims.json").read_text())["claims"]
+    assert [c["id"] for c in claims if c["id"].startswith("detect")] == [
+        f"detect_softteacher_vs_supervised_{w}_ap_20" for w in ("teacher", "student")
+    ]
+    soft = next(c for c in claims if c["id"].endswith("teacher_ap_20"))
+    assert soft["diff"] == pytest.approx(0.05) and soft["verdict"] == "holds"  # the same +0.05 on both seeds
+
+
+def test_readme_claims_block_is_filled_from_claims_md(tmp_path):
+    from pipelines.report import fill_readme
+
+    readme, claims = tmp_path / "README.md", tmp_path / "claims.md"
+    claims.write_text("| claim | verdict |\n|---|---|\n| a | holds |\n")
+    readme.write_text("# x\n\n<!-- claims:begin -->\nold\n<!-- claims:end -->\n\nmore\n")
+    assert fill_readme(readme, claims) is True
+    assert (
+        readme.read_text()
+        == "# x\n\n<!-- claims:begin -->\n| claim | verdict |\n|---|---|\n| a | holds |\n<!-- claims:end -->\n\nmore\n"
+    )
+    assert fill_readme(readme, claims) is False
+    (tmp_path / "bare.md").write_text("# no markers\n")
+    with pytest.raises(ValueError, match="claims:begin"):
+        fill_readme(tmp_path / "bare.md", claims)
