@@ -1,16 +1,19 @@
 """Team mode, tested on one machine: every server binds 127.0.0.1 on a free port and is stopped by the fixture
-that started it. The micro project here runs pretrain_mae once (MLflow off) for the tests that compare with it
-or push it to a DVC remote."""
+that started it. The micro project here runs prepare and pretrain_mae once, logging to the team MLflow server
+(PostgreSQL-backed), for the tests that read that run back, compare with its weights or push it to a DVC remote:
+one training run serves them all, inside CI's budget."""
 from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.pipelines.conftest import dvc_repro, make_project
+from pipelines.team_server import TeamServer, TeamServerError, postgres_bindir
+from tests.pipelines.conftest import BIN, make_project, project_env
 
 
 def free_port() -> int:
@@ -33,15 +36,41 @@ def copy_with_data(source: Path, dest: Path, **sections: dict) -> Path:
     """A fresh micro project at ``dest`` with ``source``'s prepared data, MLflow off and ``sections`` applied."""
     root = make_project(dest)
     shutil.copytree(source / "data" / "classification", root / "data" / "classification")
-    set_params(root, tracking={"enabled": False}, **sections)
+    set_params(root, **{"tracking": {"enabled": False}, **sections})
     return root
 
 
 @pytest.fixture(scope="session")
-def micro(tmp_path_factory) -> Path:
-    """A micro project (MLflow off: a store is not what these tests check) after `dvc repro pretrain_mae`,
-    its dvc.lock committed."""
+def team_server(tmp_path_factory):
+    """PostgreSQL + `mlflow server` (pipelines/team_server.py, as `make team-up`) on free ports of 127.0.0.1,
+    stopped and its cluster removed at the end; None (the MLflow test skips) only when PostgreSQL is missing
+    and apt-get is not there to install it."""
+    if postgres_bindir() is None:
+        if shutil.which("apt-get") is None:
+            yield None
+            return
+        pytest.fail("PostgreSQL is not installed: `apt-get install postgresql` (.ci/run does)", pytrace=False)
+    state = tmp_path_factory.mktemp("team-server")
+    try:
+        server = TeamServer.start(state / "artifacts", state)
+    except TeamServerError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory, team_server) -> Path:
+    """A micro project after `dvc repro pretrain_mae`, logged to the team server through MLFLOW_TRACKING_URI
+    alone (MLflow off when there is no server)."""
     root = make_project(tmp_path_factory.mktemp("team") / "a")
-    set_params(root, tracking={"enabled": False})
-    dvc_repro(root, "pretrain_mae")
+    env = project_env(root)
+    if team_server is None:
+        set_params(root, tracking={"enabled": False})
+    else:
+        env["MLFLOW_TRACKING_URI"] = team_server.uri
+    proc = subprocess.run([str(BIN / "dvc"), "repro", "pretrain_mae"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"dvc repro pretrain_mae exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
     return root
