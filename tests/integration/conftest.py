@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.team_server import TeamServer, TeamServerError, postgres_bindir
-from tests.pipelines.conftest import BIN, make_project, project_env
+from pipelines.team_server import TeamServer, postgres_bindir
+from tests.pipelines.conftest import BIN, REPO, make_project, project_env
 
 
 def free_port() -> int:
@@ -42,21 +42,28 @@ def copy_with_data(source: Path, dest: Path, **sections: dict) -> Path:
 
 @pytest.fixture(scope="session")
 def team_server(tmp_path_factory):
-    """PostgreSQL + `mlflow server` (pipelines/team_server.py, as `make team-up`) on free ports of 127.0.0.1,
-    stopped and its cluster removed at the end; None (the MLflow test skips) only when PostgreSQL is missing
-    and apt-get is not there to install it."""
+    """PostgreSQL + `mlflow server` on free ports of 127.0.0.1, started and stopped by the commands that
+    `make team-up` / `make team-down` run (the cluster removed at the end); None (the MLflow test skips) only
+    when PostgreSQL is missing and apt-get is not there to install it."""
     if postgres_bindir() is None:
         if shutil.which("apt-get") is None:
             yield None
             return
         pytest.fail("PostgreSQL is not installed: `apt-get install postgresql` (.ci/run does)", pytrace=False)
     state = tmp_path_factory.mktemp("team-server")
+    team = [str(BIN / "python"), "-m", "pipelines.team_server"]
+    up = subprocess.run([*team, "up", "--state", str(state)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        pytest.fail(f"make team-up: {up.stderr.strip()}", pytrace=False)
+    server = TeamServer.load(state)
+    assert f"MLFLOW_TRACKING_URI={server.uri}" in up.stdout.splitlines()
     try:
-        server = TeamServer.start(state / "artifacts", state)
-    except TeamServerError as e:
-        pytest.fail(str(e), pytrace=False)
-    yield server
-    server.stop()
+        yield server
+    finally:
+        down = subprocess.run([*team, "down", "--state", str(state)], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert not Path(server.pgdata).exists() and TeamServer.load(state) is None
 
 
 @pytest.fixture(scope="session")

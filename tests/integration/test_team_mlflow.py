@@ -42,6 +42,9 @@ def test_a_stage_logs_params_metrics_and_figure_to_the_postgres_backed_server(mi
     runs = rest_post(team_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
                                                   "filter": "tags.stage = 'pretrain_mae'"}).get("runs", [])
     assert len(runs) == 1, f"{len(runs)} pretrain_mae runs on the server"
+    prepare = rest_post(team_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                     "filter": "tags.stage = 'prepare'"}).get("runs", [])
+    assert len(prepare) == 1 and prepare[0]["info"]["status"] == "FINISHED", "dvc repro's prepare run is missing"
     run = runs[0]
     run_id = run["info"]["run_id"]
     assert run["info"]["status"] == "FINISHED"
