@@ -1,7 +1,7 @@
 """Team mode, tested on one machine: every server binds 127.0.0.1 on a free port and is stopped by the fixture
-that started it. The micro project here runs prepare and pretrain_mae once, logging to the team MLflow server
-(PostgreSQL-backed), for the tests that read that run back, compare with its weights or push it to a DVC remote:
-one training run serves them all, inside CI's budget."""
+that started it. The micro project here runs prepare, pretrain_mae and finetune@mae once, logging to the team
+MLflow server (PostgreSQL-backed), for the tests that read those runs back, compare with its weights or push it
+to a DVC remote: one training run serves them all, inside CI's budget."""
 from __future__ import annotations
 
 import shutil
@@ -69,15 +69,19 @@ def team_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def micro(tmp_path_factory, team_server) -> Path:
     """A micro project after `dvc repro pretrain_mae`, logged to the team server through MLFLOW_TRACKING_URI
-    alone (MLflow off when there is no server)."""
+    alone, and `finetune@mae`, which registers its classifier there (MLflow off and no finetune when there is
+    no server)."""
     root = make_project(tmp_path_factory.mktemp("team") / "a")
     env = project_env(root)
+    targets = ["pretrain_mae"]
     if team_server is None:
         set_params(root, tracking={"enabled": False})
     else:
         env["MLFLOW_TRACKING_URI"] = team_server.uri
-    proc = subprocess.run([str(BIN / "dvc"), "repro", "pretrain_mae"], cwd=root, env=env, capture_output=True,
+        targets.append("finetune@mae")
+    proc = subprocess.run([str(BIN / "dvc"), "repro", *targets], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     if proc.returncode != 0:
-        pytest.fail(f"dvc repro pretrain_mae exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(f"dvc repro {' '.join(targets)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-4000:]}")
     return root

@@ -1,6 +1,7 @@
 """The team's MLflow server (pipelines/team_server.py, `make team-up`): PostgreSQL as the backend store and
-artifacts served by the server. A micro stage pointed at it by MLFLOW_TRACKING_URI alone lands its params,
-metrics and figure there, read back through the REST API; a server that cannot start is one line."""
+artifacts served by the server. Micro stages pointed at it by MLFLOW_TRACKING_URI alone land their params,
+metrics, figure and registered model (with its alias) there, read back through the REST API; a server that
+cannot start is one line."""
 from __future__ import annotations
 
 import json
@@ -29,8 +30,8 @@ def rest_post(server: TeamServer, endpoint: str, body: dict) -> dict:
 
 
 @pytest.mark.integration
-def test_a_stage_logs_params_metrics_and_figure_to_the_postgres_backed_server(micro, team_server):
-    """The shared micro project ran `dvc repro pretrain_mae` with MLFLOW_TRACKING_URI=<the team server>."""
+def test_stages_log_params_metrics_figure_and_model_to_the_postgres_backed_server(micro, team_server):
+    """The shared micro project ran `dvc repro pretrain_mae finetune@mae` with MLFLOW_TRACKING_URI=<the server>."""
     if team_server is None:
         pytest.skip("PostgreSQL is not installed and apt-get is unavailable to install it")
     root = micro
@@ -68,6 +69,14 @@ def test_a_stage_logs_params_metrics_and_figure_to_the_postgres_backed_server(mi
         assert r.read() == png
     stored = list(Path(team_server.artifacts).rglob("reconstructions.png"))
     assert len(stored) == 1 and stored[0].read_bytes() == png
+
+    # finetune@mae registered its classifier, and the registry alias points at that run's version
+    version = rest(team_server, "registered-models/alias", name="mimflow-finetune-mae", alias="best")["model_version"]
+    assert version["status"] == "READY"
+    finetune = rest(team_server, "runs/get", run_id=version["run_id"])["run"]
+    assert {t["key"]: t["value"] for t in finetune["data"]["tags"]}["mimflow.stage"] == "finetune@mae"
+    top1 = json.loads((root / "metrics" / "finetune" / "mae.json").read_text())["top1"]
+    assert {m["key"]: m["value"] for m in finetune["data"]["metrics"]}["top1"] == pytest.approx(top1)
 
     # and the run is a row of PostgreSQL's database, not of a file store
     import psycopg
