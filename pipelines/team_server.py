@@ -8,7 +8,7 @@ under ``--artifacts-destination``, both bound to 127.0.0.1.
 ``up`` prints ``MLFLOW_TRACKING_URI=http://127.0.0.1:<port>``; stages log there through that variable alone.
 ``make team-up`` / ``make team-down`` run these. A server that cannot start (PostgreSQL missing, a port
 taken, a server that exits or does not answer) is one line on stderr and exit code 1, never a hang.
-The test fixture in tests/integration/test_team_mlflow.py starts and stops the same ``TeamServer``.
+The team_server fixture in tests/integration/conftest.py runs these two commands.
 """
 from __future__ import annotations
 
