@@ -13,7 +13,8 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install repro test test-integration chromium flow mlflow-ui prefect-ui gpu-check
+.PHONY: install install-team postgres repro test test-integration team-up team-down chromium flow mlflow-ui \
+	prefect-ui gpu-check
 
 install: $(STAMP)
 
@@ -22,6 +23,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+# The team extra: PostgreSQL's Python driver for the MLflow server's database (docs/team.md).
+TEAM_STAMP := $(VENV)/.mimflow-team-installed
+install-team: $(TEAM_STAMP)
+
+$(TEAM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,team]"
+	touch $(TEAM_STAMP)
 
 # The params check first: on a broken params.yaml it prints one line naming file, line and column (or the
 # key), where dvc repro's own YAML parser would print several.
@@ -33,8 +42,23 @@ test: $(STAMP) chromium
 	$(BIN)/python -m pytest -m "not integration"
 
 # Slower end-to-end runs (the GPU profile's smoke run through the whole DAG, ...); .ci/run runs both.
-test-integration: $(STAMP)
+test-integration: $(TEAM_STAMP)
 	$(BIN)/python -m pytest -m integration
+
+# Debian's PostgreSQL for the team MLflow server (team-up and the integration tests start their own cluster).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "note: PostgreSQL is not installed and apt-get cannot install it; the team MLflow server test will be skipped"
+
+# The team's MLflow server (docs/team.md): PostgreSQL in a temporary cluster + `mlflow server` serving the
+# artifacts under .team/artifacts, both on 127.0.0.1; prints the MLFLOW_TRACKING_URI to export.
+team-up: $(TEAM_STAMP) postgres
+	$(BIN)/python -m pipelines.team_server up --state .team
+
+team-down:
+	$(BIN)/python -m pipelines.team_server down --state .team
 
 # The report test opens reports/index.html in headless Chromium (Debian's package).
 chromium:
