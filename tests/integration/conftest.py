@@ -1,5 +1,5 @@
 """Team mode, tested on one machine: every server binds 127.0.0.1 on a free port and is stopped by the fixture
-that started it. The micro project here runs prepare, pretrain_mae and finetune@mae once, logging to the team
+that started it. The micro project here runs prepare, pretrain_mae and finetune@mae-0 once, logging to the team
 MLflow server (PostgreSQL-backed), for the tests that read those runs back, compare with its weights or push it
 to a DVC remote: one training run serves them all, inside CI's budget."""
 from __future__ import annotations
@@ -69,7 +69,7 @@ def team_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def micro(tmp_path_factory, team_server) -> Path:
     """A micro project after `dvc repro pretrain_mae`, logged to the team server through MLFLOW_TRACKING_URI
-    alone, and `finetune@mae`, which registers its classifier there (MLflow off and no finetune when there is
+    alone, and `finetune@mae-0`, which registers its classifier there (MLflow off and no finetune when there is
     no server)."""
     root = make_project(tmp_path_factory.mktemp("team") / "a")
     env = project_env(root)
@@ -78,7 +78,7 @@ def micro(tmp_path_factory, team_server) -> Path:
         set_params(root, tracking={"enabled": False})
     else:
         env["MLFLOW_TRACKING_URI"] = team_server.uri
-        targets.append("finetune@mae")
+        targets.append("finetune@mae-0")
     proc = subprocess.run([str(BIN / "dvc"), "repro", *targets], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     if proc.returncode != 0:

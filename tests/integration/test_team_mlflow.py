@@ -31,7 +31,7 @@ def rest_post(server: TeamServer, endpoint: str, body: dict) -> dict:
 
 @pytest.mark.integration
 def test_stages_log_params_metrics_figure_and_model_to_the_postgres_backed_server(micro, team_server):
-    """The shared micro project ran `dvc repro pretrain_mae finetune@mae` with MLFLOW_TRACKING_URI=<the server>."""
+    """The shared micro project ran `dvc repro pretrain_mae finetune@mae-0` with MLFLOW_TRACKING_URI=<the server>."""
     if team_server is None:
         pytest.skip("PostgreSQL is not installed and apt-get is unavailable to install it")
     root = micro
@@ -74,8 +74,8 @@ def test_stages_log_params_metrics_figure_and_model_to_the_postgres_backed_serve
     version = rest(team_server, "registered-models/alias", name="mimflow-finetune-mae", alias="best")["model_version"]
     assert version["status"] == "READY"
     finetune = rest(team_server, "runs/get", run_id=version["run_id"])["run"]
-    assert {t["key"]: t["value"] for t in finetune["data"]["tags"]}["mimflow.stage"] == "finetune@mae"
-    top1 = json.loads((root / "metrics" / "finetune" / "mae.json").read_text())["top1"]
+    assert {t["key"]: t["value"] for t in finetune["data"]["tags"]}["mimflow.stage"] == "finetune@mae-0"
+    top1 = json.loads((root / "metrics" / "finetune" / "mae-0.json").read_text())["top1"]
     assert {m["key"]: m["value"] for m in finetune["data"]["metrics"]}["top1"] == pytest.approx(top1)
 
     # and the run is a row of PostgreSQL's database, not of a file store
