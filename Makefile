@@ -39,11 +39,11 @@ repro: $(STAMP)
 	$(BIN)/dvc repro
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -m "not integration"
+	$(BIN)/python -m pytest -m "not integration" -n 2 --dist loadfile
 
 # Slower end-to-end runs (the GPU profile's smoke run through the whole DAG, ...); .ci/run runs both.
 test-integration: $(TEAM_STAMP)
-	$(BIN)/python -m pytest -m integration
+	$(BIN)/python -m pytest -m integration -n 2 --dist loadfile
 
 # Debian's PostgreSQL for the team MLflow server (team-up and the integration tests start their own cluster).
 postgres:
