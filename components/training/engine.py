@@ -6,6 +6,9 @@ decay). Mixed precision: bf16 autocast on CUDA, fp32 on CPU (fp16 with a GradSca
 Checkpoints (model, optimizer, scaler, extra state such as an EMA teacher, history and every rank's RNG
 state) are written atomically every ``ckpt_every`` steps and at the end, and a run started again with
 the same fingerprint resumes from the last one and ends with the same weights as an uninterrupted run.
+Only an interrupted run resumes: once the caller has written a run's results it calls :func:`mark_finished`,
+and a later run with the same checkpoint directory (``dvc repro --force``, a params change that leaves the
+fingerprint alone) trains from scratch, so its weights and timings are its own.
 A non-finite loss stops the run before the optimizer step, so the last checkpoint stays good.
 """
 from __future__ import annotations
@@ -27,12 +30,40 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from components.io import torch_load, torch_save
+from components.io import read_json, torch_load, torch_save, write_json
 from components.training.distributed import DistInfo, all_reduce_mean, sample_seed
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
+FINISHED = "finished.json"  # names the checkpoint of a completed run, which is never resumed
+
+
+def _identity(path: Path) -> dict:
+    st = path.stat()
+    return {"inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def mark_finished(ckpt_dir: str | Path) -> bool:
+    """Record that the run whose checkpoint is in ``ckpt_dir`` completed; returns whether there was one.
+    The marker names that very file (inode, size, mtime), so a checkpoint written later by another run
+    is not covered by it: that one was interrupted and resumes."""
+    path = Path(ckpt_dir) / CHECKPOINT
+    if not path.is_file():
+        return False
+    write_json(Path(ckpt_dir) / FINISHED, _identity(path))
+    return True
+
+
+def is_finished(ckpt_dir: str | Path) -> bool:
+    """Whether the checkpoint in ``ckpt_dir`` is the one :func:`mark_finished` recorded."""
+    path, marker = Path(ckpt_dir) / CHECKPOINT, Path(ckpt_dir) / FINISHED
+    if not (path.is_file() and marker.is_file()):
+        return False
+    try:
+        return read_json(marker) == _identity(path)
+    except ValueError:  # a marker cut short: count the checkpoint as finished, training again is the safe side
+        return True
 
 
 class NonFiniteLossError(RuntimeError):
@@ -181,9 +212,13 @@ class Trainer:
         torch_save(self.checkpoint_path, state)
 
     def try_resume(self) -> bool:
-        """Load the last checkpoint if there is one written under the same fingerprint."""
+        """Load the last checkpoint if there is one written under the same fingerprint by a run that was
+        interrupted (a finished run's checkpoint is not resumed: the run trains from scratch)."""
         path = self.checkpoint_path
         if path is None or not path.is_file():
+            return False
+        if is_finished(path.parent):
+            log.info("%s: the checkpoint of a finished run; training %s from scratch", path, self.cfg.desc)
             return False
         state = torch_load(path)
         if state.get("fingerprint") != self.cfg.fingerprint:
