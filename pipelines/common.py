@@ -8,6 +8,7 @@ one line on stderr naming the file or key and a non-zero exit (set ``MIMFLOW_DEB
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -24,9 +25,9 @@ import torch
 
 from components.io import file_digest, write_json
 from components.training.distributed import DistInfo, cleanup_distributed, init_distributed
-from components.training.engine import NonFiniteLossError
+from components.training.engine import NonFiniteLossError, mark_finished
 from pipelines.config import Params, ParamsError, load_params
-from pipelines.tracking import Tracker, TrackingError
+from pipelines.tracking import Tracker, TrackingError, upstream_params
 
 log = logging.getLogger("mimflow")
 
@@ -122,6 +123,14 @@ class StageContext:
         if self.is_main:
             self.tracker.log_metrics(metrics, step)
 
+    def log_encoder(self, encoder: torch.nn.Module, images: torch.Tensor) -> None:
+        """Log a pretrained encoder as the run's MLflow model, with the signature images [N, C, H, W] ->
+        [CLS] features [N, D] taken from two of ``images``, so a pretraining run's model is browsable as a
+        fine-tuning run's is (not registered: no metric of its own ranks encoders)."""
+        if self.is_main:
+            model = copy.deepcopy(encoder).float().cpu().eval()
+            self.tracker.log_model(model, name="encoder", input_example=images[:2].float().cpu())
+
 
 def code_digest() -> str:
     """Digest of the project's Python code: every module of the components and pipelines packages."""
@@ -189,14 +198,17 @@ def main(name: str, body: Callable[[StageContext], dict], params_path: Path, var
         seed_everything(params.runtime.seed)
         root = Path.cwd()
         tracker = Tracker(params.tracking, root, enabled=info.is_main)
-        tracker.start(stage_id, _section_params(params, name), tags={"variant": variant} if variant else None)
+        upstream = upstream_params(root, stage_id, params) if tracker.enabled else {}
+        tracker.start(stage_id, _section_params(params, name), tags={"variant": variant} if variant else None, upstream=upstream)
         ctx = StageContext(name=name, params=params, device=device, precision=precision, info=info, tracker=tracker, variant=variant, root=root)
         log.info("%s on %s (%s), %d process(es), seed %d", stage_id, device, precision, info.world_size, params.runtime.seed)
         metrics = body(ctx) or {}
         if info.is_main:
             metrics = {**metrics, "wall_time_s": round(time.perf_counter() - ctx.started, 2)}
             write_json(ctx.metrics_path, metrics)
-            tracker.log_metrics(metrics)
+            tracker.log_results(metrics)
+            if mark_finished(ctx.checkpoint_dir):  # its results are written: the next run trains afresh
+                log.info("%s: checkpoint marked finished (a re-run, e.g. dvc repro --force, trains from scratch)", stage_id)
             log.info("%s done: %s", stage_id, ctx.metrics_path)
         tracker.end("FINISHED")
         return 0
