@@ -18,6 +18,7 @@ import math
 import os
 import random
 import time
+import uuid
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -39,31 +40,41 @@ CHECKPOINT = "last.pt"
 FINISHED = "finished.json"  # names the checkpoint of a completed run, which is never resumed
 
 
-def _identity(path: Path) -> dict:
-    st = path.stat()
-    return {"inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def _run_token(path: Path) -> str | None:
+    """The token of the run that wrote the checkpoint at ``path`` (memory-mapped: the tensors are not read)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run")
+    except Exception as e:  # noqa: BLE001 (a checkpoint cut short is reported when it is resumed)
+        log.debug("%s: no run token (%s)", path, e)
+        return None
 
 
 def mark_finished(ckpt_dir: str | Path) -> bool:
     """Record that the run whose checkpoint is in ``ckpt_dir`` completed; returns whether there was one.
-    The marker names that very file (inode, size, mtime), so a checkpoint written later by another run
-    is not covered by it: that one was interrupted and resumes."""
+    The marker holds that run's token (written into each of its checkpoints), so it survives copies of the
+    directory and does not cover a checkpoint a later run writes: that one was interrupted and resumes."""
     path = Path(ckpt_dir) / CHECKPOINT
-    if not path.is_file():
+    token = _run_token(path) if path.is_file() else None
+    if token is None:
         return False
-    write_json(Path(ckpt_dir) / FINISHED, _identity(path))
+    write_json(Path(ckpt_dir) / FINISHED, {"run": token})
     return True
 
 
-def is_finished(ckpt_dir: str | Path) -> bool:
-    """Whether the checkpoint in ``ckpt_dir`` is the one :func:`mark_finished` recorded."""
-    path, marker = Path(ckpt_dir) / CHECKPOINT, Path(ckpt_dir) / FINISHED
-    if not (path.is_file() and marker.is_file()):
-        return False
+def finished_token(ckpt_dir: str | Path) -> str | None:
+    """The token :func:`mark_finished` recorded in ``ckpt_dir``, if any."""
+    marker = Path(ckpt_dir) / FINISHED
     try:
-        return read_json(marker) == _identity(path)
-    except ValueError:  # a marker cut short: count the checkpoint as finished, training again is the safe side
-        return True
+        return read_json(marker).get("run") if marker.is_file() else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def is_finished(ckpt_dir: str | Path) -> bool:
+    """Whether the checkpoint in ``ckpt_dir`` was written by a run :func:`mark_finished` recorded."""
+    path = Path(ckpt_dir) / CHECKPOINT
+    token = finished_token(ckpt_dir)
+    return token is not None and path.is_file() and _run_token(path) == token
 
 
 class NonFiniteLossError(RuntimeError):
@@ -177,6 +188,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.resumed_from: int | None = None
+        self.run_token = uuid.uuid4().hex  # in every checkpoint of this run (a resumed run takes on the token it resumes)
         # Set the initial weight decay so wd_fn groups start right (iBOT weight-decay schedule).
         for g in optimizer.param_groups:
             g.setdefault("lr_scale", 1.0)
@@ -200,6 +212,7 @@ class Trainer:
         if self.checkpoint_path is None or not self.info.is_main:
             return
         state = {
+            "run": self.run_token,
             "fingerprint": self.cfg.fingerprint,
             "step": self.step,
             "model": self.raw.state_dict(),
@@ -217,10 +230,11 @@ class Trainer:
         path = self.checkpoint_path
         if path is None or not path.is_file():
             return False
-        if is_finished(path.parent):
+        state = torch_load(path)
+        finished = finished_token(path.parent)
+        if finished is not None and state.get("run") == finished:
             log.info("%s: the checkpoint of a finished run; training %s from scratch", path, self.cfg.desc)
             return False
-        state = torch_load(path)
         if state.get("fingerprint") != self.cfg.fingerprint:
             log.warning("%s: written for other params (fingerprint differs); starting from scratch", path)
             return False
@@ -233,6 +247,7 @@ class Trainer:
             raise ValueError(f"{path}: checkpoint does not match the model ({str(e).splitlines()[0]})") from None
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.history = int(state["step"]), list(state["history"])
+        self.run_token = state.get("run") or self.run_token
         rngs = state["rng"]
         set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
         self.resumed_from = self.step

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -173,6 +174,8 @@ def test_a_finished_runs_checkpoint_is_not_resumed_but_a_later_interrupted_one_i
     trains from scratch (same weights, its own history); a checkpoint that run leaves when killed resumes."""
     first, _ = train(tmp_path, steps=20, ckpt_every=5)
     assert mark_finished(tmp_path) and is_finished(tmp_path)
+    shutil.copytree(tmp_path, tmp_path.parent / "copy")  # a clone, a DVC checkout: still the finished run's
+    assert is_finished(tmp_path.parent / "copy")
     again, trainer = train(tmp_path, steps=20, ckpt_every=5)
     assert trainer.resumed_from is None and torch.equal(flat(first), flat(again))
     assert mark_finished(tmp_path)
