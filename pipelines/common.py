@@ -127,9 +127,11 @@ class StageContext:
         """Log a pretrained encoder as the run's MLflow model, with the signature images [N, C, H, W] ->
         [CLS] features [N, D] taken from two of ``images``, so a pretraining run's model is browsable as a
         fine-tuning run's is (not registered: no metric of its own ranks encoders)."""
-        if self.is_main:
+        if self.is_main and self.tracker.enabled and self.params.tracking.log_models:
+            t = time.perf_counter()
             model = copy.deepcopy(encoder).float().cpu().eval()
             self.tracker.log_model(model, name="encoder", input_example=images[:2].float().cpu())
+            log.info("%s: logged the encoder to MLflow in %.1f s", self.stage_id, time.perf_counter() - t)
 
 
 def code_digest() -> str:
@@ -199,7 +201,8 @@ def main(name: str, body: Callable[[StageContext], dict], params_path: Path, var
         root = Path.cwd()
         tracker = Tracker(params.tracking, root, enabled=info.is_main)
         upstream = upstream_params(root, stage_id, params) if tracker.enabled else {}
-        tracker.start(stage_id, _section_params(params, name), tags={"variant": variant} if variant else None, upstream=upstream)
+        tags = {"variant": variant} if variant else None
+        tracker.start(stage_id, _section_params(params, name), tags=tags, upstream=upstream)
         ctx = StageContext(name=name, params=params, device=device, precision=precision, info=info, tracker=tracker, variant=variant, root=root)
         log.info("%s on %s (%s), %d process(es), seed %d", stage_id, device, precision, info.world_size, params.runtime.seed)
         metrics = body(ctx) or {}
@@ -208,7 +211,7 @@ def main(name: str, body: Callable[[StageContext], dict], params_path: Path, var
             write_json(ctx.metrics_path, metrics)
             tracker.log_results(metrics)
             if mark_finished(ctx.checkpoint_dir):  # its results are written: the next run trains afresh
-                log.info("%s: checkpoint marked finished (a re-run, e.g. dvc repro --force, trains from scratch)", stage_id)
+                log.info("%s: checkpoint marked finished (a re-run, dvc repro --force, trains afresh)", stage_id)
             log.info("%s done: %s", stage_id, ctx.metrics_path)
         tracker.end("FINISHED")
         return 0

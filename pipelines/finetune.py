@@ -150,8 +150,7 @@ def finetune(ctx: StageContext) -> dict:
     )
     trainer = Trainer(model, optimizer, train_cfg, ctx.device, ctx.info,
                       lr_fn=lambda s: warmup_cosine(s, total, cfg.warmup_epochs * steps_per_epoch, lr, cfg.min_lr),
-                      on_log=lambda step, rec: ctx.log_metrics({k: v for k, v in rec.items() if k.startswith("val_")}, rec["epoch"] + 1)
-                      if "val_top1" in rec else None)  # MLflow's step axis of this stage is the epoch
+                      on_log=lambda step, rec: log_val_epoch(ctx, rec, step // steps_per_epoch))
 
     def on_epoch_end(epoch: int) -> dict | None:
         if (epoch + 1) % cfg.eval_every or epoch + 1 == cfg.epochs:  # the last epoch is evaluated after fit
@@ -196,6 +195,12 @@ def finetune(ctx: StageContext) -> dict:
     })
     register(ctx, model, init, final["top1"], val_loader)
     return metrics
+
+
+def log_val_epoch(ctx: StageContext, record: dict, epochs_done: int) -> None:
+    """Validation results at the epoch they close: MLflow's step axis of this stage is the epoch."""
+    if "val_top1" in record:
+        ctx.log_metrics({k: v for k, v in record.items() if k.startswith("val_")}, step=epochs_done)
 
 
 def read_meta_spec(meta: dict) -> ViTSpec:

@@ -135,12 +135,14 @@ def upstream_params(root: Path, stage: str, params: Any) -> dict[str, Any]:
             node = next((s for s in graph.nodes if getattr(s, "name", None) == stage), None)
             if node is None:
                 return {}
-            keys = {str(k).split(".")[0] for s in nx.descendants(graph, node) for d in s.deps for k in (getattr(d, "params", None) or [])}
+            upstream = nx.descendants(graph, node)
+            keys = {str(k).split(".")[0] for s in upstream for d in s.deps for k in (getattr(d, "params", None) or [])}
     except Exception as e:  # noqa: BLE001 (no DVC repo, a dvc.yaml DVC refuses: the run is still worth logging)
         log.debug("no upstream params for %s: %s", stage, e)
         return {}
     own = stage.split("@")[0]
-    return {k: getattr(params, k).model_dump(mode="json") for k in sorted(keys - {own, "runtime"}) if hasattr(params, k)}
+    sections = sorted(keys - {own, "runtime"})
+    return {k: getattr(params, k).model_dump(mode="json") for k in sections if hasattr(params, k)}
 
 
 def digest(obj: Any) -> str:
@@ -202,8 +204,8 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 (MLflow raises many kinds)
             raise TrackingError(f"MLflow at {uri}: cannot open experiment {self.cfg.experiment!r} ({str(e).splitlines()[0]})") from None
         self.close_stale_runs(experiment.experiment_id, stage)
-        all_tags = {"stage": stage.split("@")[0], "mimflow.stage": stage, **dependency_hashes(self.root, stage), **(tags or {}),
-                    "mimflow.host": socket.gethostname(), "mimflow.pid": str(os.getpid())}
+        all_tags = {"stage": stage.split("@")[0], "mimflow.stage": stage, **dependency_hashes(self.root, stage),
+                    **(tags or {}), "mimflow.host": socket.gethostname(), "mimflow.pid": str(os.getpid())}
         exp_name = os.environ.get("DVC_EXP_NAME")
         if exp_name:
             all_tags["dvc.exp_name"] = exp_name  # groups the stages of one `dvc exp run`
@@ -212,7 +214,8 @@ class Tracker:
             all_tags["mlflow.source.git.commit"] = commit
         label = exp_name or (commit[:7] if commit else None)
         parent = os.environ.get(PARENT_RUN_ENV)
-        run = mlflow.start_run(run_name=f"{stage} · {label}" if label else stage, tags=all_tags, parent_run_id=parent or None)
+        name = f"{stage} · {label}" if label else stage
+        run = mlflow.start_run(run_name=name, tags=all_tags, parent_run_id=parent or None)
         self.run_id = run.info.run_id
         self.log_params({**(upstream or {}), **params})
         log.info("MLflow run %s (%s) in experiment %r at %s", self.run_id, run.info.run_name, self.cfg.experiment, uri)
@@ -223,7 +226,8 @@ class Tracker:
         are left alone (their process cannot be checked from here)."""
         client = self._mlflow.MlflowClient()
         host, closed = socket.gethostname(), []
-        runs = client.search_runs([experiment_id], f"tags.`mimflow.stage` = '{stage}' and attributes.status = 'RUNNING'", max_results=100)
+        query = f"tags.`mimflow.stage` = '{stage}' and attributes.status = 'RUNNING'"
+        runs = client.search_runs([experiment_id], query, max_results=100)
         for run in runs:
             tags = run.data.tags
             pid = tags.get("mimflow.pid", "")
@@ -231,7 +235,8 @@ class Tracker:
                 client.set_terminated(run.info.run_id, "KILLED")
                 closed.append(run.info.run_id)
         if closed:
-            log.info("MLflow: set KILLED %d run(s) of %s whose process is gone: %s", len(closed), stage, ", ".join(closed))
+            log.info("MLflow: set KILLED %d run(s) of %s whose process is gone: %s", len(closed), stage,
+                     ", ".join(closed))
         return closed
 
     def log_params(self, params: dict) -> None:
@@ -257,7 +262,8 @@ class Tracker:
         if self._mlflow is None:
             return
         flat = flatten(results)
-        numbers = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k.split(".")[-1] not in CONSTANTS}
+        numbers = {k: v for k, v in flat.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k.split(".")[-1] not in CONSTANTS}
         described = {k: v for k, v in flat.items() if k not in numbers and not isinstance(v, (list, tuple))}
         self.log_params(described)
         self.log_metrics(numbers, step=self.last_step)
@@ -278,11 +284,12 @@ class Tracker:
         from PIL import Image
 
         with Image.open(path) as image:
-            self._mlflow.MlflowClient().log_image(self.run_id, image.convert("RGB"), key=Path(path).stem, step=self.last_step,
-                                                  synchronous=True)
+            self._mlflow.MlflowClient().log_image(self.run_id, image.convert("RGB"), key=Path(path).stem,
+                                                  step=self.last_step, synchronous=True)
 
     def log_model(self, model, name: str, input_example=None, registered_name: str | None = None,
-                  score: tuple[str, float] | None = None, data: str = "", serialization_format: str | None = None) -> bool:
+                  score: tuple[str, float] | None = None, data: str = "",
+                  serialization_format: str | None = None) -> bool:
         """Log a PyTorch model (with a signature inferred from ``input_example``) and, with ``registered_name``,
         register it; returns whether the registry alias (tracking.registry_alias) now points to this version.
         The version is tagged with ``data`` (a digest of the data it was trained on) and the run's params
@@ -321,7 +328,8 @@ class Tracker:
                  f"moved ({why})" if move else f"kept ({why})")
         return move
 
-    def _alias_decision(self, client, registered_name: str, lineage: dict, score: tuple[str, float] | None) -> tuple[bool, str]:
+    def _alias_decision(self, client, registered_name: str, lineage: dict,
+                        score: tuple[str, float] | None) -> tuple[bool, str]:
         from mlflow.exceptions import MlflowException
 
         try:

@@ -188,7 +188,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.resumed_from: int | None = None
-        self.run_token = uuid.uuid4().hex  # in every checkpoint of this run (a resumed run takes on the token it resumes)
+        self.run_token = uuid.uuid4().hex  # in each checkpoint of this run (a resumed run keeps the one it resumes)
         # Set the initial weight decay so wd_fn groups start right (iBOT weight-decay schedule).
         for g in optimizer.param_groups:
             g.setdefault("lr_scale", 1.0)

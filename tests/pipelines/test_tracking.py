@@ -22,10 +22,12 @@ def store(tmp_path_factory):
     import mlflow
 
     root = tmp_path_factory.mktemp("tracking")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     for cmd in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "init"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                            check=True).stdout.strip()
     uri = f"sqlite:///{root / 'mlflow.db'}"
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -74,9 +76,13 @@ def test_a_run_left_running_by_a_dead_process_ends_killed_when_the_stage_starts_
     first.end()  # opens the experiment; the two runs below are as a killed stage and a live one leave them
     experiment = client.get_experiment_by_name("mimflow").experiment_id
     host = socket.gethostname()
-    killed = client.create_run(experiment, tags={"mimflow.stage": "pretrain_mae", "mimflow.host": host, "mimflow.pid": str(dead_pid())})
-    alive = client.create_run(experiment, tags={"mimflow.stage": "pretrain_mae", "mimflow.host": host, "mimflow.pid": str(os.getppid())})
-    other = client.create_run(experiment, tags={"mimflow.stage": "prepare", "mimflow.host": host, "mimflow.pid": str(dead_pid())})
+    def left_running(stage: str, pid: int):
+        tags = {"mimflow.stage": stage, "mimflow.host": host, "mimflow.pid": str(pid)}
+        return client.create_run(experiment, tags=tags)
+
+    killed = left_running("pretrain_mae", dead_pid())
+    alive = left_running("pretrain_mae", os.getppid())
+    other = left_running("prepare", dead_pid())
     again = tracker(root)
     again.start("pretrain_mae", {"pretrain_mae": {"epochs": 1}})
     again.end()
@@ -94,9 +100,10 @@ def test_runs_are_named_by_stage_and_commit_or_experiment_in_a_training_experime
     e = tracker(root)
     e.start("finetune@mae", {"finetune": {"epochs": 2}})
     e.end()
-    names = [rest.get("/api/2.0/mlflow/runs/get", query_string={"run_id": r.run_id}).get_json()["run"]["info"]["run_name"] for r in (t, e)]
-    assert names == [f"finetune@mae · {commit[:7]}", "finetune@mae · tidy-bass"]
-    experiment = rest.get("/api/2.0/mlflow/experiments/get-by-name", query_string={"experiment_name": "mimflow"}).get_json()
+    runs = [rest.get("/api/2.0/mlflow/runs/get", query_string={"run_id": r.run_id}).get_json()["run"] for r in (t, e)]
+    assert [r["info"]["run_name"] for r in runs] == [f"finetune@mae · {commit[:7]}", "finetune@mae · tidy-bass"]
+    query = {"experiment_name": "mimflow"}
+    experiment = rest.get("/api/2.0/mlflow/experiments/get-by-name", query_string=query).get_json()
     tags = {t["key"]: t["value"] for t in experiment["experiment"]["tags"]}
     assert tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1] == "custom_model_development"
 
@@ -106,7 +113,8 @@ def test_constants_are_params_results_share_the_step_axis_and_figures_are_images
 
     root, _, _ = store
     t = tracker(root)
-    t.start("pretrain_mae", {"pretrain_mae": {"epochs": 3}, "runtime": {"seed": 0}}, upstream={"prepare": {"classification": {"image_size": 32}}})
+    t.start("pretrain_mae", {"pretrain_mae": {"epochs": 3}, "runtime": {"seed": 0}},
+            upstream={"prepare": {"classification": {"image_size": 32}}})
     for step in (2, 4, 6):
         t.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step=step)
     figure = tmp_path / "reconstructions.png"
@@ -118,15 +126,19 @@ def test_constants_are_params_results_share_the_step_axis_and_figures_are_images
     run = rest.get("/api/2.0/mlflow/runs/get", query_string={"run_id": t.run_id}).get_json()["run"]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     metrics = {m["key"]: m for m in run["data"]["metrics"]}
-    assert {"steps": "6", "epochs": "3", "peak_lr": "0.001", "effective_batch": "16", "resumed_from_step": "None", "init": "mae"}.items() <= params.items()
+    constants = {"steps": "6", "epochs": "3", "peak_lr": "0.001", "effective_batch": "16", "resumed_from_step": "None"}
+    assert {**constants, "init": "mae"}.items() <= params.items()
     assert params["prepare.classification.image_size"] == "32" and params["pretrain_mae.epochs"] == "3"
     assert set(metrics) == {"loss", "lr", "train_loss", "wall_time_s"}
     assert {metrics[k]["step"] for k in ("train_loss", "wall_time_s")} == {6}  # the results sit at the end of the axis
-    images = rest.get("/api/2.0/mlflow/artifacts/list", query_string={"run_id": t.run_id, "path": "images"}).get_json()["files"]
-    names = sorted(f["path"].split("/")[-1] for f in images)
-    assert len(names) == 2 and all(n.startswith("reconstructions+step+6+") for n in names), names  # the PNG and its preview
-    figures = rest.get("/api/2.0/mlflow/artifacts/list", query_string={"run_id": t.run_id, "path": "figures"}).get_json()["files"]
-    assert [f["path"] for f in figures] == ["figures/reconstructions.png"]
+    def listed(path: str) -> list[str]:
+        query = {"run_id": t.run_id, "path": path}
+        files = rest.get("/api/2.0/mlflow/artifacts/list", query_string=query).get_json()["files"]
+        return sorted(f["path"] for f in files)
+
+    names = [p.split("/")[-1] for p in listed("images")]
+    assert len(names) == 2 and all(n.startswith("reconstructions+step+6+") for n in names), names  # PNG and preview
+    assert listed("figures") == ["figures/reconstructions.png"]
 
 
 def test_the_alias_moves_only_on_a_strict_improvement_on_the_same_data_and_params(store):
@@ -140,8 +152,8 @@ def test_the_alias_moves_only_on_a_strict_improvement_on_the_same_data_and_param
         t = tracker(root)
         t.start("finetune@mae", params or {"finetune": {"epochs": 2}})
         t.log_metrics({"top1": top1})
-        moved = t.log_model(torch.nn.Linear(2, 2), name="classifier", registered_name=name, score=("top1", top1), data=data,
-                            serialization_format="pickle")
+        moved = t.log_model(torch.nn.Linear(2, 2), name="classifier", registered_name=name, score=("top1", top1),
+                            data=data, serialization_format="pickle")
         t.end()
         return moved
 
@@ -168,9 +180,10 @@ def test_the_flow_run_closes_its_killed_children_and_is_not_left_empty(store, mo
     parent = tracker(root)
     parent.start("flow", {"flow": {"stages": "prepare,pretrain_mae"}})
     monkeypatch.setenv("MIMFLOW_PARENT_RUN_ID", parent.run_id)
-    done = client.create_run(client.get_run(parent.run_id).info.experiment_id, tags={"mlflow.parentRunId": parent.run_id})
+    experiment = client.get_run(parent.run_id).info.experiment_id
+    done = client.create_run(experiment, tags={"mlflow.parentRunId": parent.run_id})
     client.set_terminated(done.info.run_id, "FINISHED")
-    killed = client.create_run(client.get_run(parent.run_id).info.experiment_id, tags={"mlflow.parentRunId": parent.run_id})
+    killed = client.create_run(experiment, tags={"mlflow.parentRunId": parent.run_id})
     parent.finish_parent("FAILED", {"stages_selected": 2, "stages_done": 1})
     run = client.get_run(parent.run_id)
     assert run.info.status == "FAILED" and run.info.lifecycle_stage == "active"
