@@ -243,7 +243,7 @@ class Tracker:
         """Log (nested) params, flattened to dotted keys; None becomes "None"."""
         if self._mlflow is None:
             return
-        items = [(k, "None" if v is None else v) for k, v in flatten(params).items()]
+        items = [(k.replace("@", "_"), "None" if v is None else v) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self._mlflow.log_params(dict(items[i : i + 100]))
 
