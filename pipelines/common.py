@@ -8,6 +8,7 @@ one line on stderr naming the file or key and a non-zero exit (set ``MIMFLOW_DEB
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -24,9 +25,9 @@ import torch
 
 from components.io import file_digest, write_json
 from components.training.distributed import DistInfo, cleanup_distributed, init_distributed
-from components.training.engine import NonFiniteLossError
+from components.training.engine import NonFiniteLossError, mark_finished
 from pipelines.config import Params, ParamsError, load_params
-from pipelines.tracking import Tracker, TrackingError
+from pipelines.tracking import Tracker, TrackingError, upstream_params
 
 log = logging.getLogger("mimflow")
 
@@ -124,6 +125,16 @@ class StageContext:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if self.is_main:
             self.tracker.log_metrics(metrics, step)
+
+    def log_encoder(self, encoder: torch.nn.Module, images: torch.Tensor) -> None:
+        """Log a pretrained encoder as the run's MLflow model, with the signature images [N, C, H, W] ->
+        [CLS] features [N, D] taken from two of ``images``, so a pretraining run's model is browsable as a
+        fine-tuning run's is (not registered: no metric of its own ranks encoders)."""
+        if self.is_main and self.tracker.enabled and self.params.tracking.log_models:
+            t = time.perf_counter()
+            model = copy.deepcopy(encoder).float().cpu().eval()
+            self.tracker.log_model(model, name="encoder", input_example=images[:2].float().cpu())
+            log.info("%s: logged the encoder to MLflow in %.1f s", self.stage_id, time.perf_counter() - t)
 
 
 def code_digest() -> str:
@@ -231,10 +242,11 @@ def main(
         seed_everything(seed if seeded else params.runtime.seed)
         root = Path.cwd()
         tracker = Tracker(params.tracking, root, enabled=info.is_main)
+        upstream = upstream_params(root, stage_id, params) if tracker.enabled else {}
         tags = {"variant": variant} if variant else {}
         if seeded:
             tags.update(seed=str(seed), item=item or "")
-        tracker.start(stage_id, _section_params(params, name), tags=tags or None)
+        tracker.start(stage_id, _section_params(params, name), tags=tags or None, upstream=upstream)
         ctx = StageContext(
             name=name, params=params, device=device, precision=precision, info=info, tracker=tracker,
             variant=variant, item=item, run_seed=seed if seeded else None, root=root,
@@ -244,7 +256,9 @@ def main(
         if info.is_main:
             metrics = {**metrics, "wall_time_s": round(time.perf_counter() - ctx.started, 2)}
             write_json(ctx.metrics_path, metrics)
-            tracker.log_metrics(metrics)
+            tracker.log_results(metrics)
+            if mark_finished(ctx.checkpoint_dir):  # its results are written: the next run trains afresh
+                log.info("%s: checkpoint marked finished (a re-run, dvc repro --force, trains afresh)", stage_id)
             log.info("%s done: %s", stage_id, ctx.metrics_path)
         tracker.end("FINISHED")
         return 0

@@ -25,7 +25,7 @@ import torch
 from components.data.box_transforms import SemiSupervisedViews, ViewConfig, collate_views
 from components.data.sources import CocoDetection, DataError, load_coco
 from components.evaluation.coco import AP_KEYS, coco_evaluate, predict, prediction_figure, to_coco_results
-from components.io import atomic_write, write_csv
+from components.io import atomic_write, file_digest, write_csv
 from components.models.detection import DetectorSpec, create_detector, save_detector
 from components.models.vit import read_normalisation, read_spec
 from components.semisup.soft_teacher import SoftTeacher, SoftTeacherConfig
@@ -247,10 +247,10 @@ def detect(ctx: StageContext) -> dict:
 
 
 def register(ctx: StageContext, model: torch.nn.Module, ap: float) -> None:
-    """Log the teacher to MLflow, register it, and move the alias when this run's AP is the best."""
-    name = f"mimflow-detect-{ctx.item}"
-    previous = ctx.tracker.alias_metric(name, "AP")
-    ctx.tracker.log_model(model, name="detector", registered_name=name, alias=previous is None or ap >= previous, serialization_format="pickle")
+    """Log the teacher to MLflow and register it; the alias moves here only on a strictly higher AP than the
+    version holding it, trained on the same data with the same params."""
+    ctx.tracker.log_model(model, name="detector", registered_name=f"mimflow-detect-{ctx.item}", score=("AP", ap),
+                          data=file_digest(ctx.root / DATA), serialization_format="pickle")
 
 
 if __name__ == "__main__":

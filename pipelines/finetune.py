@@ -13,7 +13,7 @@ Writes (``<run>`` = ``<init>-<seed>``) ``models/finetune/<run>/model.{safetensor
 ``plots/finetune/<run>/`` (per-epoch train/val CSVs, predictions for dvc's confusion template and a
 confusion-matrix figure), resumable checkpoints in ``checkpoints/finetune/<run>/``, and the
 classifier to MLflow (registered as ``mimflow-finetune-<init>``; the registry alias moves to this
-version when its top-1 is at least that of the version holding it).
+version when its top-1 is strictly above that of the version holding it, on the same data and params).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from components.data.splits import read_labeled_indices, split_digest
 from components.evaluation.classification import confusion_figure, evaluate_classifier
 from components.evaluation.knn import knn_accuracy
 from components.evaluation.linear_probe import extract_pooled_features, fit_probe_head, probe_head
-from components.io import atomic_write, write_csv
+from components.io import atomic_write, file_digest, write_csv
 from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
 from components.models.vit import ViTSpec, create_vit, load_encoder, read_normalisation, read_spec
 from components.training.distributed import EpochLoader
@@ -157,7 +157,7 @@ def finetune(ctx: StageContext) -> dict:
     )
     trainer = Trainer(model, optimizer, train_cfg, ctx.device, ctx.info,
                       lr_fn=lambda s: warmup_cosine(s, total, cfg.warmup_epochs * steps_per_epoch, lr, cfg.min_lr),
-                      on_log=lambda step, rec: ctx.log_metrics({k: v for k, v in rec.items() if k.startswith("val_")}, step) if "val_top1" in rec else None)
+                      on_log=lambda step, rec: log_val_epoch(ctx, rec, step // steps_per_epoch))
 
     def on_epoch_end(epoch: int) -> dict | None:
         if (epoch + 1) % cfg.eval_every or epoch + 1 == cfg.epochs:  # the last epoch is evaluated after fit
@@ -185,9 +185,9 @@ def finetune(ctx: StageContext) -> dict:
     fig = confusion_figure(cm, index.classes, title=f"{ctx.stage_id}: top-1 {final['top1']:.1f} %")
     figure = plots / "confusion.png"
     atomic_write(figure, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    ctx.log_figure(figure)
-    for row in train_rows:
+    for row in train_rows:  # per epoch, the axis of the val_ series (the figure and results go at the last epoch)
         ctx.log_metrics({"epoch_train_loss": row["train_loss"]}, step=row["epoch"])
+    ctx.log_figure(figure)
 
     # ---- weights for cka/report, and the model registry
     model = model.cpu().eval()
@@ -202,6 +202,12 @@ def finetune(ctx: StageContext) -> dict:
     })
     register(ctx, model, init, final["top1"], val_loader)
     return metrics
+
+
+def log_val_epoch(ctx: StageContext, record: dict, epochs_done: int) -> None:
+    """Validation results at the epoch they close: MLflow's step axis of this stage is the epoch."""
+    if "val_top1" in record:
+        ctx.log_metrics({k: v for k, v in record.items() if k.startswith("val_")}, step=epochs_done)
 
 
 def read_meta_spec(meta: dict) -> ViTSpec:
@@ -224,14 +230,15 @@ def epoch_curves(history: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def register(ctx: StageContext, model: torch.nn.Module, init: str, top1: float, val_loader) -> None:
-    """Log the classifier to MLflow with a signature, register it, and move the alias when this run is the best."""
+    """Log the classifier to MLflow with a signature and register it; the alias moves here only on a strictly
+    higher top-1 than the version holding it, trained on the same data with the same params."""
     name = f"mimflow-finetune-{init}"
-    previous = ctx.tracker.alias_metric(name, "top1")
     example = next(iter(val_loader))[0][:2]  # [2, 3, H, W]: a batch of 2 keeps the exported batch dimension dynamic
     t = time.perf_counter()
-    ctx.tracker.log_model(model, name="classifier", input_example=example, registered_name=name, alias=previous is None or top1 >= previous)
+    ctx.tracker.log_model(model, name="classifier", input_example=example, registered_name=name, score=("top1", top1),
+                          data=file_digest(ctx.root / DATA))
     if ctx.tracker.enabled and ctx.params.tracking.log_models:
-        log.info("logged %s to MLflow in %.1f s (alias %s)", name, time.perf_counter() - t, "moved" if previous is None or top1 >= previous else "kept")
+        log.info("logged %s to MLflow in %.1f s", name, time.perf_counter() - t)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ MLflow run.
 The stage order is read from dvc.yaml through DVC's own graph (``Repo.index.graph``), never a second
 hand-written list. Each stage is a Prefect task that runs ``dvc repro --single-item <stage>`` (DVC skips
 it when it is up to date), streams its output into Prefect's log, and publishes a Markdown artifact of
-the stage's metrics. Every stage's MLflow run is nested under the flow's run via ``MIMFLOW_PARENT_RUN_ID``.
+the stage's metrics. Every stage's MLflow run is nested under the flow's run via ``MIMFLOW_PARENT_RUN_ID``;
+at the end the flow's run records how many stages were selected and done and how its children ended (a
+child a killed stage left RUNNING is set KILLED), and it is deleted when no stage ran (all up to date).
 
 Run it with ``python -m pipelines.flow`` (a temporary local Prefect server starts when no
 ``PREFECT_API_URL`` is set; its database lives in ``.prefect/`` inside the project).
@@ -17,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,13 +147,15 @@ def mimflow_pipeline(stages: list[str] | None = None, force: bool = False, retri
     env = {PARENT_RUN_ENV: tracker.run_id} if tracker.run_id else {}
     results: dict = {}
     status = "FAILED"
+    started = time.perf_counter()
     try:
         runner = run_dvc_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
         for stage in selected:
             results[stage] = runner(stage, root, env, force)
         status = "FINISHED"
-    finally:
-        tracker.end(status)
+    finally:  # children a killed stage left RUNNING end KILLED; a flow where no stage ran leaves no run
+        tracker.finish_parent(status, {"stages_selected": len(selected), "stages_done": len(results),
+                                       "wall_time_s": round(time.perf_counter() - started, 2)})
     return results
 
 

@@ -202,6 +202,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
     title = f"iBOT teacher, last block: [CLS] attention per head on held-out images\n(k-NN top-1 {knn:.1f} %, chance {100 / len(index.classes):.1f} %)"
     fig = attention_figure(images, maps, cfg.mean, cfg.std, title)
     ctx.log_figure(atomic_write(ctx.plots_dir / "attention.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
+    ctx.log_encoder(teacher.encoder, images)
 
     curve = [r for r in history if "loss" in r]
     last = curve[-1]

@@ -179,6 +179,7 @@ def pretrain_mae(ctx: StageContext) -> dict:
     title = f"MAE on held-out images: mask ratio {cfg.mask_ratio:g}, masked-patch loss {float(panels['loss']):.3f}"
     figure = save_figure(plot_reconstructions(panels, cfg.mean, cfg.std, title), ctx.plots_dir / "reconstructions.png")
     ctx.log_figure(figure)
+    ctx.log_encoder(mae.encoder, figure_imgs)
 
     speeds = [r["images_per_s"] for r in curve if trainer.resumed_from is None or r["step"] > trainer.resumed_from]
     return {

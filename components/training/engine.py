@@ -6,6 +6,9 @@ decay). Mixed precision: bf16 autocast on CUDA, fp32 on CPU (fp16 with a GradSca
 Checkpoints (model, optimizer, scaler, extra state such as an EMA teacher, history and every rank's RNG
 state) are written atomically every ``ckpt_every`` steps and at the end, and a run started again with
 the same fingerprint resumes from the last one and ends with the same weights as an uninterrupted run.
+Only an interrupted run resumes: once the caller has written a run's results it calls :func:`mark_finished`,
+and a later run with the same checkpoint directory (``dvc repro --force``, a params change that leaves the
+fingerprint alone) trains from scratch, so its weights and timings are its own.
 A non-finite loss stops the run before the optimizer step, so the last checkpoint stays good.
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import os
 import random
 import time
+import uuid
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,12 +31,50 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from components.io import torch_load, torch_save
+from components.io import read_json, torch_load, torch_save, write_json
 from components.training.distributed import DistInfo, all_reduce_mean, sample_seed
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
+FINISHED = "finished.json"  # names the checkpoint of a completed run, which is never resumed
+
+
+def _run_token(path: Path) -> str | None:
+    """The token of the run that wrote the checkpoint at ``path`` (memory-mapped: the tensors are not read)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run")
+    except Exception as e:  # noqa: BLE001 (a checkpoint cut short is reported when it is resumed)
+        log.debug("%s: no run token (%s)", path, e)
+        return None
+
+
+def mark_finished(ckpt_dir: str | Path) -> bool:
+    """Record that the run whose checkpoint is in ``ckpt_dir`` completed; returns whether there was one.
+    The marker holds that run's token (written into each of its checkpoints), so it survives copies of the
+    directory and does not cover a checkpoint a later run writes: that one was interrupted and resumes."""
+    path = Path(ckpt_dir) / CHECKPOINT
+    token = _run_token(path) if path.is_file() else None
+    if token is None:
+        return False
+    write_json(Path(ckpt_dir) / FINISHED, {"run": token})
+    return True
+
+
+def finished_token(ckpt_dir: str | Path) -> str | None:
+    """The token :func:`mark_finished` recorded in ``ckpt_dir``, if any."""
+    marker = Path(ckpt_dir) / FINISHED
+    try:
+        return read_json(marker).get("run") if marker.is_file() else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def is_finished(ckpt_dir: str | Path) -> bool:
+    """Whether the checkpoint in ``ckpt_dir`` was written by a run :func:`mark_finished` recorded."""
+    path = Path(ckpt_dir) / CHECKPOINT
+    token = finished_token(ckpt_dir)
+    return token is not None and path.is_file() and _run_token(path) == token
 
 
 class NonFiniteLossError(RuntimeError):
@@ -146,6 +188,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.resumed_from: int | None = None
+        self.run_token = uuid.uuid4().hex  # in each checkpoint of this run (a resumed run keeps the one it resumes)
         # Set the initial weight decay so wd_fn groups start right (iBOT weight-decay schedule).
         for g in optimizer.param_groups:
             g.setdefault("lr_scale", 1.0)
@@ -169,6 +212,7 @@ class Trainer:
         if self.checkpoint_path is None or not self.info.is_main:
             return
         state = {
+            "run": self.run_token,
             "fingerprint": self.cfg.fingerprint,
             "step": self.step,
             "model": self.raw.state_dict(),
@@ -181,11 +225,16 @@ class Trainer:
         torch_save(self.checkpoint_path, state)
 
     def try_resume(self) -> bool:
-        """Load the last checkpoint if there is one written under the same fingerprint."""
+        """Load the last checkpoint if there is one written under the same fingerprint by a run that was
+        interrupted (a finished run's checkpoint is not resumed: the run trains from scratch)."""
         path = self.checkpoint_path
         if path is None or not path.is_file():
             return False
         state = torch_load(path)
+        finished = finished_token(path.parent)
+        if finished is not None and state.get("run") == finished:
+            log.info("%s: the checkpoint of a finished run; training %s from scratch", path, self.cfg.desc)
+            return False
         if state.get("fingerprint") != self.cfg.fingerprint:
             log.warning("%s: written for other params (fingerprint differs); starting from scratch", path)
             return False
@@ -198,6 +247,7 @@ class Trainer:
             raise ValueError(f"{path}: checkpoint does not match the model ({str(e).splitlines()[0]})") from None
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.history = int(state["step"]), list(state["history"])
+        self.run_token = state.get("run") or self.run_token
         rngs = state["rng"]
         set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
         self.resumed_from = self.step

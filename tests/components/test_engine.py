@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -12,7 +13,7 @@ from torch.utils.data import Dataset
 
 from components.io import torch_load
 from components.training.distributed import DistInfo, EpochLoader
-from components.training.engine import NonFiniteLossError, TrainConfig, Trainer
+from components.training.engine import NonFiniteLossError, TrainConfig, Trainer, is_finished, mark_finished
 from components.training.optim import adamw, param_groups
 from components.training.schedules import warmup_cosine
 
@@ -166,3 +167,20 @@ def test_ddp_ranks_draw_their_own_randomness_and_log_the_mean(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
     assert len(r0["draws"]) == 3 and all(a != b for a, b in zip(r0["draws"], r1["draws"])), (r0, r1)
     assert r0["logged"] == r1["logged"] == [0.5, 0.5, 0.5]
+
+
+def test_a_finished_runs_checkpoint_is_not_resumed_but_a_later_interrupted_one_is(tmp_path):
+    """``dvc repro --force`` keeps the persisted checkpoint: once the run is marked finished, the next run
+    trains from scratch (same weights, its own history); a checkpoint that run leaves when killed resumes."""
+    first, _ = train(tmp_path, steps=20, ckpt_every=5)
+    assert mark_finished(tmp_path) and is_finished(tmp_path)
+    shutil.copytree(tmp_path, tmp_path.parent / "copy")  # a clone, a DVC checkout: still the finished run's
+    assert is_finished(tmp_path.parent / "copy")
+    again, trainer = train(tmp_path, steps=20, ckpt_every=5)
+    assert trainer.resumed_from is None and torch.equal(flat(first), flat(again))
+    assert mark_finished(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, steps=20, ckpt_every=5, fail_at=14)
+    assert not is_finished(tmp_path)  # the marker names the finished run's file, not this one
+    _, trainer = train(tmp_path, steps=20, ckpt_every=5)
+    assert trainer.resumed_from == 10

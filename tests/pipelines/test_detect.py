@@ -73,17 +73,24 @@ def test_each_method_through_dvc_repro_writes_metrics_plots_and_weights(project)
     assert "Running stage 'detect@" not in dvc_repro(project, "detect").stdout
 
 
-def test_a_rerun_resumes_from_the_checkpoint_with_the_same_teacher(project):
-    """The checkpoint holds the student, the EMA teacher and the RNG state: a re-run trains no further
-    and evaluates to the same AP."""
+def test_dvc_repro_force_trains_again_to_the_same_teacher_and_keeps_the_alias_on_a_tie(project):
+    """``--force`` means retrain: the persisted checkpoint of the finished run is not resumed, the run
+    trains from scratch (same seed: the same teacher and student) with its own timings, and the registry
+    alias stays on the first version (a tie is no improvement)."""
+    import mlflow
+
     dvc_repro(project, "detect")
     variant = [v for v in variants(project) if v.startswith("softteacher")][-1]
-    item, seed = variant.rsplit("-", 1)
+    item = variant.rsplit("-", 1)[0]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    holder = client.get_model_version_by_alias(f"mimflow-detect-{item}", "best")
     before = json.loads((project / "metrics" / "detect" / f"{variant}.json").read_text())
-    proc = run(project, str(BIN / "python"), "-m", "pipelines.detect", "--variant", item, "--seed", seed)
-    assert f"resumed detect@{variant}" in proc.stderr
+    proc = run(project, str(BIN / "dvc"), "repro", "--force", "--single-item", f"detect@{variant}")
+    assert "resumed" not in proc.stderr and "the checkpoint of a finished run; training" in proc.stderr
     after = json.loads((project / "metrics" / "detect" / f"{variant}.json").read_text())
     assert after["teacher"] == before["teacher"] and after["student"] == before["student"]
+    assert after["train_s"] > 0 and after["train_images_per_s"] > 0
+    assert client.get_model_version_by_alias(f"mimflow-detect-{item}", "best").version == holder.version
 
 
 def test_a_percent_without_split_is_a_one_line_error(project):

@@ -11,7 +11,7 @@ import yaml
 from components.data.sources import load_classification_index
 from components.io import load_safetensors
 from components.models.classifier import load_classifier, read_classifier_meta
-from tests.pipelines.conftest import BIN, dvc_repro, run
+from tests.pipelines.conftest import BIN, dvc_repro, micro_config, run
 
 INITS = ("scratch", "mae", "ibot", "cnn")
 
@@ -74,6 +74,13 @@ def test_each_init_through_dvc_repro_writes_metrics_and_weights(project, monkeyp
         w0, w1 = (load_safetensors(project / "models" / "finetune" / f"{init}-{s}" / "model.safetensors")
                   for s in seeds)
         assert any(not torch.equal(w0[k], w1[k]) for k in w0), f"{init}: seeds {seeds} trained the same weights"
+    # the MAE init's run records the pretrain_mae params it depends on; its series share one axis (epochs)
+    run = client.get_run(client.get_model_version_by_alias("mimflow-finetune-mae", "best").run_id)
+    assert run.data.params["pretrain_mae.mask_ratio"] == str(micro_config().pretrain_mae.mask_ratio)
+    assert "pretrain_ibot.epochs" not in run.data.params and run.data.params["epochs"] == str(params["epochs"])
+    steps = {k: {m.step for m in client.get_metric_history(run.info.run_id, k)} for k in ("epoch_train_loss", "top1")}
+    assert steps["epoch_train_loss"] == set(range(1, params["epochs"] + 1)) and steps["top1"] == {params["epochs"]}
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "val_top1")) <= params["epochs"]
     # nothing changed: nothing re-runs
     out = dvc_repro(project, "finetune").stdout
     assert "Running stage 'finetune@" not in out

@@ -45,10 +45,11 @@ def test_flow_runs_stages_and_nests_their_mlflow_runs(project, harness, monkeypa
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["mimflow"], output_format="list")
-    parents = [r for r in runs if r.info.run_name == "flow"]
+    parents = [r for r in runs if r.info.run_name.startswith("flow · ")]
     assert parents, [r.info.run_name for r in runs]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert [r.info.run_name for r in children] == ["prepare"]
+    assert [r.info.run_name.split(" · ")[0] for r in children] == ["prepare"]
+    assert parents[0].data.metrics["stages_finished"] == 1 and parents[0].data.metrics["stages_done"] == 1
     child = children[0]
     assert child.data.tags["stage"] == "prepare" and "mlflow.source.git.commit" in child.data.tags
     assert child.data.metrics["classification.train"] == 96

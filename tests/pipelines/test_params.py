@@ -44,7 +44,12 @@ def _with(raw: dict, key: str, value) -> dict:
     return raw
 
 
-DELETE = object()
+class _Delete:
+    def __repr__(self) -> str:  # a stable test id (pytest-xdist's workers must collect the same ids)
+        return "DELETE"
+
+
+DELETE = _Delete()
 
 # (dotted key, bad value, what the one line must contain after "params.yaml: ")
 BAD_VALUES = [

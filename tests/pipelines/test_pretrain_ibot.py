@@ -104,11 +104,12 @@ def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflo
     last = runs[0]
     assert last.data.metrics["knn_top1"] == pytest.approx(metrics["knn_top1"])
     # the run table shows the summary, not the last point of a per-step series of the same name
-    assert last.data.metrics["peak_lr"] == pytest.approx(metrics["peak_lr"]) and last.data.metrics["lr"] < metrics["peak_lr"]
+    assert last.data.params["peak_lr"] == str(metrics["peak_lr"]) and last.data.metrics["lr"] < metrics["peak_lr"]
     assert last.data.params["pretrain_ibot.momentum_teacher"] == str(cfg.momentum_teacher)
     client = mlflow.MlflowClient()
-    curve = [m for m in client.get_metric_history(last.info.run_id, "loss_mim") if m.step > 0]  # step 0: the final metrics
-    assert [m.step for m in curve] == [int(r.split(",")[0]) for r in rows[1:]]
+    curve = client.get_metric_history(last.info.run_id, "loss_mim")  # the per-step series, then the result at its end
+    assert sorted({m.step for m in curve}) == [int(r.split(",")[0]) for r in rows[1:]]
+    assert last.data.metrics["loss_mim"] == pytest.approx(metrics["loss_mim"])
     # k-NN during training (knn.every_epochs: 1: at the end of every epoch but the last) and at the end
     knn_curve = {m.step: m.value for m in client.get_metric_history(last.info.run_id, "knn_top1") if m.step > 0}
     assert sorted(knn_curve) == [steps * (e + 1) // cfg.epochs for e in range(cfg.epochs)]

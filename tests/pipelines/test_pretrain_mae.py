@@ -69,6 +69,17 @@ def test_stage_through_dvc_repro_writes_weights_metrics_figure_and_mlflow_run(pr
     assert len(history) == len(rows) - 1
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(last.info.run_id, "figures")}
     assert "figures/reconstructions.png" in artifacts
+    images = [a.path for a in mlflow.MlflowClient().list_artifacts(last.info.run_id, "images")]
+    assert any(p.startswith(f"images/reconstructions+step+{steps}+") for p in images), images
+    # a run named by stage and commit; constants as params; the encoder a logged model with its signature
+    assert last.info.run_name.startswith("pretrain_mae · ")
+    assert last.data.params["steps"] == str(steps)
+    assert "steps" not in last.data.metrics and "peak_lr" not in last.data.metrics
+    (model,) = mlflow.search_logged_models(experiment_ids=[last.info.experiment_id], output_format="list",
+                                           filter_string=f"source_run_id = '{last.info.run_id}'")
+    signature = mlflow.models.get_model_info(model.model_uri).signature
+    assert tuple(signature.inputs.inputs[0].shape) == (-1, 3, spec.img_size, spec.img_size)
+    assert tuple(signature.outputs.inputs[0].shape) == (-1, spec.embed_dim)
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,13 @@ def test_kill_9_mid_training_then_dvc_repro_resumes_to_the_same_result(tmp_path)
         assert a[key] == b[key], key
     weights = "models/pretrain_mae/encoder.safetensors"
     assert (straight / weights).read_bytes() == (killed / weights).read_bytes()
+    # the killed run's MLflow run, left RUNNING by kill -9, was set KILLED when the stage started again
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{killed / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mimflow").experiment_id
+    runs = client.search_runs([experiment], "tags.stage = 'pretrain_mae'", order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
 
 
 def test_a_checkpoint_is_resumed_only_under_the_same_data_and_process_count(tmp_path):
