@@ -187,6 +187,8 @@ class PretrainMAE(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = Field(None, gt=0)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    hflip: float = Field(0.5, ge=0, le=1)  # issue 27: horizontal-flip probability (paper 0.5; 0 for digits, text)
+    min_steps: int = Field(700, ge=0)  # issue 27: epochs (and warmup) stretch to at least this many optimizer steps
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # input normalisation (ImageNet's)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     val_images: int | None = Field(None, ge=1)  # held-out images for the masked-patch loss (null: all)
@@ -274,9 +276,15 @@ class IBOTMultiCropParams(Section):
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (DINO)
     color_jitter_p: float = Field(0.8, ge=0, le=1)
     grayscale_p: float = Field(0.2, ge=0, le=1)
+    # issue 27: the other DINO augmentations as params (paper values)
+    hflip: float = Field(0.5, ge=0, le=1)  # horizontal-flip probability of every crop
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # Gaussian-blur probability: global 1, global 2, local crops
+    solarize_p: float = Field(0.2, ge=0, le=1)  # solarization probability of the second global crop
 
     @model_validator(mode="after")
     def _check(self):
+        if not all(0 <= p <= 1 for p in self.blur_p):
+            raise KeyValueError("blur_p", list(self.blur_p), "must be three probabilities in [0, 1]")
         if min(self.color_jitter) < 0 or self.color_jitter[3] > 0.5:
             raise KeyValueError("color_jitter", list(self.color_jitter), "must be [brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
         for key in ("global_scale", "local_scale"):
@@ -313,6 +321,7 @@ class PretrainIBOT(Section):
     epochs: int = Field(5, ge=1)
     train_images: int | None = Field(1200, ge=1)  # unlabeled images used (a fixed subset; null: all)
     warmup_epochs: float = Field(1, ge=0)
+    min_steps: int = Field(300, ge=0)  # issue 27: epochs (and warmup) stretch to at least this many optimizer steps
     batch_size: int = Field(64, ge=1)  # per process
     base_lr: float = Field(4e-3, gt=0)  # lr = base_lr * batch_size * processes / 256
     min_lr: float = Field(1e-6, ge=0)
@@ -402,6 +411,8 @@ class Finetune(Section):
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null: off
     re_prob: float = Field(0.25, ge=0, le=1)  # random erasing
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    hflip: float = Field(0.5, ge=0, le=1)  # issue 27: horizontal-flip probability (timm/MAE 0.5; 0 for digits, text)
+    min_steps: int = Field(500, ge=0)  # issue 27: epochs (and warmup) stretch to at least this many optimizer steps
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # overridden by a pretrained encoder.json's own
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     eval_every: int = Field(5, ge=1)  # epochs between held-out evaluations (the last epoch always)
