@@ -119,10 +119,10 @@ def detection_dataset(cfg: DetectionData, seed: int, on_error: str, out: Path, p
                                                 rotation=cfg.rotation)
     else:  # coco: validated; file names stay relative to the declared image roots, each image's content hashed
         parts = []
-        for split, images, annotations in (("train", cfg.train_images, cfg.train_annotations), ("val", cfg.val_images, cfg.val_annotations)):
+        for split, images, ann_file in (("train", cfg.train_images, cfg.train_annotations), ("val", cfg.val_images, cfg.val_annotations)):
             key = f"prepare.detection.{split}_images"
             root = sources.check_root(declared_root(project, images), key, "prepare.detection")
-            coco, skipped_part = sources.read_coco(annotations, on_error=on_error, image_root=root, check_images=True)
+            coco, skipped_part = sources.read_coco(ann_file, on_error=on_error, image_root=root, check_images=True)
             info = {k: v for k, v in coco["info"].items() if k != "image_root"}
             coco["info"] = {**info, "root": key}
             coco["images"] = [{**im, "sha256": sources.content_hash(root / im["file_name"])} for im in coco["images"]]

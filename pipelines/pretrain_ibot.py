@@ -132,6 +132,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
     student, teacher = build_networks(cfg)
     teacher.to(ctx.device)
     lc = cfg.loss
+    mc = cfg.multicrop
     loss = IBOTLoss(cfg.head.out_dim, cfg.head.patch_out_dim, 2, mc.num_local, lc.student_temp, lc.center_momentum, lc.center_momentum2, lc.lambda1, lc.lambda2).to(ctx.device)
     ibot = IBOTTraining(
         student,
