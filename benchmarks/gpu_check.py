@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "params" / "gpu-vit-b16.yaml"
 SMOKE = ROOT / "params" / "gpu-vit-b16.smoke.yaml"
 BENCH = ROOT / "benchmarks"
-PROJECT_FILES = ("components", "pipelines", "dvc.yaml", ".dvcignore", "pyproject.toml")
+PROJECT_FILES = ("components", "pipelines", "datasets", "dvc.yaml", ".dvcignore", "pyproject.toml")
 
 # Each benchmark's arguments by device kind: the papers' sizes on a GPU, tiny ones on a CPU.
 BENCH_ARGS = {

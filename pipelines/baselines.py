@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from components.data.sources import DataError, ImageListDataset, load_classification_index
+from components.data.sources import DataError, ImageListDataset
 from components.data.splits import read_labeled_indices, split_digest
 from components.evaluation.baselines import flatten_pixels, pixel_baselines
 from components.training.finetune import finetune_transforms
-from pipelines.common import StageContext, run_stage
+from pipelines.common import StageContext, classification_index, run_stage
 
 log = logging.getLogger("mimflow.baselines")
 
@@ -39,7 +39,7 @@ def pixels(items: list, transform, batch_size: int = 256) -> tuple[torch.Tensor,
 def baselines(ctx: StageContext) -> dict:
     """Logistic regression and k-NN on raw pixels: finetune's labeled split -> the held-out images."""
     ft = ctx.params.finetune
-    index = load_classification_index(ctx.root / DATA / "index.json")
+    index = classification_index(ctx)
     split = DATA / "splits" / f"labeled_{ft.labeled_percent:g}_fold{ft.fold}.json"
     if not (ctx.root / split).is_file():
         have = ctx.params.prepare.classification

@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader
 from components.analysis.cka import MinibatchCKA
 from components.analysis.features import paired_features, select_layers
 from components.analysis.heatmap import plot_cka_grid, plot_cka_heatmap, save_figure
-from components.data.sources import DataError, ImageListDataset, load_classification_index
+from components.data.sources import DataError, ImageListDataset
 from components.io import read_json
 from components.models.classifier import CLASSIFIER_SPEC, load_classifier
 from components.models.vit import ENCODER_SPEC, load_encoder, read_normalisation
-from pipelines.common import StageContext, run_stage
+from pipelines.common import StageContext, classification_index, run_stage
 
 log = logging.getLogger("mimflow.cka")
 
@@ -116,7 +116,7 @@ def pair_summary(m: torch.Tensor, a: str, b: str) -> dict:
 def cka(ctx: StageContext) -> dict:
     """CKA between every layer of the MAE, iBOT, fine-tuned ViTs and the CNN on the held-out images."""
     cfg = ctx.section
-    index = load_classification_index(ctx.root / DATA / "index.json")
+    index = classification_index(ctx)
     items = held_out_sample(index.val, cfg.max_images, ctx.seed)
     if cfg.debiased and len(items) < 4:
         raise DataError(f"{ctx.root / DATA / 'index.json'}: {len(items)} held-out images; debiased CKA needs at least 4")

@@ -110,7 +110,7 @@ class StageContext:
 
         A checkpoint written under another fingerprint is never resumed, so a finished run is never
         taken for the result of changed data or code. Images that a dataset's index points to outside
-        ``data/`` are not hashed (DVC does not track them either)."""
+        ``data/`` count through the content hash the index records for each."""
         blob = json.dumps(
             [self.name, self.variant, self.section.model_dump(mode="json"), self.seed, self.precision, self.info.world_size,
              code_digest(), *(file_digest(x) if isinstance(x, Path) else str(x) for x in inputs)],
@@ -135,6 +135,27 @@ class StageContext:
             model = copy.deepcopy(encoder).float().cpu().eval()
             self.tracker.log_model(model, name="encoder", input_example=images[:2].float().cpu())
             log.info("%s: logged the encoder to MLflow in %.1f s", self.stage_id, time.perf_counter() - t)
+
+
+SOURCES = "datasets"  # external datasets put here (`dvc add datasets/<name>`) are a dependency of prepare in dvc.yaml
+CLASSIFICATION_INDEX = "data/classification/index.json"
+
+
+def declared_root(project: Path, value: str | None) -> Path | None:
+    """A data root as params declare it (``prepare.classification.root``, ``prepare.detection.*_images``):
+    ``~`` expanded, a relative path taken from the project's root."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else project / path
+
+
+def classification_index(ctx: StageContext):
+    """The prepared classification index, its external images resolved against ``prepare.classification.root``
+    (the index stores paths relative to it, so the data folder may move between runs and machines)."""
+    from components.data.sources import load_classification_index
+
+    return load_classification_index(ctx.root / CLASSIFICATION_INDEX, root=declared_root(ctx.root, ctx.params.prepare.classification.root))
 
 
 def code_digest() -> str:

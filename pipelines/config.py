@@ -264,6 +264,8 @@ class PretrainMAE(Section):
     betas: tuple[float, float]
     clip_grad: float | None = Field(gt=0)
     crop_scale: tuple[float, float]  # RandomResizedCrop area range
+    hflip: float = Field(ge=0, le=1)  # horizontal-flip probability (paper 0.5; 0 for digits, text)
+    min_steps: int = Field(ge=0)  # epochs (and warmup) stretch to at least this many optimizer steps
     mean: tuple[float, float, float]  # input normalisation (ImageNet's)
     std: tuple[float, float, float]
     val_images: int | None = Field(ge=1)  # held-out images for the masked-patch loss (null: all)
@@ -356,9 +358,14 @@ class IBOTMultiCropParams(Section):
     color_jitter: tuple[float, float, float, float]  # brightness, contrast, saturation, hue (DINO)
     color_jitter_p: float = Field(ge=0, le=1)
     grayscale_p: float = Field(ge=0, le=1)
+    hflip: float = Field(ge=0, le=1)  # horizontal-flip probability of every crop
+    blur_p: tuple[float, float, float]  # Gaussian-blur probability: global 1, global 2, local crops
+    solarize_p: float = Field(ge=0, le=1)  # solarization probability of the second global crop
 
     @model_validator(mode="after")
     def _check(self):
+        if not all(0 <= p <= 1 for p in self.blur_p):
+            raise KeyValueError("blur_p", list(self.blur_p), "must be three probabilities in [0, 1]")
         if min(self.color_jitter) < 0 or self.color_jitter[3] > 0.5:
             raise KeyValueError("color_jitter", list(self.color_jitter),
                                 "must be [brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
@@ -400,6 +407,7 @@ class PretrainIBOT(Section):
     epochs: int = Field(ge=1)
     train_images: int | None = Field(ge=1)  # unlabeled images used (a fixed subset; null: all)
     warmup_epochs: float = Field(ge=0)
+    min_steps: int = Field(ge=0)  # epochs (and warmup) stretch to at least this many optimizer steps
     batch_size: int = Field(ge=1)  # per process
     base_lr: float = Field(gt=0)  # lr = base_lr * batch_size * processes / 256
     min_lr: float = Field(ge=0)
@@ -499,6 +507,8 @@ class Finetune(Section):
     rand_augment: str | None  # timm RandAugment string; null: off
     re_prob: float = Field(ge=0, le=1)  # random erasing
     crop_scale: tuple[float, float]  # RandomResizedCrop area range
+    hflip: float = Field(ge=0, le=1)  # horizontal-flip probability (timm/MAE 0.5; 0 for digits, text)
+    min_steps: int = Field(ge=0)  # epochs (and warmup) stretch to at least this many optimizer steps
     mean: tuple[float, float, float]  # overridden by a pretrained encoder.json's own
     std: tuple[float, float, float]
     eval_every: int = Field(ge=1)  # epochs between held-out evaluations (the last epoch always)

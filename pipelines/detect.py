@@ -33,7 +33,7 @@ from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer, compile_backend
 from components.training.optim import FINETUNE_NO_DECAY, param_groups
 from components.training.schedules import multistep
-from pipelines.common import StageContext, run_stage
+from pipelines.common import StageContext, declared_root, run_stage
 
 log = logging.getLogger("mimflow.detect")
 
@@ -77,11 +77,12 @@ def load_split(ctx: StageContext, percent: float) -> tuple[dict, dict, dict]:
             f"{split_dir}: no detection split for percent {pct_name(percent)}, detect.fold = {ctx.section.fold} "
             f"(prepare.detection.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
         )
-    train = load_coco(root / "train.json")
+    have = ctx.params.prepare.detection  # an external COCO set's files are relative to its declared image roots
+    train = load_coco(root / "train.json", image_root=declared_root(ctx.root, have.train_images) if have.source == "coco" else None)
     image_root = train["info"]["image_root"]
     labeled = load_coco(split_dir / "labeled.json", image_root=image_root)
     unlabeled = load_coco(split_dir / "unlabeled.json", image_root=image_root)
-    val = load_coco(root / "val.json")
+    val = load_coco(root / "val.json", image_root=declared_root(ctx.root, have.val_images) if have.source == "coco" else None)
     if ctx.section.val_images is not None:
         keep = {im["id"] for im in val["images"][: ctx.section.val_images]}
         val = {**val, "images": [im for im in val["images"] if im["id"] in keep], "annotations": [a for a in val["annotations"] if a["image_id"] in keep]}
@@ -92,6 +93,12 @@ def load_split(ctx: StageContext, percent: float) -> tuple[dict, dict, dict]:
     if ctx.section.class_agnostic:
         labeled, unlabeled, val = merge_categories(labeled), merge_categories(unlabeled), merge_categories(val)
     return labeled, unlabeled, val
+
+
+def views_config(cfg) -> ViewConfig:
+    """Soft Teacher's weak and strong views (Sec. 3.3) from ``detect.views``: flip, resize, colour, geometry, erasing."""
+    v = cfg.views
+    return ViewConfig(**v.model_dump(exclude={"short_side_range"}), short_side=v.short_side_range, max_size=cfg.model.max_size)
 
 
 def detector_spec(ctx: StageContext, num_classes: int) -> tuple[DetectorSpec, Path | None]:
@@ -154,8 +161,7 @@ def detect(ctx: StageContext) -> dict:
     if ctx.params.runtime.compile:
         compile_backbones(student, teacher)
 
-    v = cfg.views
-    views = ViewConfig(**v.model_dump(exclude={"short_side_range"}), short_side=v.short_side_range, max_size=cfg.model.max_size)
+    views = views_config(cfg)
     dataset = SemiSupervisedViews(CocoDetection(labeled), CocoDetection(unlabeled) if ratio else None, category_to_label, ratio, views)
     loader = EpochLoader(dataset, cfg.batch_size, seed=ctx.seed, info=ctx.info, num_workers=ctx.num_workers, collate_fn=collate_views)
     val_set = CocoDetection(val)

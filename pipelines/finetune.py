@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from components.data.sources import DataError, ImageListDataset, load_classification_index
+from components.data.sources import DataError, ImageListDataset
 from components.data.splits import read_labeled_indices, split_digest
 from components.evaluation.classification import confusion_figure, evaluate_classifier
 from components.evaluation.knn import knn_accuracy
@@ -35,8 +35,8 @@ from components.models.vit import ViTSpec, create_vit, load_encoder, read_normal
 from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer
 from components.training.finetune import FinetuneStep, build_mixup, finetune_criterion, finetune_optimizer, finetune_transforms
-from components.training.schedules import warmup_cosine
-from pipelines.common import StageContext, run_stage
+from components.training.schedules import stretch_epochs, warmup_cosine
+from pipelines.common import StageContext, classification_index, run_stage
 
 log = logging.getLogger("mimflow.finetune")
 
@@ -87,6 +87,12 @@ def normalisation(cfg, encoder_dir: Path | None) -> tuple[tuple, tuple]:
     return own or (tuple(cfg.mean), tuple(cfg.std))
 
 
+def transforms(cfg, size: int, mean: tuple, std: tuple):
+    """(train, eval) transforms of ``finetune``'s augmentation params (MAE Sec. A.1, timm ``create_transform``)."""
+    return finetune_transforms(size, cfg.rand_augment or None, cfg.re_prob, tuple(cfg.crop_scale), mean, std,
+                               eval_crop_pct=cfg.eval_crop_pct, hflip=cfg.hflip)
+
+
 def frozen_evaluation(ctx: StageContext, init: str, spec_or_dir, train_loader, val_loader, num_classes: int) -> dict:
     """Linear probe and weighted k-NN on the frozen encoder's pooled feature (before fine-tuning)."""
     cfg = ctx.section
@@ -116,8 +122,7 @@ def frozen_evaluation(ctx: StageContext, init: str, spec_or_dir, train_loader, v
 def finetune(ctx: StageContext) -> dict:
     """Fine-tune one initialisation on the labeled split and evaluate it on the held-out set."""
     cfg, init = ctx.section, ctx.item
-    index_path = ctx.root / DATA / "index.json"
-    index = load_classification_index(index_path)
+    index = classification_index(ctx)
     split_path, labeled = labeled_split(ctx, len(index.train))
     num_classes, size = len(index.classes), index.image_size
     world = ctx.info.world_size
@@ -126,7 +131,7 @@ def finetune(ctx: StageContext) -> dict:
 
     model, meta, depth, layer_decay, encoder_dir = build_model(ctx, init, num_classes, size, index.classes)
     mean, std = normalisation(cfg, encoder_dir)
-    train_tf, eval_tf = finetune_transforms(size, cfg.rand_augment or None, cfg.re_prob, tuple(cfg.crop_scale), mean, std, eval_crop_pct=cfg.eval_crop_pct)
+    train_tf, eval_tf = transforms(cfg, size, mean, std)
     train_items = [index.train[i] for i in labeled]
     loader = EpochLoader(ImageListDataset(train_items, train_tf), cfg.batch_size, seed=ctx.seed, info=ctx.info, num_workers=ctx.num_workers)
     eval_loader = lambda items: DataLoader(ImageListDataset(items, eval_tf), batch_size=cfg.eval_batch_size, num_workers=ctx.num_workers)  # noqa: E731
@@ -145,7 +150,8 @@ def finetune(ctx: StageContext) -> dict:
     blr = cfg.cnn.blr if init == "cnn" else cfg.vit.blr
     wd = cfg.cnn.weight_decay if init == "cnn" else cfg.vit.weight_decay
     steps_per_epoch = len(loader) // cfg.accum_steps
-    total = cfg.epochs * steps_per_epoch
+    epochs, warmup_epochs = stretch_epochs(cfg.epochs, cfg.warmup_epochs, steps_per_epoch, cfg.min_steps)
+    total = epochs * steps_per_epoch
     lr = blr * cfg.batch_size * cfg.accum_steps * world / 256
     optimizer = finetune_optimizer(model, wd, layer_decay, depth, ctx.device)
     mixup = build_mixup(num_classes, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
@@ -156,11 +162,11 @@ def finetune(ctx: StageContext) -> dict:
         desc=ctx.stage_id, progress=ctx.params.runtime.progress, compile=ctx.params.runtime.compile,
     )
     trainer = Trainer(model, optimizer, train_cfg, ctx.device, ctx.info,
-                      lr_fn=lambda s: warmup_cosine(s, total, cfg.warmup_epochs * steps_per_epoch, lr, cfg.min_lr),
+                      lr_fn=lambda s: warmup_cosine(s, total, round(warmup_epochs * steps_per_epoch), lr, cfg.min_lr),
                       on_log=lambda step, rec: log_val_epoch(ctx, rec, step // steps_per_epoch))
 
     def on_epoch_end(epoch: int) -> dict | None:
-        if (epoch + 1) % cfg.eval_every or epoch + 1 == cfg.epochs:  # the last epoch is evaluated after fit
+        if (epoch + 1) % cfg.eval_every or epoch + 1 == epochs:  # the last epoch is evaluated after fit
             return None
         res = evaluate_classifier(model, val_loader, num_classes, ctx.device)
         return {"val_top1": res["top1"], "val_top5": res["top5"], "val_loss": res["loss"]}
@@ -174,7 +180,7 @@ def finetune(ctx: StageContext) -> dict:
 
     # ---- per-epoch curves, best epoch
     train_rows, val_rows = epoch_curves(history)
-    val_rows.append({"epoch": cfg.epochs, "val_top1": final["top1"], "val_top5": final["top5"], "val_loss": final["loss"]})
+    val_rows.append({"epoch": epochs, "val_top1": final["top1"], "val_top5": final["top5"], "val_loss": final["loss"]})
     best = max(val_rows, key=lambda r: r["val_top1"])
     plots = ctx.plots_dir
     write_csv(plots / "train.csv", train_rows, ["epoch", "train_loss", "lr"])
@@ -195,7 +201,7 @@ def finetune(ctx: StageContext) -> dict:
     steps_done = [r for r in history if "images_per_s" in r]
     metrics.update({
         "top1": final["top1"], "top5": final["top5"], "val_loss": final["loss"],
-        "best_top1": best["val_top1"], "best_epoch": int(best["epoch"]), "epochs": cfg.epochs,
+        "best_top1": best["val_top1"], "best_epoch": int(best["epoch"]), "epochs": epochs,
         "steps": total, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "train_s": round(train_s, 2),
         "train_images_per_s": round(sum(r["images_per_s"] for r in steps_done) / max(len(steps_done), 1), 1),

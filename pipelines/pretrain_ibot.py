@@ -25,7 +25,7 @@ from timm.data import create_transform
 
 from components.data.masking import BlockMaskGenerator
 from components.data.multicrop import MaskedMultiCropDataset, MultiCropAugmentation
-from components.data.sources import DataError, ImageListDataset, load_classification_index
+from components.data.sources import DataError, ImageListDataset
 from components.data.splits import read_labeled_indices
 from components.evaluation.knn import extract_features, knn_accuracy
 from components.io import atomic_write, write_text
@@ -36,13 +36,23 @@ from components.training.distributed import EpochLoader
 from components.training.ema import copy_as_teacher
 from components.training.engine import Trainer, TrainConfig
 from components.training.optim import adamw, param_groups
-from components.training.schedules import cosine, cosine_scheduler
-from pipelines.common import StageContext, run_stage
+from components.training.schedules import cosine, cosine_scheduler, stretch_epochs
+from pipelines.common import StageContext, classification_index, run_stage
 from pipelines.config import ParamsError, PretrainIBOT
 
 log = logging.getLogger("mimflow.pretrain_ibot")
 DATA = "data/classification"
 CURVE_COLUMNS = ("loss", "loss_cls", "loss_mim", "lr", "teacher_entropy", "teacher_kl", "teacher_temp")
+
+
+def multicrop_augmentation(cfg: PretrainIBOT, img_size: int) -> MultiCropAugmentation:
+    """The multi-crop views of ``pretrain_ibot.multicrop`` (iBOT Sec. 3.2, DINO's augmentations)."""
+    mc = cfg.multicrop
+    return MultiCropAugmentation(
+        img_size, mc.local_size, mc.num_local, mc.global_scale, mc.local_scale, mc.blur_sigma,
+        color_jitter=mc.color_jitter, color_jitter_p=mc.color_jitter_p, grayscale_p=mc.grayscale_p, mean=cfg.mean, std=cfg.std,
+        hflip=mc.hflip, blur_p=mc.blur_p, solarize_p=mc.solarize_p,
+    )
 
 
 def eval_transform(cfg: PretrainIBOT, img_size: int):
@@ -98,7 +108,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
     """Pretrain a ViT encoder with iBOT and save the teacher in the shared encoder format."""
     cfg: PretrainIBOT = ctx.section
     spec = cfg.model.spec()
-    index = load_classification_index(ctx.root / DATA / "index.json")
+    index = classification_index(ctx)
     split = ctx.root / DATA / "splits" / f"labeled_{cfg.knn.labeled_percent:g}_fold{cfg.knn.fold}.json"
     if not split.is_file():
         have = ctx.params.prepare.classification
@@ -108,24 +118,22 @@ def pretrain_ibot(ctx: StageContext) -> dict:
         )
     labeled = [index.train[i] for i in read_labeled_indices(split, len(index.train))]
 
-    mc = cfg.multicrop
-    augment = MultiCropAugmentation(
-        spec.img_size, mc.local_size, mc.num_local, mc.global_scale, mc.local_scale, mc.blur_sigma,
-        color_jitter=mc.color_jitter, color_jitter_p=mc.color_jitter_p, grayscale_p=mc.grayscale_p, mean=cfg.mean, std=cfg.std,
-    )
+    augment = multicrop_augmentation(cfg, spec.img_size)
     masking = BlockMaskGenerator(cfg.masking.prob, cfg.masking.ratio, cfg.masking.aspect, cfg.masking.min_block_area)
     train_set = MaskedMultiCropDataset(ImageListDataset(train_items(cfg, index.train, ctx.seed)), augment, masking, spec.patch_size)
     if len(train_set) < cfg.batch_size * ctx.info.world_size:
         raise ParamsError(f"pretrain_ibot.batch_size = {cfg.batch_size}: larger than the {len(train_set)} training images per {ctx.info.world_size} process(es)")
     loader = EpochLoader(train_set, cfg.batch_size, ctx.seed, ctx.info, ctx.num_workers, pin_memory=ctx.device.type == "cuda")
     steps_per_epoch = len(loader)
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    epochs, warmup_epochs = stretch_epochs(cfg.epochs, cfg.warmup_epochs, steps_per_epoch, cfg.min_steps)
+    total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     batch = cfg.batch_size * ctx.info.world_size
     lr = cfg.base_lr * batch / 256
 
     student, teacher = build_networks(cfg)
     teacher.to(ctx.device)
     lc = cfg.loss
+    mc = cfg.multicrop
     loss = IBOTLoss(cfg.head.out_dim, cfg.head.patch_out_dim, 2, mc.num_local, lc.student_temp, lc.center_momentum, lc.center_momentum2, lc.lambda1, lc.lambda2).to(ctx.device)
     ibot = IBOTTraining(
         student,
@@ -144,7 +152,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
     optimizer = adamw(param_groups(student, cfg.weight_decay), lr=lr, betas=cfg.betas, device=ctx.device)
     log.info(
         "%s, %d train images (%d global + %d x %d px local crops), %d epochs x %d steps, batch %d (%d x %d procs), lr %.3g",
-        spec, len(train_set), 2, mc.num_local, mc.local_size, cfg.epochs, steps_per_epoch, batch, cfg.batch_size, ctx.info.world_size, lr,
+        spec, len(train_set), 2, mc.num_local, mc.local_size, epochs, steps_per_epoch, batch, cfg.batch_size, ctx.info.world_size, lr,
     )
     runtime = ctx.params.runtime
     trainer = Trainer(
@@ -176,7 +184,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
 
     def on_epoch_end(epoch: int) -> dict | None:
         every = cfg.knn.every_epochs
-        if not ctx.is_main or every is None or (epoch + 1) % every or epoch + 1 == cfg.epochs:
+        if not ctx.is_main or every is None or (epoch + 1) % every or epoch + 1 == epochs:
             return None
         return {"knn_top1": knn_top1(ctx, teacher, labeled, index.val, len(index.classes))}
 
@@ -218,7 +226,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
         "teacher_kl": round(last["teacher_kl"], 5),
         "images_per_s": round(statistics.median(speeds), 1) if speeds else None,
         "steps": total_steps,
-        "epochs": cfg.epochs,
+        "epochs": epochs,
         "batch": batch,
         "peak_lr": lr,  # after warm-up; the per-step "lr" series is the schedule
         "encoder_params_m": round(sum(p.numel() for p in teacher.encoder.parameters()) / 1e6, 3),

@@ -19,7 +19,7 @@ import statistics
 import torch
 from torchvision import transforms as T
 
-from components.data.sources import ImageListDataset, load_classification_index
+from components.data.sources import ImageListDataset
 from components.io import save_safetensors, write_json, write_text
 from components.models.mae import MaskedAutoencoder
 from components.models.reconstruction import plot_reconstructions, reconstruct, save_figure
@@ -27,8 +27,8 @@ from components.models.vit import save_encoder
 from components.training.distributed import EpochLoader
 from components.training.engine import Trainer, TrainConfig
 from components.training.optim import adamw, param_groups
-from components.training.schedules import warmup_cosine
-from pipelines.common import StageContext, run_stage
+from components.training.schedules import stretch_epochs, warmup_cosine
+from pipelines.common import StageContext, classification_index, run_stage
 from pipelines.config import ParamsError, PretrainMAE
 
 log = logging.getLogger("mimflow.pretrain_mae")
@@ -36,9 +36,11 @@ INDEX = "data/classification/index.json"
 
 
 def train_transform(cfg: PretrainMAE, img_size: int) -> T.Compose:
+    """MAE's pretraining augmentation (``main_pretrain.py``): RandomResizedCrop, then a horizontal flip
+    with probability ``hflip`` (left out at 0)."""
     return T.Compose([
         T.RandomResizedCrop(img_size, scale=cfg.crop_scale, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
+        *([T.RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else []),
         T.ToTensor(),
         T.Normalize(cfg.mean, cfg.std),
     ])
@@ -102,7 +104,7 @@ def pretrain_mae(ctx: StageContext) -> dict:
     """Pretrain a ViT encoder as a Masked Autoencoder and save it in the shared encoder format."""
     cfg: PretrainMAE = ctx.section
     spec = cfg.model.spec()
-    index = load_classification_index(ctx.root / INDEX)
+    index = classification_index(ctx)
     train_set = WithMaskingNoise(ImageListDataset(index.train, train_transform(cfg, spec.img_size)), spec.num_patches)  # labels ignored
     stride = max(1, len(index.val) // cfg.val_images) if cfg.val_images else 1
     val_items = index.val[::stride][: cfg.val_images]  # spread over the (class-sorted) val list
@@ -114,14 +116,15 @@ def pretrain_mae(ctx: StageContext) -> dict:
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
         raise ParamsError(f"pretrain_mae.effective_batch = {eff_batch}: larger than the {len(train_set)} training images")
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    epochs, warmup_epochs = stretch_epochs(cfg.epochs, cfg.warmup_epochs, steps_per_epoch, cfg.min_steps)
+    total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     lr = cfg.base_lr * eff_batch / 256
 
     mae = MaskedAutoencoder(spec, cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, norm_pix_loss=cfg.norm_pix_loss, mask_ratio=cfg.mask_ratio)
     optimizer = adamw(param_groups(mae, cfg.weight_decay), lr=lr, betas=cfg.betas, device=ctx.device)
     log.info(
         "%s (%d train images, %d held-out), %d epochs x %d steps, effective batch %d (%d x %d accum x %d procs), lr %.3g",
-        spec, len(train_set), len(val_set), cfg.epochs, steps_per_epoch, eff_batch, cfg.batch_size, accum, ctx.info.world_size, lr,
+        spec, len(train_set), len(val_set), epochs, steps_per_epoch, eff_batch, cfg.batch_size, accum, ctx.info.world_size, lr,
     )
     runtime = ctx.params.runtime
     trainer = Trainer(
@@ -188,7 +191,7 @@ def pretrain_mae(ctx: StageContext) -> dict:
         "val_masked_loss": round(val_loss, 5),
         "images_per_s": round(statistics.median(speeds), 1) if speeds else None,
         "steps": total_steps,
-        "epochs": cfg.epochs,
+        "epochs": epochs,
         "effective_batch": eff_batch,
         "peak_lr": lr,  # after warm-up; the per-step "lr" series is the schedule
         "encoder_params_m": round(sum(p.numel() for p in mae.encoder.parameters()) / 1e6, 3),

@@ -61,7 +61,13 @@ class MultiCropAugmentation:
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         num_global: int = 2,
+        hflip: float = 0.5,
+        blur_p: Sequence[float] = (1.0, 0.1, 0.5),
+        solarize_p: float = 0.2,
     ) -> None:
+        """DINO's ``DataAugmentationDINO`` with its probabilities as arguments (paper values by default):
+        flip ``hflip``; blur ``blur_p`` for global 1, global 2 and the local crops; solarization
+        ``solarize_p`` on global 2. A probability of 0 leaves the transform out."""
         if num_global != 2:
             raise ValueError(f"iBOT uses exactly 2 global crops (each is the other's teacher view), got {num_global}")
         if num_local < 0:
@@ -70,20 +76,23 @@ class MultiCropAugmentation:
         self.global_size, self.local_size = global_size, local_size
         brightness, contrast, saturation, hue = color_jitter
         flip_and_color_jitter = [
-            v2.RandomHorizontalFlip(p=0.5),
-            v2.RandomApply([v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)], p=color_jitter_p),
-            v2.RandomGrayscale(p=grayscale_p),
+            *([v2.RandomHorizontalFlip(p=hflip)] if hflip > 0 else []),
+            *([v2.RandomApply([v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)],
+                              p=color_jitter_p)] if color_jitter_p > 0 else []),
+            *([v2.RandomGrayscale(p=grayscale_p)] if grayscale_p > 0 else []),
         ]
         normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
         def crop(size: int, scale: tuple[float, float]) -> v2.Transform:
             return v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
 
-        self.global_1 = v2.Compose([crop(global_size, global_scale), *flip_and_color_jitter, GaussianBlur(1.0, blur_sigma), *normalize])
-        self.global_2 = v2.Compose(
-            [crop(global_size, global_scale), *flip_and_color_jitter, GaussianBlur(0.1, blur_sigma), v2.RandomSolarize(threshold=128, p=0.2), *normalize]
-        )
-        self.local = v2.Compose([crop(local_size, local_scale), *flip_and_color_jitter, GaussianBlur(0.5, blur_sigma), *normalize])
+        def blur(p: float) -> list:
+            return [GaussianBlur(p, blur_sigma)] if p > 0 else []
+
+        solarize = [v2.RandomSolarize(threshold=128, p=solarize_p)] if solarize_p > 0 else []
+        self.global_1 = v2.Compose([crop(global_size, global_scale), *flip_and_color_jitter, *blur(blur_p[0]), *normalize])
+        self.global_2 = v2.Compose([crop(global_size, global_scale), *flip_and_color_jitter, *blur(blur_p[1]), *solarize, *normalize])
+        self.local = v2.Compose([crop(local_size, local_scale), *flip_and_color_jitter, *blur(blur_p[2]), *normalize])
 
     def __call__(self, image) -> list[torch.Tensor]:
         if isinstance(image, torch.Tensor):

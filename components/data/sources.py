@@ -54,6 +54,25 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise DataError(f"{path}: unreadable image ({_one_line(e)})") from None
 
 
+def content_hash(path: str | os.PathLike) -> str:
+    """A short SHA-256 of a file's bytes: recorded per source image in the prepared indexes, so an
+    added, removed or changed image changes the index (and DVC re-runs what depends on it)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def check_root(root: str | os.PathLike | None, declared: str, index: str | os.PathLike) -> Path:
+    """The directory that ``index`` declares its image paths relative to (named ``declared``, a params
+    key); a missing one is a one-line DataError naming the key and the path."""
+    if root is None:
+        raise DataError(f"{index}: its image paths are relative to {declared}, which is not set")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{declared}: {root} not found (the images of {index} are relative to it)")
+    return root
+
+
 # --------------------------------------------------------------------------------------------
 # ImageFolder
 # --------------------------------------------------------------------------------------------
@@ -373,7 +392,9 @@ def read_coco(path: str | os.PathLike, on_error: str = "error", image_root: str 
     """Read and validate a COCO instances JSON; return (coco, skipped counts).
 
     The images directory is ``image_root`` if given, else ``info.image_root`` relative to the JSON's
-    directory, else the JSON's directory; it is written back, absolute, as ``info.image_root``.
+    directory, else the JSON's directory; it is written back, absolute, as ``info.image_root``. A file
+    whose ``info.root`` names a declared root (a params key, as prepare writes for external images)
+    needs ``image_root``: a missing one is a DataError naming the key.
     """
     path = Path(path)
     try:
@@ -383,7 +404,9 @@ def read_coco(path: str | os.PathLike, on_error: str = "error", image_root: str 
     if not isinstance(coco, dict):
         raise DataError(f"{path}: a COCO file must hold a JSON object, got {type(coco).__name__}")
     info = coco.get("info") if isinstance(coco.get("info"), dict) else {}
-    if image_root is None:
+    if isinstance(info.get("root"), str):  # written by prepare: file names relative to a declared root
+        image_root = check_root(image_root, info["root"], path)
+    elif image_root is None:
         image_root = info.get("image_root", ".")
         if not isinstance(image_root, str):
             raise DataError(f"{path}: info.image_root must be a path string, got {image_root!r}")
@@ -454,8 +477,12 @@ class ClassificationIndex:
     val: list[tuple[Path, int]]
 
 
-def load_classification_index(path: str | os.PathLike, check_files: bool = True) -> ClassificationIndex:
-    """Read ``index.json``; relative paths resolve against its directory. Errors name the file and entry."""
+def load_classification_index(path: str | os.PathLike, check_files: bool = True,
+                              root: str | os.PathLike | None = None) -> ClassificationIndex:
+    """Read ``index.json``. Relative paths resolve against its directory, or, where the index declares
+    ``"root"`` (the params key of an external dataset's directory, e.g. ``prepare.classification.root``),
+    against ``root``, which must then be given and exist. Entries are ``[path, label]`` or
+    ``[path, label, content hash]``. Errors name the file (or the root's key) and the entry."""
     path = Path(path)
     try:
         index = read_json(path)
@@ -471,17 +498,23 @@ def load_classification_index(path: str | os.PathLike, check_files: bool = True)
         raise DataError(f"{path}: 'classes' must be a non-empty list of names")
     if not _positive_int(index["image_size"]):
         raise DataError(f"{path}: 'image_size' must be a positive integer, got {index['image_size']!r}")
+    declared = index.get("root")
+    if declared is not None and not isinstance(declared, str):
+        raise DataError(f"{path}: 'root' must name the params key of the images' directory, got {declared!r}")
+    base = check_root(root, declared, path) if declared else path.parent
     splits = {}
     for split in ("train", "val"):
         items = []
         if not isinstance(index[split], list):
             raise DataError(f"{path}: '{split}' must be a list of [path, label]")
         for i, entry in enumerate(index[split]):
-            if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
-                    and isinstance(entry[1], int) and 0 <= entry[1] < len(classes)):
-                raise DataError(f"{path}: {split}[{i}] must be [path, label in 0..{len(classes) - 1}], got {entry!r}")
+            if not (isinstance(entry, (list, tuple)) and len(entry) in (2, 3) and isinstance(entry[0], str)
+                    and isinstance(entry[1], int) and 0 <= entry[1] < len(classes)
+                    and (len(entry) == 2 or isinstance(entry[2], str))):
+                raise DataError(f"{path}: {split}[{i}] must be [path, label in 0..{len(classes) - 1}] "
+                                f"(+ content hash), got {entry!r}")
             p = Path(entry[0])
-            p = p if p.is_absolute() else path.parent / p
+            p = p if p.is_absolute() else base / p
             if check_files and not p.is_file():
                 raise DataError(f"{path}: {split}[{i}] image {p} not found")
             items.append((p, entry[1]))

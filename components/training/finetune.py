@@ -43,14 +43,17 @@ def finetune_transforms(
     std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
     interpolation: str = "bicubic",
     eval_crop_pct: float = 1.0,
+    hflip: float = 0.5,
 ):
-    """(train, eval) PIL -> tensor transforms. Evaluation resizes the short side to ``img_size /
+    """(train, eval) PIL -> tensor transforms. Training flips horizontally with probability ``hflip``
+    (timm's and MAE's 0.5; 0 leaves the flip out). Evaluation resizes the short side to ``img_size /
     eval_crop_pct`` and takes the centre ``img_size`` crop: MAE's ``build_transform`` uses 224/256 at
     224 px; 1 keeps the whole image."""
     train = create_transform(
         img_size,
         is_training=True,
         scale=tuple(crop_scale),
+        hflip=hflip,
         auto_augment=rand_augment_config(rand_augment) if rand_augment else None,
         interpolation=interpolation,
         re_prob=re_prob,

@@ -49,3 +49,20 @@ def multistep(step: int, base: float, milestones: list[int], gamma: float = 0.1,
     if warmup_steps > 0 and step < warmup_steps:
         lr *= warmup_ratio + (1 - warmup_ratio) * step / warmup_steps
     return lr
+
+
+def stretch_epochs(epochs: int, warmup_epochs: float, steps_per_epoch: int, min_steps: int) -> tuple[int, float]:
+    """(epochs, warmup epochs) of a schedule that takes at least ``min_steps`` optimizer steps.
+
+    Schedules in epochs, as the papers give them (MAE Sec. A.1/A.2, iBOT Sec. C), assume ImageNet's
+    thousands of steps per epoch; on a dataset 10x smaller the same epochs are 10x fewer updates and
+    training stops long before it converges. When ``epochs * steps_per_epoch`` falls short of the floor,
+    epochs and warmup are stretched by the same factor, so the warmup keeps its share of the schedule.
+    A schedule already at or above the floor is returned unchanged.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    if epochs * steps_per_epoch >= min_steps:
+        return epochs, warmup_epochs
+    stretched = math.ceil(min_steps / steps_per_epoch)
+    return stretched, warmup_epochs * stretched / epochs

@@ -1,12 +1,12 @@
 """Per-iteration schedules against the reference code they copy: DINO/iBOT ``utils.cosine_scheduler``
 (iBOT's lr, weight decay and teacher momentum) and MAE ``util/lr_sched.adjust_learning_rate`` (MAE,
-fine-tuning, linear probe)."""
+fine-tuning, linear probe), and the step floor that stretches epochs and warmup on a small dataset."""
 import math
 
 import numpy as np
 import pytest
 
-from components.training.schedules import cosine, cosine_scheduler, warmup_cosine
+from components.training.schedules import cosine, cosine_scheduler, stretch_epochs, warmup_cosine
 
 
 def reference_cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0):
@@ -43,3 +43,20 @@ def test_warmup_cosine_is_mae_adjust_learning_rate():
         else:
             expected = min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
         assert warmup_cosine(it, epochs * niter, warmup * niter, lr, min_lr) == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_a_schedule_at_or_above_the_floor_is_unchanged():
+    # The shapes defaults: finetune 40 x 15 = 600 >= 500, MAE 20 x 37 = 740 >= 700, iBOT 20 x 18 = 360 >= 300.
+    assert stretch_epochs(40, 4, 15, 500) == (40, 4)
+    assert stretch_epochs(20, 1, 37, 700) == (20, 1)
+    assert stretch_epochs(20, 1, 18, 300) == (20, 1)
+    assert stretch_epochs(3, 1, 2, 0) == (3, 1)
+
+
+def test_a_short_schedule_is_stretched_to_the_floor_keeping_the_warmup_share():
+    # 144 labels at batch 32: 4 steps an epoch, 40 epochs = 160 steps -> 125 epochs = 500 steps.
+    epochs, warmup = stretch_epochs(40, 4, 4, 500)
+    assert epochs == 125 and epochs * 4 >= 500 and (epochs - 1) * 4 < 500
+    assert warmup / epochs == pytest.approx(4 / 40)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        stretch_epochs(10, 1, 0, 100)

@@ -7,7 +7,6 @@ import json
 import subprocess
 
 import pytest
-import torch
 
 from components.io import load_safetensors
 from tests.integration.conftest import copy_with_data, free_port

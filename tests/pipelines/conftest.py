@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-COPY = ["components", "pipelines", "dvc.yaml", ".dvcignore", "pyproject.toml", ".gitignore"]
+COPY = ["components", "pipelines", "datasets", "dvc.yaml", ".dvcignore", "pyproject.toml", ".gitignore"]
 MICRO = REPO / "tests" / "micro.params.yaml"
 
 

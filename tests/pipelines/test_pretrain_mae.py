@@ -14,8 +14,8 @@ import yaml
 from components.io import load_safetensors, read_json
 from components.models.mae import MaskedAutoencoder
 from components.models.vit import load_encoder
-from pipelines.config import ParamsError, load_params, validate_params
-from tests.pipelines.conftest import (BIN, REPO, dvc_repro, kill_at_first_checkpoint, make_project, micro_config,
+from pipelines.config import ParamsError, validate_params
+from tests.pipelines.conftest import (BIN, dvc_repro, kill_at_first_checkpoint, make_project, micro_config,
                                      micro_params, run)
 
 
