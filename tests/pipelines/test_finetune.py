@@ -94,7 +94,7 @@ def test_a_labeled_percent_without_split_is_a_one_line_error(project):
     proc = run(project, str(BIN / "python"), "-m", "pipelines.finetune", "--params", "bad.params.yaml", "--init", "cnn", check=False)
     assert proc.returncode == 2  # a split prepare does not write: caught with the params, before anything is read
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: finetune@cnn-0:"), last
+    assert last.startswith("error: finetune@cnn: "), last  # params fail before the seed is read
     assert "finetune.labeled_percent = 30.0: must be one of prepare.classification.labeled_percents" in last, last
 
 
