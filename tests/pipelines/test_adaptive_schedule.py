@@ -20,6 +20,7 @@ pytest.importorskip("sklearn", reason="scikit-learn is a dev dependency (pyproje
 
 
 @pytest.mark.integration  # about 3 minutes on 2 shared cores: prepare + two fine-tunes of 500 steps
+@pytest.mark.timeout(1800)
 def test_on_digits_scratch_vit_reaches_its_own_probe_and_the_cnn_converges(tmp_path):
     root = make_project(tmp_path / "p", params=REPO / "params.yaml")
     export_digits(root / "datasets" / "digits")
