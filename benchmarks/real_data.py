@@ -193,8 +193,8 @@ def main() -> int:
         if not args.collect:
             sh(project, str(BIN / "dvc"), "repro", *[f"finetune@{i}" for i in INITS])
         keys = ("top1", "best_top1", "best_epoch", "epochs", "steps", "linear_probe_top1", "knn_top1", "labeled_images", "train_s")
-        models = {i: {k: v for k, v in json.loads((project / "metrics/finetune" / f"{i}.json").read_text()).items() if k in keys}
-                  for i in INITS if (project / "metrics/finetune" / f"{i}.json").is_file()}
+        models = {i: {k: v for k, v in json.loads((project / "metrics/finetune" / f"{i}-0.json").read_text()).items() if k in keys}
+                  for i in INITS if (project / "metrics/finetune" / f"{i}-0.json").is_file()}
         pre = {s: {k: v for k, v in json.loads((project / f"metrics/{s}.json").read_text()).items()
                    if k in ("steps", "epochs", "val_masked_loss", "knn_top1", "wall_time_s")}
                for s in ("pretrain_mae", "pretrain_ibot") if (project / f"metrics/{s}.json").is_file()}

@@ -30,10 +30,10 @@ def test_on_digits_scratch_vit_reaches_its_own_probe_and_the_cnn_converges(tmp_p
     for init in ("scratch", "cnn"):
         run(root, str(BIN / "python"), "-m", "pipelines.finetune", "--init", init)
 
-    scratch = json.loads((root / "metrics" / "finetune" / "scratch.json").read_text())
+    scratch = json.loads((root / "metrics" / "finetune" / "scratch-0.json").read_text())
     assert scratch["labeled_images"] == 144 and scratch["steps"] == 500 and scratch["epochs"] == 125
     assert scratch["top1"] >= scratch["linear_probe_top1"], scratch
-    cnn = json.loads((root / "metrics" / "finetune" / "cnn.json").read_text())
-    train = list(csv.DictReader((root / "plots" / "finetune" / "cnn" / "train.csv").open()))
+    cnn = json.loads((root / "metrics" / "finetune" / "cnn-0.json").read_text())
+    train = list(csv.DictReader((root / "plots" / "finetune" / "cnn-0" / "train.csv").open()))
     assert len(train) == 125 and float(train[-1]["train_loss"]) < 1.0, train[-1]
     assert cnn["top1"] > 50.0, cnn
