@@ -142,7 +142,7 @@ def report(results: dict) -> str:
         "reproduce them. 1,797 handwritten digits of scikit-learn (8x8, upsampled to 32 px), a fixed stratified",
         f"split of {results['data']['train']} training and {results['data']['val']} held-out images, "
         f"{b['labeled_images']} labeled ({results['params']['labeled_percent']:g} %) for fine-tuning. The pipeline ran",
-        "`dvc repro finetune@scratch finetune@mae finetune@ibot finetune@cnn` with params.yaml's CPU default",
+        "`dvc repro finetune@{scratch,mae,ibot,cnn}-0` with params.yaml's CPU default",
         f"unchanged except the data root{'' if results['params']['flips'] else ' and flips off (a mirrored digit is another glyph)'}.",
         f"Machine: {results['machine']}. One seed (runtime.seed "
         f"{results['params']['seed']}): an anecdote, not a claim over seeds.",
@@ -191,7 +191,7 @@ def main() -> int:
                 sh(project, *cmd)
         write_text(project / "params.yaml", yaml.safe_dump(params, sort_keys=False))
         if not args.collect:
-            sh(project, str(BIN / "dvc"), "repro", *[f"finetune@{i}" for i in INITS])
+            sh(project, str(BIN / "dvc"), "repro", *[f"finetune@{i}-0" for i in INITS])
         keys = ("top1", "best_top1", "best_epoch", "epochs", "steps", "linear_probe_top1", "knn_top1", "labeled_images", "train_s")
         models = {i: {k: v for k, v in json.loads((project / "metrics/finetune" / f"{i}-0.json").read_text()).items() if k in keys}
                   for i in INITS if (project / "metrics/finetune" / f"{i}-0.json").is_file()}
