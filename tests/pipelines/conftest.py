@@ -37,6 +37,15 @@ def merge_overrides(base: dict, overrides: dict, where: str = "") -> dict:
     return merged
 
 
+def params_section(cls, path: str, **overrides):
+    """A params section as params.yaml writes it (the schema has no defaults), with ``overrides`` merged in."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for part in path.split("."):
+        raw = raw[part]
+    return cls.model_validate(merge_overrides(raw, overrides))
+
 def micro_params() -> dict:
     """The micro params as a dict (tests/micro.params.yaml merged onto params.yaml), to change a value and
     validate it. Validated here, so an override the schema does not know fails every test that uses it."""

@@ -16,15 +16,8 @@ from components.data.sources import DataError, load_classification_index, load_c
 from pipelines import prepare
 from pipelines.config import ClassificationData, DetectionData
 from tests.pipelines.conftest import BIN, dvc_repro, make_project, run
-from tests.pipelines.conftest import REPO, merge_overrides
+from tests.pipelines.conftest import params_section
 
-
-def _section(cls, path: str, **overrides):
-    """A params section as params.yaml writes it (the schema has no defaults), with ``overrides`` merged in."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for part in path.split("."):
-        raw = raw[part]
-    return cls.model_validate(merge_overrides(raw, overrides))
 
 
 def _png(path: Path, value: int, size: int = 8) -> None:
@@ -53,7 +46,7 @@ def _no_absolute_path(obj, where: str) -> None:
 
 def test_imagefolder_index_is_relative_to_its_root_and_hashes_every_image(tmp_path):
     src = image_folder(tmp_path / "src")
-    cfg = _section(ClassificationData, "prepare.classification", source="imagefolder", root="src", labeled_percents=[50])
+    cfg = params_section(ClassificationData, "prepare.classification", source="imagefolder", root="src", labeled_percents=[50])
     out = tmp_path / "out"
     prepare.classification_dataset(cfg, 0, "error", out, project=tmp_path)
     raw = json.loads((out / "index.json").read_text())
@@ -72,7 +65,7 @@ def test_imagefolder_index_is_relative_to_its_root_and_hashes_every_image(tmp_pa
     with pytest.raises(DataError, match=r"index.json: its image paths are relative to prepare.classification.root"):
         load_classification_index(out / "index.json")
     with pytest.raises(DataError, match=r"^prepare.classification.root: .*nowhere not found"):
-        prepare.classification_dataset(_section(ClassificationData, "prepare.classification", source="imagefolder", root=str(tmp_path / "nowhere")), 0, "error",
+        prepare.classification_dataset(params_section(ClassificationData, "prepare.classification", source="imagefolder", root=str(tmp_path / "nowhere")), 0, "error",
                                        tmp_path / "out2", project=tmp_path)
 
     # One changed image changes the index (and so every stage DVC runs after prepare); the same images do not.
@@ -94,7 +87,7 @@ def test_coco_files_are_relative_to_their_declared_image_roots(tmp_path):
             "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [2, 2, 10, 10]} for i in range(4)],
             "categories": [{"id": 1, "name": "x"}]}
     (tmp_path / "coco" / "ann.json").write_text(json.dumps(coco))
-    cfg = _section(DetectionData, "prepare.detection", source="coco", train_images="coco/images", train_annotations=str(tmp_path / "coco" / "ann.json"),
+    cfg = params_section(DetectionData, "prepare.detection", source="coco", train_images="coco/images", train_annotations=str(tmp_path / "coco" / "ann.json"),
                         val_images="coco/images", val_annotations=str(tmp_path / "coco" / "ann.json"), labeled_percents=[50])
     out = tmp_path / "out"
     prepare.detection_dataset(cfg, 0, "error", out, project=tmp_path)
