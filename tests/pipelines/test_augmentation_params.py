@@ -2,7 +2,6 @@
 colour op set to probability 0 is not in the transform the stage builds; the defaults are the papers'."""
 from __future__ import annotations
 
-
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
