@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: install install-team postgres repro test test-integration team-up team-down chromium flow mlflow-ui \
-	prefect-ui gpu-check
+	prefect-ui gpu-check lint
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ repro: $(STAMP)
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -m "not integration" -n 2 --dist loadfile
+
+# House style (pyproject.toml's [tool.ruff]): formatted, linted, lines <= 120.
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # Slower end-to-end runs (the GPU profile's smoke run through the whole DAG, ...); .ci/run runs both.
 test-integration: $(TEAM_STAMP)

@@ -14,6 +14,7 @@ the same batches. Prints time, peak memory, the speed ratio and the largest |dif
     .venv/bin/python benchmarks/cka_speed.py                      # 12 x 12 layers, 10,000 examples
     .venv/bin/python benchmarks/cka_speed.py --examples 2000 --json out.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.analysis.cka import MinibatchCKA  # noqa: E402
 
 
-def make_features(layers: int, examples: int, batch_size: int, seed: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+def make_features(
+    layers: int, examples: int, batch_size: int, seed: int
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """Batches of float32 features: ([A layer 0..L-1], [B layer 0..L-1]), each [n, width]."""
     g = torch.Generator().manual_seed(seed)
     widths_a = [192] * layers
     widths_b = [64 * 2 ** min(3, 4 * i // layers) for i in range(layers)]  # 64, 128, 256, 512 stages
     latent = 32
-    proj_a = [torch.randn(latent if i == 0 else widths_a[i - 1], w, generator=g) / math.sqrt(latent if i == 0 else widths_a[i - 1]) for i, w in enumerate(widths_a)]
-    proj_b = [torch.randn(latent if i == 0 else widths_b[i - 1], w, generator=g) / math.sqrt(latent if i == 0 else widths_b[i - 1]) for i, w in enumerate(widths_b)]
+    proj_a = [
+        torch.randn(latent if i == 0 else widths_a[i - 1], w, generator=g)
+        / math.sqrt(latent if i == 0 else widths_a[i - 1])
+        for i, w in enumerate(widths_a)
+    ]
+    proj_b = [
+        torch.randn(latent if i == 0 else widths_b[i - 1], w, generator=g)
+        / math.sqrt(latent if i == 0 else widths_b[i - 1])
+        for i, w in enumerate(widths_b)
+    ]
     batches = []
     for start in range(0, examples, batch_size):
         n = min(batch_size, examples - start)
@@ -166,30 +177,71 @@ def main(argv=None) -> dict:
     ap.add_argument("--examples", type=int, default=10_000)
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--baseline-dtype", default="float64", choices=["float64", "float32"], help="the per-pair loop's precision")
+    ap.add_argument(
+        "--baseline-dtype", default="float64", choices=["float64", "float32"], help="the per-pair loop's precision"
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
-    cfg = dict(layers=args.layers, examples=args.examples, batch_size=args.batch_size, seed=args.seed, threads=args.threads, baseline_dtype=args.baseline_dtype)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
-    print(f"{args.layers} x {args.layers} layers, {args.examples} examples, batch {args.batch_size}, device {name}", flush=True)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    cfg = dict(
+        layers=args.layers,
+        examples=args.examples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        threads=args.threads,
+        baseline_dtype=args.baseline_dtype,
+    )
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+    )
+    print(
+        f"{args.layers} x {args.layers} layers, {args.examples} examples, batch {args.batch_size}, device {name}",
+        flush=True,
+    )
 
     fast, t_fast, c_fast, m_fast = measure_isolated("accumulator", cfg, device)
-    print(f"accumulator (all pairs, one product per batch): {t_fast:8.2f} s wall {c_fast:8.2f} s CPU  peak +{m_fast / 2**20:8.1f} MiB", flush=True)
+    print(
+        f"accumulator (all pairs, one product per batch): {t_fast:8.2f} s wall {c_fast:8.2f} s CPU  peak "
+        f"+{m_fast / 2**20:8.1f} MiB",
+        flush=True,
+    )
     slow, t_slow, c_slow, m_slow = measure_isolated("loop", cfg, device)
-    print(f"per-pair loop (trace(K @ L), {args.baseline_dtype}):       {t_slow:8.2f} s wall {c_slow:8.2f} s CPU  peak +{m_slow / 2**20:8.1f} MiB", flush=True)
+    print(
+        f"per-pair loop (trace(K @ L), {args.baseline_dtype}):       {t_slow:8.2f} s wall {c_slow:8.2f} s CPU  peak "
+        f"+{m_slow / 2**20:8.1f} MiB",
+        flush=True,
+    )
     diff = (fast - slow).abs().max().item()
     ratio = t_slow / t_fast
-    print(f"speed-up {ratio:.1f}x wall, {c_slow / c_fast:.1f}x CPU time; largest |CKA difference| {diff:.2e}; CKA range [{fast.min().item():.3f}, {fast.max().item():.3f}]")
+    print(
+        f"speed-up {ratio:.1f}x wall, {c_slow / c_fast:.1f}x CPU time; largest |CKA difference| {diff:.2e}; CKA range "
+        f"[{fast.min().item():.3f}, {fast.max().item():.3f}]"
+    )
     result = dict(
-        layers=args.layers, examples=args.examples, batch_size=args.batch_size, device=name,
-        accumulator_s=t_fast, accumulator_cpu_s=c_fast, accumulator_peak_mib=m_fast / 2**20,
-        loop_s=t_slow, loop_cpu_s=c_slow, loop_peak_mib=m_slow / 2**20,
-        loop_dtype=args.baseline_dtype, speedup=ratio, speedup_cpu=c_slow / c_fast, max_abs_diff=diff,
+        layers=args.layers,
+        examples=args.examples,
+        batch_size=args.batch_size,
+        device=name,
+        accumulator_s=t_fast,
+        accumulator_cpu_s=c_fast,
+        accumulator_peak_mib=m_fast / 2**20,
+        loop_s=t_slow,
+        loop_cpu_s=c_slow,
+        loop_peak_mib=m_slow / 2**20,
+        loop_dtype=args.baseline_dtype,
+        speedup=ratio,
+        speedup_cpu=c_slow / c_fast,
+        max_abs_diff=diff,
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

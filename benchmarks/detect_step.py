@@ -12,6 +12,7 @@ Images are random tensors at the size the views give them.
     .venv/bin/python benchmarks/detect_step.py --threads 1            # CPU figures in benchmarks/README.md
     .venv/bin/python benchmarks/detect_step.py --device cuda --steps 50 --params params/gpu-vit-b16.yaml
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,18 +30,32 @@ from components.semisup.soft_teacher import SoftTeacher, SoftTeacherConfig  # no
 from pipelines.config import load_params  # noqa: E402
 
 
-def build(params, num_classes: int, pseudo_boxes: int, device: torch.device) -> tuple[SoftTeacher, torch.optim.Optimizer]:
+def build(
+    params, num_classes: int, pseudo_boxes: int, device: torch.device
+) -> tuple[SoftTeacher, torch.optim.Optimizer]:
     m = params.detect.model
     vit = params.pretrain_mae.model.spec().to_dict() if m.backbone == "vit" else None
     spec = DetectorSpec(num_classes=num_classes, vit=vit, **m.model_dump(exclude={"init"}))
     st = params.detect.soft_teacher
-    cfg = SoftTeacherConfig(unsup_weight=st.unsup_weight, rpn_threshold=0.0, cls_threshold=0.0, initial_threshold=0.0,
-                            reg_uncertainty=st.reg_uncertainty, jitter_times=st.jitter_times, jitter_scale=st.jitter_scale, ema_momentum=st.ema_momentum)
+    cfg = SoftTeacherConfig(
+        unsup_weight=st.unsup_weight,
+        rpn_threshold=0.0,
+        cls_threshold=0.0,
+        initial_threshold=0.0,
+        reg_uncertainty=st.reg_uncertainty,
+        jitter_times=st.jitter_times,
+        jitter_scale=st.jitter_scale,
+        ema_momentum=st.ema_momentum,
+    )
     model = SoftTeacher(create_detector(spec), create_detector(spec), cfg).to(device).train()
     model.teacher.roi_heads.detections_per_img = pseudo_boxes
     params_ = [p for p in model.student.parameters() if p.requires_grad]
     d = params.detect
-    opt = torch.optim.SGD(params_, lr=1e-4, momentum=d.momentum) if d.optimizer == "sgd" else torch.optim.AdamW(params_, lr=1e-4)
+    opt = (
+        torch.optim.SGD(params_, lr=1e-4, momentum=d.momentum)
+        if d.optimizer == "sgd"
+        else torch.optim.AdamW(params_, lr=1e-4)
+    )
     return model, opt
 
 
@@ -55,25 +70,41 @@ def batch(params, classes: int, device: torch.device, unlabeled: bool, g: torch.
     def target() -> dict:
         xy = torch.rand(3, 2, generator=g) * size * 0.6
         wh = torch.rand(3, 2, generator=g) * size * 0.3 + size * 0.08
-        return {"boxes": torch.cat([xy, xy + wh], 1).to(device), "labels": torch.randint(1, classes + 1, (3,), generator=g).to(device)}
+        return {
+            "boxes": torch.cat([xy, xy + wh], 1).to(device),
+            "labels": torch.randint(1, classes + 1, (3,), generator=g).to(device),
+        }
 
     out = {"labeled": [image() for _ in range(n)], "targets": [target() for _ in range(n)]}
     if unlabeled:
         k = n * d.soft_teacher.unlabeled_ratio
         eye = torch.eye(3, dtype=torch.float64, device=device)
-        out.update(weak=[image() for _ in range(k)], strong=[image() for _ in range(k)], weak_matrix=[eye] * k, strong_matrix=[eye] * k)
+        out.update(
+            weak=[image() for _ in range(k)],
+            strong=[image() for _ in range(k)],
+            weak_matrix=[eye] * k,
+            strong_matrix=[eye] * k,
+        )
     return out
 
 
-def time_steps(model: SoftTeacher, opt, batches: list[dict], warmup: int, device: torch.device, precision: str) -> list[float]:
+def time_steps(
+    model: SoftTeacher, opt, batches: list[dict], warmup: int, device: torch.device, precision: str
+) -> list[float]:
     times = []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(device.type, enabled=False)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else torch.autocast(device.type, enabled=False)
+    )
     for i, b in enumerate(batches):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         with autocast:
-            loss = model(b["labeled"], b["targets"], b.get("weak"), b.get("strong"), b.get("weak_matrix"), b.get("strong_matrix"))["loss"]
+            loss = model(
+                b["labeled"], b["targets"], b.get("weak"), b.get("strong"), b.get("weak_matrix"), b.get("strong_matrix")
+            )["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -94,19 +125,33 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--pseudo-boxes", type=int, default=5, help="teacher detections kept per unlabeled image")
-    ap.add_argument("--classes", type=int, default=None, help="foreground classes (default: 1 with detect.class_agnostic, else 8 as the shapes)")
+    ap.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help="foreground classes (default: 1 with detect.class_agnostic, else 8 as the shapes)",
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     params = load_params(args.params)
     classes = args.classes or (1 if params.detect.class_agnostic else 8)
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-               "precision": precision, "backbone": params.detect.model.backbone, "batch_size": params.detect.batch_size,
-               "unlabeled_ratio": params.detect.soft_teacher.unlabeled_ratio, "classes": classes,
-               "image_size": round(params.prepare.detection.image_size * sum(params.detect.views.resize_range) / 2)}
+    results = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "precision": precision,
+        "backbone": params.detect.model.backbone,
+        "batch_size": params.detect.batch_size,
+        "unlabeled_ratio": params.detect.soft_teacher.unlabeled_ratio,
+        "classes": classes,
+        "image_size": round(params.prepare.detection.image_size * sum(params.detect.views.resize_range) / 2),
+    }
     for method in ("supervised", "softteacher"):
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(0)
@@ -114,9 +159,12 @@ def main() -> None:
         batches = [batch(params, classes, device, method == "softteacher", g) for _ in range(args.warmup + args.steps)]
         cpu0 = time.process_time()
         times = time_steps(model, opt, batches, args.warmup, device, precision)
-        results[method] = {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
-                           "cpu_s_per_step": (time.process_time() - cpu0) / (args.warmup + args.steps),
-                           "images_per_step": len(batches[0]["labeled"]) + len(batches[0].get("weak", []))}
+        results[method] = {
+            "median_s": statistics.median(times),
+            "mean_s": statistics.fmean(times),
+            "cpu_s_per_step": (time.process_time() - cpu0) / (args.warmup + args.steps),
+            "images_per_step": len(batches[0]["labeled"]) + len(batches[0].get("weak", [])),
+        }
         del model, opt
     results["ratio_median"] = results["softteacher"]["median_s"] / results["supervised"]["median_s"]
     results["ratio_cpu"] = results["softteacher"]["cpu_s_per_step"] / results["supervised"]["cpu_s_per_step"]

@@ -20,6 +20,7 @@ every section, so a run cut short still reports what it measured:
 
 Writes ``benchmarks/results/gpu-check-<device>.json`` and ``.md`` (``--out`` moves them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,27 +49,101 @@ PROJECT_FILES = ("components", "pipelines", "datasets", "dvc.yaml", ".dvcignore"
 # Each benchmark's arguments by device kind: the papers' sizes on a GPU, tiny ones on a CPU.
 BENCH_ARGS = {
     "cuda": {
-        "mae": ["--preset", "vit_base_patch16_224", "--batch", "256", "--precision", "bf16", "--compile",
-                "--steps", "20", "--warmup", "5"],
-        "ibot": ["--preset", "vit_base_patch16_224", "--batch", "64", "--num-local", "10", "--local-size", "96",
-                 "--out-dim", "8192", "--hidden-dim", "2048", "--bottleneck-dim", "256", "--blur-sigma", "0.1", "2.0",
-                 "--precision", "bf16", "--steps", "10", "--warmup", "3", "--augment-images", "0"],
+        "mae": [
+            "--preset",
+            "vit_base_patch16_224",
+            "--batch",
+            "256",
+            "--precision",
+            "bf16",
+            "--compile",
+            "--steps",
+            "20",
+            "--warmup",
+            "5",
+        ],
+        "ibot": [
+            "--preset",
+            "vit_base_patch16_224",
+            "--batch",
+            "64",
+            "--num-local",
+            "10",
+            "--local-size",
+            "96",
+            "--out-dim",
+            "8192",
+            "--hidden-dim",
+            "2048",
+            "--bottleneck-dim",
+            "256",
+            "--blur-sigma",
+            "0.1",
+            "2.0",
+            "--precision",
+            "bf16",
+            "--steps",
+            "10",
+            "--warmup",
+            "3",
+            "--augment-images",
+            "0",
+        ],
         "detect": ["--params", str(PROFILE), "--precision", "bf16", "--steps", "20", "--warmup", "3"],
         "cka": ["--layers", "12", "--examples", "10000", "--batch-size", "1000"],
     },
     "cpu": {
-        "mae": ["--preset", "vit_micro_patch4_32", "--batch", "16", "--decoder-dim", "32", "--decoder-depth", "1",
-                "--decoder-heads", "2", "--precision", "bf16", "--steps", "2", "--warmup", "1"],
-        "ibot": ["--preset", "vit_micro_patch4_32", "--batch", "4", "--num-local", "10", "--local-size", "16",
-                 "--out-dim", "64", "--hidden-dim", "32", "--bottleneck-dim", "16", "--precision", "bf16",
-                 "--steps", "2", "--warmup", "1", "--augment-images", "0"],
+        "mae": [
+            "--preset",
+            "vit_micro_patch4_32",
+            "--batch",
+            "16",
+            "--decoder-dim",
+            "32",
+            "--decoder-depth",
+            "1",
+            "--decoder-heads",
+            "2",
+            "--precision",
+            "bf16",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ],
+        "ibot": [
+            "--preset",
+            "vit_micro_patch4_32",
+            "--batch",
+            "4",
+            "--num-local",
+            "10",
+            "--local-size",
+            "16",
+            "--out-dim",
+            "64",
+            "--hidden-dim",
+            "32",
+            "--bottleneck-dim",
+            "16",
+            "--precision",
+            "bf16",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--augment-images",
+            "0",
+        ],
         "detect": ["--params", "{smoke_params}", "--precision", "bf16", "--steps", "2", "--warmup", "1"],
         "cka": ["--layers", "4", "--examples", "400", "--batch-size", "100"],
     },
 }
 # Seconds each section may take before it is stopped (the whole check must fit 8 minutes on one GPU).
-LIMITS = {"cuda": {"mae": 100, "dag": 330, "ibot": 60, "detect": 45, "cka": 30},
-          "cpu": {"mae": 60, "dag": 240, "ibot": 45, "detect": 45, "cka": 30}}
+LIMITS = {
+    "cuda": {"mae": 100, "dag": 330, "ibot": 60, "detect": 45, "cka": 30},
+    "cpu": {"mae": 60, "dag": 240, "ibot": 45, "detect": 45, "cka": 30},
+}
 SECTIONS = ("env", "mae", "dag", "ibot", "detect", "cka")
 STAGE_SHARE = 0.3  # no one stage of the DAG may take more than this share of the section's time
 
@@ -116,8 +191,10 @@ def stage_commands(dvc_yaml: Path, params: dict) -> list[tuple[str, str]]:
             for key, item in pairs:
                 out.append((f"{name}@{key}", _interpolate(stage["do"]["cmd"], {**params, "key": key, "item": item})))
         elif "matrix" in stage:
-            axes = {k: (_lookup(params, _REF.fullmatch(v.strip()).group(1)) if isinstance(v, str) else v)
-                    for k, v in stage["matrix"].items()}
+            axes = {
+                k: (_lookup(params, _REF.fullmatch(v.strip()).group(1)) if isinstance(v, str) else v)
+                for k, v in stage["matrix"].items()
+            }
             for combo in itertools.product(*axes.values()):
                 item = dict(zip(axes, combo))
                 label = "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in combo)
@@ -132,16 +209,25 @@ def stage_commands(dvc_yaml: Path, params: dict) -> list[tuple[str, str]]:
 def section_env(device: str) -> dict:
     import torch
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cpu_count": os.cpu_count(), "device": device}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_count": os.cpu_count(),
+        "device": device,
+    }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         sys.path.insert(0, str(BENCH))
         from mae_throughput import device_peak_tflops
 
-        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   multiprocessors=props.multi_processor_count, cudnn=torch.backends.cudnn.version(),
-                   bf16_peak_tflops=device_peak_tflops(torch.device("cuda"), "bf16"))
+        env.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            cudnn=torch.backends.cudnn.version(),
+            bf16_peak_tflops=device_peak_tflops(torch.device("cuda"), "bf16"),
+        )
     else:
         env.update(gpu=None, processor=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     try:
@@ -156,7 +242,12 @@ def section_env(device: str) -> dict:
 
 def run_bench(name: str, device: str, limit: float, workdir: Path, smoke_file: Path) -> dict:
     """One benchmark script in its own process; its --json output is the section's result."""
-    script = {"mae": "mae_throughput.py", "ibot": "ibot_throughput.py", "detect": "detect_step.py", "cka": "cka_speed.py"}[name]
+    script = {
+        "mae": "mae_throughput.py",
+        "ibot": "ibot_throughput.py",
+        "detect": "detect_step.py",
+        "cka": "cka_speed.py",
+    }[name]
     out = workdir / f"{name}.json"
     args = [a.format(smoke_params=smoke_file) for a in BENCH_ARGS[device][name]]
     cmd = [sys.executable, str(BENCH / script), *args, "--device", device, "--json", str(out)]
@@ -198,9 +289,13 @@ def section_dag(device: str, limit: float, workdir: Path) -> dict:
     if not _has("mlflow"):
         params["tracking"]["enabled"] = False
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(project), os.environ.get("PYTHONPATH", "")]),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "PYTHONUNBUFFERED": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(project), os.environ.get("PYTHONPATH", "")]),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
     if device == "cpu":  # the same torch.compile graph capture, without inductor's minutes of C++ builds per stage
         env["MIMFLOW_COMPILE_BACKEND"] = "aot_eager"
     dvc = shutil.which("dvc", path=env["PATH"])
@@ -211,17 +306,33 @@ def section_dag(device: str, limit: float, workdir: Path) -> dict:
     else:
         stages = _dag_stage_by_stage(project, env, commands, deadline, limit)
     if device == "cpu" and time.perf_counter() < deadline - 5:
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                "pipelines.pretrain_mae"]
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "pipelines.pretrain_mae",
+        ]
         print("    pretrain_mae (torchrun, 2 processes) ...", flush=True)
-        row = {"stage": "pretrain_mae (torchrun --nproc-per-node=2)",
-               **_run(argv, deadline - time.perf_counter(), cwd=project, env=env), **_stage_speed(project, "pretrain_mae")}
+        row = {
+            "stage": "pretrain_mae (torchrun --nproc-per-node=2)",
+            **_run(argv, deadline - time.perf_counter(), cwd=project, env=env),
+            **_stage_speed(project, "pretrain_mae"),
+        }
         stages.append(row)
     done = [s for s in stages if s.get("rc") == 0]
-    return {"runner": "dvc repro" if dvc else "stage by stage", "launcher": params["runtime"]["launcher"],
-            "compile_backend": env.get("MIMFLOW_COMPILE_BACKEND", "inductor"), "overrides": str(SMOKE.relative_to(ROOT)),
-            "stages": stages, "completed": len(done), "total": len(stages),
-            "all_finite": bool(done) and all(s.get("finite", False) for s in done)}
+    return {
+        "runner": "dvc repro" if dvc else "stage by stage",
+        "launcher": params["runtime"]["launcher"],
+        "compile_backend": env.get("MIMFLOW_COMPILE_BACKEND", "inductor"),
+        "overrides": str(SMOKE.relative_to(ROOT)),
+        "stages": stages,
+        "completed": len(done),
+        "total": len(stages),
+        "all_finite": bool(done) and all(s.get("finite", False) for s in done),
+    }
 
 
 def _dag_through_dvc(dvc: str, project: Path, env: dict, commands: list[tuple[str, str]], limit: float) -> list[dict]:
@@ -244,7 +355,9 @@ def _dag_through_dvc(dvc: str, project: Path, env: dict, commands: list[tuple[st
     return stages
 
 
-def _dag_stage_by_stage(project: Path, env: dict, commands: list[tuple[str, str]], deadline: float, limit: float) -> list[dict]:
+def _dag_stage_by_stage(
+    project: Path, env: dict, commands: list[tuple[str, str]], deadline: float, limit: float
+) -> list[dict]:
     stages = []
     for stage, command in commands:
         left = deadline - time.perf_counter()
@@ -257,10 +370,17 @@ def _dag_stage_by_stage(project: Path, env: dict, commands: list[tuple[str, str]
         elif argv[0] == "torchrun":
             argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
         print(f"    {stage}: {command}", flush=True)
-        row = {"stage": stage, **_run(argv, min(left, STAGE_SHARE * limit), cwd=project, env=env), **_stage_speed(project, stage)}
+        row = {
+            "stage": stage,
+            **_run(argv, min(left, STAGE_SHARE * limit), cwd=project, env=env),
+            **_stage_speed(project, stage),
+        }
         stages.append(row)
-        print(f"    {stage}: rc {row['rc']} in {row['seconds']} s"
-              + (f", {row['images_per_s']} images/s" if row.get("images_per_s") else ""), flush=True)
+        print(
+            f"    {stage}: rc {row['rc']} in {row['seconds']} s"
+            + (f", {row['images_per_s']} images/s" if row.get("images_per_s") else ""),
+            flush=True,
+        )
     return stages
 
 
@@ -274,8 +394,11 @@ def _stage_speed(project: Path, stage: str) -> dict:
     metrics = json.loads(path.read_text())
     numbers = [v for v in _leaves(metrics) if isinstance(v, (int, float)) and not isinstance(v, bool)]
     speed = metrics.get("images_per_s") or metrics.get("train_images_per_s")
-    return {"images_per_s": speed, "stage_seconds": metrics.get("wall_time_s"),
-            "finite": all(math.isfinite(v) for v in numbers)}
+    return {
+        "images_per_s": speed,
+        "stage_seconds": metrics.get("wall_time_s"),
+        "finite": all(math.isfinite(v) for v in numbers),
+    }
 
 
 def _leaves(d):
@@ -296,23 +419,39 @@ def _has(module: str) -> bool:
 def markdown(results: dict) -> str:
     env = results["env"]
     head = env.get("gpu") or env.get("processor", "cpu")
-    lines = [f"# gpu-check on {head}", "",
-             f"torch {env.get('torch')}, CUDA {env.get('cuda')}, Python {env.get('python')}, "
-             f"timm {env.get('timm')}, torchvision {env.get('torchvision')}; {results['date']}, {results['seconds']} s in all.", ""]
+    lines = [
+        f"# gpu-check on {head}",
+        "",
+        f"torch {env.get('torch')}, CUDA {env.get('cuda')}, Python {env.get('python')}, "
+        f"timm {env.get('timm')}, torchvision {env.get('torchvision')}; {results['date']}, {results['seconds']} s in "
+        "all.",
+        "",
+    ]
     if env.get("gpu"):
-        lines += [f"{env['gpu']}: {env['gpu_memory_gib']} GiB, {env['multiprocessors']} SMs, bf16 dense peak for MFU "
-                  f"{env['bf16_peak_tflops']} TFLOP/s.", ""]
+        lines += [
+            f"{env['gpu']}: {env['gpu_memory_gib']} GiB, {env['multiprocessors']} SMs, bf16 dense peak for MFU "
+            f"{env['bf16_peak_tflops']} TFLOP/s.",
+            "",
+        ]
     lines += ["| section | result |", "|---|---|"]
     for name in SECTIONS[1:]:
         sec = results.get(name)
         lines.append(f"| {name} | {_summary(name, sec)} |")
     dag = results.get("dag") or {}
     if dag.get("stages"):
-        lines += ["", f"Whole DAG on the shrunk profile ({dag['overrides']}; {dag['runner']}, launcher `{dag['launcher']}`, "
-                  f"torch.compile backend {dag['compile_backend']}):", "",
-                  "| stage | exit | seconds | images/s |", "|---|---|---|---|"]
-        lines += [f"| {s['stage']} | {s['rc']} | {s.get('stage_seconds') or s.get('seconds', '')} | {s.get('images_per_s') or ''} |"
-                  for s in dag["stages"]]
+        lines += [
+            "",
+            f"Whole DAG on the shrunk profile ({dag['overrides']}; {dag['runner']}, launcher `{dag['launcher']}`, "
+            f"torch.compile backend {dag['compile_backend']}):",
+            "",
+            "| stage | exit | seconds | images/s |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['stage']} | {s['rc']} | {s.get('stage_seconds') or s.get('seconds', '')} | "
+            f"{s.get('images_per_s') or ''} |"
+            for s in dag["stages"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -332,16 +471,22 @@ def _summary(name: str, sec: dict | None) -> str:
             s += f"; transformers {hf.get('images_per_s')} images/s (x{_fmt(r.get('speedup_vs_transformers'))} ours)"
         return s
     if name == "ibot":
-        return (f"{r.get('images_per_s')} images/s ({r.get('num_local')} local crops), {r.get('step_ms')} ms/step, "
-                f"peak {r.get('peak_memory_mib')} MiB, MFU {r.get('mfu')}")
+        return (
+            f"{r.get('images_per_s')} images/s ({r.get('num_local')} local crops), {r.get('step_ms')} ms/step, "
+            f"peak {r.get('peak_memory_mib')} MiB, MFU {r.get('mfu')}"
+        )
     if name == "detect":
         sup, st = r.get("supervised", {}), r.get("softteacher", {})
-        return (f"step {_fmt(sup.get('median_s'))} s supervised, {_fmt(st.get('median_s'))} s Soft Teacher "
-                f"(x{_fmt(r.get('ratio_median'))}), {r.get('backbone')}, {r.get('precision')}")
+        return (
+            f"step {_fmt(sup.get('median_s'))} s supervised, {_fmt(st.get('median_s'))} s Soft Teacher "
+            f"(x{_fmt(r.get('ratio_median'))}), {r.get('backbone')}, {r.get('precision')}"
+        )
     if name == "cka":
-        return (f"{r.get('layers')}x{r.get('layers')} layers, {r.get('examples')} examples: accumulator "
-                f"{_fmt(r.get('accumulator_s'))} s, per-pair loop {_fmt(r.get('loop_s'))} s (x{_fmt(r.get('speedup'))}), "
-                f"max |diff| {_fmt(r.get('max_abs_diff'))}")
+        return (
+            f"{r.get('layers')}x{r.get('layers')} layers, {r.get('examples')} examples: accumulator "
+            f"{_fmt(r.get('accumulator_s'))} s, per-pair loop {_fmt(r.get('loop_s'))} s (x{_fmt(r.get('speedup'))}), "
+            f"max |diff| {_fmt(r.get('max_abs_diff'))}"
+        )
     return json.dumps(r)[:300]
 
 
@@ -392,8 +537,16 @@ def main(argv=None) -> int:
     results["seconds"] = round(time.perf_counter() - started, 1)
     _write(json_path, md_path, results)
     print(f"wrote {json_path} and {md_path.name} in {results['seconds']} s", flush=True)
-    failed = [n for n in wanted if n != "env" and (results[n].get("rc", 0) != 0 if n != "dag"
-              else results[n].get("completed") != results[n].get("total") or not results[n].get("total"))]
+    failed = [
+        n
+        for n in wanted
+        if n != "env"
+        and (
+            results[n].get("rc", 0) != 0
+            if n != "dag"
+            else results[n].get("completed") != results[n].get("total") or not results[n].get("total")
+        )
+    ]
     return 1 if failed else 0
 
 

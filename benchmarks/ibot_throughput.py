@@ -16,6 +16,7 @@ process's peak RSS above its post-import baseline.
     # the stage's CPU default (params.yaml):
     python benchmarks/ibot_throughput.py --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,13 @@ def synthetic_batch(spec: ViTSpec, args, device: torch.device) -> dict:
     masks = BlockMaskGenerator()
     return {
         "global": [torch.randn(args.batch, 3, spec.img_size, spec.img_size, generator=g).to(device) for _ in range(2)],
-        "local": [torch.randn(args.batch, 3, args.local_size, args.local_size, generator=g).to(device) for _ in range(args.num_local)],
-        "masks": [torch.stack([masks(grid, grid, generator=g) for _ in range(args.batch)]).to(device) for _ in range(2)],
+        "local": [
+            torch.randn(args.batch, 3, args.local_size, args.local_size, generator=g).to(device)
+            for _ in range(args.num_local)
+        ],
+        "masks": [
+            torch.stack([masks(grid, grid, generator=g) for _ in range(args.batch)]).to(device) for _ in range(2)
+        ],
     }
 
 
@@ -143,7 +149,10 @@ def measure_training(args, device: torch.device) -> dict:
 def measure_augmentation(args, spec: ViTSpec) -> dict:
     """Multi-crop + masks for ``--augment-images`` synthetic PIL images, one process, no workers."""
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (spec.img_size, spec.img_size, 3), dtype=np.uint8)) for _ in range(args.augment_images)]
+    images = [
+        Image.fromarray(rng.integers(0, 256, (spec.img_size, spec.img_size, 3), dtype=np.uint8))
+        for _ in range(args.augment_images)
+    ]
     augment = MultiCropAugmentation(spec.img_size, args.local_size, args.num_local, blur_sigma=tuple(args.blur_sigma))
     masks, grid = BlockMaskGenerator(), spec.img_size // spec.patch_size
     wall, cpu = time.perf_counter(), time.process_time()
@@ -152,7 +161,10 @@ def measure_augmentation(args, spec: ViTSpec) -> dict:
         masks(grid, grid)
         masks(grid, grid)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"augment_images_per_s": round(len(images) / wall, 1), "augment_images_per_cpu_s": round(len(images) / cpu, 1)}
+    return {
+        "augment_images_per_s": round(len(images) / wall, 1),
+        "augment_images_per_cpu_s": round(len(images) / cpu, 1),
+    }
 
 
 def parse_args(argv=None):
@@ -165,7 +177,9 @@ def parse_args(argv=None):
     p.add_argument("--hidden-dim", type=int, default=256)
     p.add_argument("--bottleneck-dim", type=int, default=64)
     p.add_argument("--blur-sigma", type=float, nargs=2, default=(0.1, 0.3))
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -181,14 +195,32 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     if args.precision == "auto":
         args.precision = "bf16" if device.type == "cuda" else "fp32"
     spec = ViTSpec.from_preset(args.preset)
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        **{k: getattr(args, k) for k in ("preset", "batch", "num_local", "local_size", "out_dim", "hidden_dim", "bottleneck_dim", "precision", "compile", "steps")},
+        **{
+            k: getattr(args, k)
+            for k in (
+                "preset",
+                "batch",
+                "num_local",
+                "local_size",
+                "out_dim",
+                "hidden_dim",
+                "bottleneck_dim",
+                "precision",
+                "compile",
+                "steps",
+            )
+        },
         **measure_training(args, device),
     }
     if args.augment_images:

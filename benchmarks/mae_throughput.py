@@ -6,13 +6,15 @@ architecture as Hugging Face transformers' ``ViTMAEForPreTraining`` with SDPA at
 ``bench`` extra: ``pip install transformers``), then prints the ratio of images/s.
 
     python benchmarks/mae_throughput.py --preset vit_base_patch16_224 --batch 256 --precision bf16 --compile
-    python benchmarks/mae_throughput.py --preset vit_micro_patch4_32 --batch 64 --decoder-dim 64 --decoder-depth 2 --decoder-heads 4
+    python benchmarks/mae_throughput.py --preset vit_micro_patch4_32 --batch 64 \
+        --decoder-dim 64 --decoder-depth 2 --decoder-heads 4
 
 MFU = analytic FLOPs per image (``mae_flops_per_image``, x3 for forward + backward) x images/s ÷ the
 device's dense peak for the precision (``--peak-tflops`` overrides the built-in table). Each
 implementation runs in its own subprocess so peak memory (CUDA allocator peak, or peak RSS above the
 post-import baseline on CPU) is its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +57,9 @@ def device_peak_tflops(device: torch.device, precision: str) -> float | None:
 
 
 def build_ours(spec: ViTSpec, args, device: torch.device):
-    model = MaskedAutoencoder(spec, args.decoder_dim, args.decoder_depth, args.decoder_heads, norm_pix_loss=True, mask_ratio=args.mask_ratio).to(device)
+    model = MaskedAutoencoder(
+        spec, args.decoder_dim, args.decoder_depth, args.decoder_heads, norm_pix_loss=True, mask_ratio=args.mask_ratio
+    ).to(device)
     optimizer = adamw(param_groups(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95), device=device)  # fused on CUDA
     forward = torch.compile(model) if args.compile else model
 
@@ -69,7 +73,9 @@ def import_hf():
     try:
         from transformers import ViTMAEConfig, ViTMAEForPreTraining
     except ImportError:
-        raise SystemExit("transformers is not installed: pip install 'mimflow[bench]' (or pip install transformers)") from None
+        raise SystemExit(
+            "transformers is not installed: pip install 'mimflow[bench]' (or pip install transformers)"
+        ) from None
     return ViTMAEConfig, ViTMAEForPreTraining
 
 
@@ -93,7 +99,9 @@ def build_hf(spec: ViTSpec, args, device: torch.device):
         layer_norm_eps=1e-6,
     )
     model = ViTMAEForPreTraining._from_config(config, attn_implementation="sdpa").to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=device.type == "cuda" or None)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=device.type == "cuda" or None
+    )
     forward = torch.compile(model) if args.hf_compile else model
 
     def loss_fn(imgs):
@@ -122,7 +130,11 @@ def measure(impl: str, args) -> dict:
     model, optimizer, loss_fn = (build_ours if impl == "ours" else build_hf)(spec, args, device)
     model.train()
     imgs = torch.randn(args.batch, spec.in_chans, spec.img_size, spec.img_size, device=device)
-    autocast = nullcontext() if args.precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
+    autocast = (
+        nullcontext()
+        if args.precision == "fp32"
+        else torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
 
     def step() -> torch.Tensor:
@@ -158,7 +170,9 @@ def measure(impl: str, args) -> dict:
         mem_kind = "rss_above_baseline"
     return {
         "impl": impl,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "preset": args.preset,
         "batch": args.batch,
         "precision": args.precision,
@@ -192,7 +206,12 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: datasheet table)")
-    p.add_argument("--repeats", type=int, default=1, help="alternate ours/hf this many times, keep each one's best (noisy shared machines)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="alternate ours/hf this many times, keep each one's best (noisy shared machines)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -209,7 +228,9 @@ def main(argv=None) -> None:
     for _ in range(args.repeats):  # alternate the implementations; keep each one's fastest run
         for impl in impls:
             cmd = [sys.executable, __file__, *child_argv, "--impl", impl, "--child"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+            )
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
                 sys.stderr.write(proc.stderr[-3000:])
@@ -221,8 +242,10 @@ def main(argv=None) -> None:
     for r in results:
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a"
         print(
-            f"{r['impl']:>4}: {r['images_per_s']:10.1f} img/s ({r['images_per_cpu_s']:.1f} per CPU-s)  step {1000 * r['step_time_s']:8.1f} ms  "
-            f"{r['achieved_tflops']:7.2f} TFLOP/s  MFU {mfu:>7}  peak mem {r['peak_mem_mb']:8.1f} MB ({r['peak_mem_kind']})  "
+            f"{r['impl']:>4}: {r['images_per_s']:10.1f} img/s ({r['images_per_cpu_s']:.1f} per CPU-s)  step "
+            f"{1000 * r['step_time_s']:8.1f} ms  "
+            f"{r['achieved_tflops']:7.2f} TFLOP/s  MFU {mfu:>7}  peak mem {r['peak_mem_mb']:8.1f} MB "
+            f"({r['peak_mem_kind']})  "
             f"[{r['device']}, {r['preset']}, batch {r['batch']}, {r['precision']}, compile={r['compile']}]"
         )
     summary = {"results": results}

@@ -3,13 +3,15 @@
 Everything is written to a temporary name in the destination directory and renamed into place,
 so a killed process leaves either the previous file or the new one, never half a file.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,7 +24,7 @@ def _umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_umask()  # what a plain open(path, 'w') gives (mkstemp's 0600 is too strict for outputs)
-DIR_MODE = 0o777 & ~_umask()   # likewise for mkdir (mkdtemp's 0700)
+DIR_MODE = 0o777 & ~_umask()  # likewise for mkdir (mkdtemp's 0700)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -65,7 +67,9 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+def save_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     """Save contiguous CPU copies of ``tensors`` as safetensors, atomically."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
@@ -92,7 +96,9 @@ def torch_load(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ValueError(
+            f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def file_digest(*paths: str | os.PathLike, suffix: str = "") -> str:

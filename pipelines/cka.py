@@ -7,6 +7,7 @@ once, so every model sees exactly the same images. Writes ``metrics/cka.json`` (
 names, the CKA matrix of each model with itself and with every other model, and a few summaries),
 ``plots/cka/<a>__<b>.png`` heatmaps and ``plots/cka/summary.png``, all logged to MLflow.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,7 +43,12 @@ def model_dirs(finetuned: str, seed: int) -> dict[str, Path]:
 
 
 def titles(finetuned: str, cnn_arch: str) -> dict[str, str]:
-    return {"mae": "ViT (MAE)", "ibot": "ViT (iBOT)", "finetuned": f"ViT (fine-tuned, {finetuned} init)", "cnn": f"CNN ({cnn_arch})"}
+    return {
+        "mae": "ViT (MAE)",
+        "ibot": "ViT (iBOT)",
+        "finetuned": f"ViT (fine-tuned, {finetuned} init)",
+        "cnn": f"CNN ({cnn_arch})",
+    }
 
 
 def normalisation(ctx: StageContext, name: str, meta: dict) -> tuple[list[float], list[float]]:
@@ -71,7 +77,10 @@ def load_models(ctx: StageContext, image_size: int) -> tuple[dict[str, nn.Module
             meta = read_json(path / CLASSIFIER_SPEC)
             size = int(meta["img_size"])
         if size != image_size:
-            raise ValueError(f"{path}: model img_size {size} differs from the held-out images' image_size {image_size} ({ctx.root / DATA / 'index.json'})")
+            raise ValueError(
+                f"{path}: model img_size {size} differs from the held-out images' image_size {image_size} "
+                f"({ctx.root / DATA / 'index.json'})"
+            )
         mean, std = normalisation(ctx, name, meta)
         models[name] = model.eval().to(ctx.device)
         info[name] = {"path": str(rel), "arch": meta["arch"], "mean": mean, "std": std}
@@ -119,7 +128,9 @@ def cka(ctx: StageContext) -> dict:
     index = classification_index(ctx)
     items = held_out_sample(index.val, cfg.max_images, ctx.seed)
     if cfg.debiased and len(items) < 4:
-        raise DataError(f"{ctx.root / DATA / 'index.json'}: {len(items)} held-out images; debiased CKA needs at least 4")
+        raise DataError(
+            f"{ctx.root / DATA / 'index.json'}: {len(items)} held-out images; debiased CKA needs at least 4"
+        )
     models, info = load_models(ctx, index.image_size)
     layers = {}
     for name, model in models.items():
@@ -133,7 +144,9 @@ def cka(ctx: StageContext) -> dict:
 
     size = index.image_size
     # [3, H, W] in [0, 1]: bicubic Resize(size / crop_pct), CenterCrop(size); each model normalises its own way
-    to_tensor = create_transform(size, is_training=False, crop_pct=cfg.crop_pct, interpolation="bicubic", mean=(0.0,) * 3, std=(1.0,) * 3)
+    to_tensor = create_transform(
+        size, is_training=False, crop_pct=cfg.crop_pct, interpolation="bicubic", mean=(0.0,) * 3, std=(1.0,) * 3
+    )
     batches = equal_batches(len(items), cfg.batch_size)
     loader = DataLoader(ImageListDataset(items, to_tensor), batch_sampler=batches, num_workers=ctx.num_workers)
     norms = {name: T.Normalize(i["mean"], i["std"]) for name, i in info.items()}
@@ -147,7 +160,9 @@ def cka(ctx: StageContext) -> dict:
             acc.update(feats)
     matrix = acc.compute()  # [L, L]
     seconds = time.perf_counter() - t
-    log.info("CKA of %d layers over %d images in %d batches: %.1f s", len(names), acc.num_examples, acc.num_batches, seconds)
+    log.info(
+        "CKA of %d layers over %d images in %d batches: %.1f s", len(names), acc.num_examples, acc.num_batches, seconds
+    )
     degenerate = acc.degenerate()
     if degenerate:
         log.warning("layers without any variation on these images (CKA 0 with everything): %s", ", ".join(degenerate))
@@ -162,13 +177,41 @@ def cka(ctx: StageContext) -> dict:
             rows, cols = [f"{a}/{n}" for n in layers[a]], [f"{b}/{n}" for n in layers[b]]
             m = acc.block(matrix, rows, cols)  # [La, Lb]
             key = f"{a}__{b}"
-            pairs[key] = {"row_layers": rows, "col_layers": cols, "cka": [[round(float(v), 6) for v in row] for row in m]}
+            pairs[key] = {
+                "row_layers": rows,
+                "col_layers": cols,
+                "cka": [[round(float(v), 6) for v in row] for row in m],
+            }
             summary[key] = pair_summary(m, a, b)
-            panel = {"matrix": m, "rows": layers[a], "cols": layers[b], "row_label": heads[a], "col_label": heads[b], "title": f"{heads[a]} vs {heads[b]}", "at": (i, order.index(b))}
+            panel = {
+                "matrix": m,
+                "rows": layers[a],
+                "cols": layers[b],
+                "row_label": heads[a],
+                "col_label": heads[b],
+                "title": f"{heads[a]} vs {heads[b]}",
+                "at": (i, order.index(b)),
+            }
             panels.append(panel)
-            fig = plot_cka_heatmap(m, layers[a], layers[b], heads[a], heads[b], f"{'debiased' if cfg.debiased else 'biased'} {cfg.kernel} CKA, {acc.num_examples} images")
+            fig = plot_cka_heatmap(
+                m,
+                layers[a],
+                layers[b],
+                heads[a],
+                heads[b],
+                f"{'debiased' if cfg.debiased else 'biased'} {cfg.kernel} CKA, {acc.num_examples} images",
+            )
             ctx.log_figure(save_figure(fig, ctx.plots_dir / f"{key}.png"))
-    ctx.log_figure(save_figure(plot_cka_grid(panels, f"CKA between every layer ({cfg.kernel}, {'debiased' if cfg.debiased else 'biased'}, {acc.num_examples} held-out images)"), ctx.plots_dir / "summary.png"))
+    ctx.log_figure(
+        save_figure(
+            plot_cka_grid(
+                panels,
+                f"CKA between every layer ({cfg.kernel}, {'debiased' if cfg.debiased else 'biased'}, "
+                f"{acc.num_examples} held-out images)",
+            ),
+            ctx.plots_dir / "summary.png",
+        )
+    )
     return {
         "kernel": cfg.kernel,
         "debiased": cfg.debiased,

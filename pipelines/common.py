@@ -5,6 +5,7 @@ logging, seeds, threads, device and torchrun/DDP, opens the stage's MLflow run, 
 writes the returned metrics to ``metrics/<stage>.json`` atomically and logs them. Bad input ends in
 one line on stderr naming the file or key and a non-zero exit (set ``MIMFLOW_DEBUG=1`` for the traceback).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,10 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,8 +114,16 @@ class StageContext:
         taken for the result of changed data or code. Images that a dataset's index points to outside
         ``data/`` count through the content hash the index records for each."""
         blob = json.dumps(
-            [self.name, self.variant, self.section.model_dump(mode="json"), self.seed, self.precision, self.info.world_size,
-             code_digest(), *(file_digest(x) if isinstance(x, Path) else str(x) for x in inputs)],
+            [
+                self.name,
+                self.variant,
+                self.section.model_dump(mode="json"),
+                self.seed,
+                self.precision,
+                self.info.world_size,
+                code_digest(),
+                *(file_digest(x) if isinstance(x, Path) else str(x) for x in inputs),
+            ],
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -155,7 +165,9 @@ def classification_index(ctx: StageContext):
     (the index stores paths relative to it, so the data folder may move between runs and machines)."""
     from components.data.sources import load_classification_index
 
-    return load_classification_index(ctx.root / CLASSIFICATION_INDEX, root=declared_root(ctx.root, ctx.params.prepare.classification.root))
+    return load_classification_index(
+        ctx.root / CLASSIFICATION_INDEX, root=declared_root(ctx.root, ctx.params.prepare.classification.root)
+    )
 
 
 def code_digest() -> str:
@@ -170,7 +182,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ParamsError(f"runtime.precision = 'fp16': needs a CUDA device (running on {device.type}); use fp32 or bf16")
+        raise ParamsError(
+            f"runtime.precision = 'fp16': needs a CUDA device (running on {device.type}); use fp32 or bf16"
+        )
     return precision
 
 
@@ -211,7 +225,10 @@ def run_stage(
 
     A seeded stage (``seeded``) runs once per seed of its section's ``seeds``; ``--seed`` picks one
     (default: the first) and the run's name, outputs and MLflow tags carry it."""
-    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}", description=(body.__doc__ or "").strip().splitlines()[0] if body.__doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m pipelines.{name}",
+        description=(body.__doc__ or "").strip().splitlines()[0] if body.__doc__ else None,
+    )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     if variant_arg:
         parser.add_argument(f"--{variant_arg}", required=True, choices=variants or None)
@@ -269,8 +286,16 @@ def main(
             tags.update(seed=str(seed), item=item or "")
         tracker.start(stage_id, _section_params(params, name), tags=tags or None, upstream=upstream)
         ctx = StageContext(
-            name=name, params=params, device=device, precision=precision, info=info, tracker=tracker,
-            variant=variant, item=item, run_seed=seed if seeded else None, root=root,
+            name=name,
+            params=params,
+            device=device,
+            precision=precision,
+            info=info,
+            tracker=tracker,
+            variant=variant,
+            item=item,
+            run_seed=seed if seeded else None,
+            root=root,
         )
         log.info("%s on %s (%s), %d process(es), seed %d", stage_id, device, precision, info.world_size, ctx.seed)
         metrics = body(ctx) or {}

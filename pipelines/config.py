@@ -17,6 +17,7 @@ is allowed. ``python -m pipelines.config [FILE]`` runs the same check (``make re
 ``dvc repro``, whose own YAML parser would otherwise report a broken file in several lines); exit 2 on
 an error.
 """
+
 from __future__ import annotations
 
 import functools
@@ -131,8 +132,9 @@ class Tracking(Section):
     @model_validator(mode="after")
     def _check(self):
         if self.registry_alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", self.registry_alias):
-            raise KeyValueError("registry_alias", self.registry_alias,
-                                "is reserved by MLflow ('latest' and 'v<number>' name versions)")
+            raise KeyValueError(
+                "registry_alias", self.registry_alias, "is reserved by MLflow ('latest' and 'v<number>' name versions)"
+            )
         return self
 
 
@@ -224,8 +226,9 @@ class EncoderArch(Section):
         d = self.dims()
         if d["img_size"] % d["patch_size"]:
             key = "img_size" if self.img_size is not None or self.patch_size is None else "patch_size"
-            raise KeyValueError(key, d[key],
-                                f"img_size {d['img_size']} must be divisible by patch_size {d['patch_size']}")
+            raise KeyValueError(
+                key, d[key], f"img_size {d['img_size']} must be divisible by patch_size {d['patch_size']}"
+            )
         if d["embed_dim"] % d["num_heads"]:
             raise KeyValueError("embed_dim", d["embed_dim"], f"must be divisible by num_heads ({d['num_heads']})")
         if d["embed_dim"] % 4:
@@ -276,11 +279,15 @@ class PretrainMAE(Section):
     @model_validator(mode="after")
     def _check(self):
         if self.decoder_embed_dim % self.decoder_num_heads:
-            raise KeyValueError("decoder_embed_dim", self.decoder_embed_dim,
-                                f"must be divisible by decoder_num_heads ({self.decoder_num_heads})")
+            raise KeyValueError(
+                "decoder_embed_dim",
+                self.decoder_embed_dim,
+                f"must be divisible by decoder_num_heads ({self.decoder_num_heads})",
+            )
         if self.decoder_embed_dim % 4:
-            raise KeyValueError("decoder_embed_dim", self.decoder_embed_dim,
-                                "must be divisible by 4 (2D sin-cos position embedding)")
+            raise KeyValueError(
+                "decoder_embed_dim", self.decoder_embed_dim, "must be divisible by 4 (2D sin-cos position embedding)"
+            )
         check_warmup("warmup_epochs", self.warmup_epochs, self.epochs, "epochs")
         batch = self.effective_batch or self.batch_size
         check_peak_lr(self.min_lr, self.base_lr * batch / 256, f"base_lr x {batch} / 256")
@@ -291,8 +298,9 @@ class PretrainMAE(Section):
         if not all(s > 0 for s in self.std):
             raise KeyValueError("std", list(self.std), "must be positive")
         if self.effective_batch is not None and self.effective_batch % self.batch_size:
-            raise KeyValueError("effective_batch", self.effective_batch,
-                                f"must be a multiple of batch_size ({self.batch_size})")
+            raise KeyValueError(
+                "effective_batch", self.effective_batch, f"must be a multiple of batch_size ({self.batch_size})"
+            )
         return self
 
 
@@ -310,8 +318,9 @@ class IBOTHeadParams(Section):
     @model_validator(mode="after")
     def _check(self):
         if self.shared_head and self.out_dim != self.patch_out_dim:
-            raise KeyValueError("patch_out_dim", self.patch_out_dim,
-                                f"must equal out_dim ({self.out_dim}) with shared_head: true")
+            raise KeyValueError(
+                "patch_out_dim", self.patch_out_dim, f"must equal out_dim ({self.out_dim}) with shared_head: true"
+            )
         return self
 
 
@@ -367,15 +376,19 @@ class IBOTMultiCropParams(Section):
         if not all(0 <= p <= 1 for p in self.blur_p):
             raise KeyValueError("blur_p", list(self.blur_p), "must be three probabilities in [0, 1]")
         if min(self.color_jitter) < 0 or self.color_jitter[3] > 0.5:
-            raise KeyValueError("color_jitter", list(self.color_jitter),
-                                "must be [brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
+            raise KeyValueError(
+                "color_jitter",
+                list(self.color_jitter),
+                "must be [brightness, contrast, saturation, hue], all >= 0, hue <= 0.5",
+            )
         for key in ("global_scale", "local_scale"):
             lo, hi = getattr(self, key)
             if not 0 < lo <= hi <= 1:
                 raise KeyValueError(key, [lo, hi], "must be [min, max] with 0 < min <= max <= 1")
         if self.local_scale[1] > self.global_scale[1]:
-            raise KeyValueError("local_scale", list(self.local_scale),
-                                f"max must be <= global_scale's max ({self.global_scale[1]})")
+            raise KeyValueError(
+                "local_scale", list(self.local_scale), f"max must be <= global_scale's max ({self.global_scale[1]})"
+            )
         if not 0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
             raise KeyValueError("blur_sigma", list(self.blur_sigma), "must be [min, max] with 0 <= min <= max")
         return self
@@ -429,23 +442,31 @@ class PretrainIBOT(Section):
         check_warmup("warmup_epochs", self.warmup_epochs, self.epochs, "epochs")
         check_warmup("loss.warmup_teacher_temp_epochs", self.loss.warmup_teacher_temp_epochs, self.epochs, "epochs")
         if self.freeze_last_layer_epochs > self.epochs:
-            raise KeyValueError("freeze_last_layer_epochs", self.freeze_last_layer_epochs,
-                                f"must be <= epochs ({self.epochs})")
+            raise KeyValueError(
+                "freeze_last_layer_epochs", self.freeze_last_layer_epochs, f"must be <= epochs ({self.epochs})"
+            )
         check_peak_lr(self.min_lr, self.base_lr * self.batch_size / 256, f"base_lr x {self.batch_size} / 256")
         if not all(0 <= b < 1 for b in self.betas):
             raise KeyValueError("betas", list(self.betas), "each beta must be in [0, 1)")
         if not all(s > 0 for s in self.std):
             raise KeyValueError("std", list(self.std), "must be positive")
         if self.weight_decay == 0 and self.weight_decay_end > 0:
-            raise KeyValueError("weight_decay", 0,
-                                "must be > 0 when weight_decay_end > 0 (0 marks a group that never decays)")
+            raise KeyValueError(
+                "weight_decay", 0, "must be > 0 when weight_decay_end > 0 (0 marks a group that never decays)"
+            )
         spec = self.model.dims()
         if self.multicrop.local_size % spec["patch_size"]:
-            raise KeyValueError("multicrop.local_size", self.multicrop.local_size,
-                                f"must be a multiple of the patch size ({spec['patch_size']})")
+            raise KeyValueError(
+                "multicrop.local_size",
+                self.multicrop.local_size,
+                f"must be a multiple of the patch size ({spec['patch_size']})",
+            )
         if self.multicrop.local_size > spec["img_size"]:
-            raise KeyValueError("multicrop.local_size", self.multicrop.local_size,
-                                f"must be <= the global crop, the encoder's img_size ({spec['img_size']})")
+            raise KeyValueError(
+                "multicrop.local_size",
+                self.multicrop.local_size,
+                f"must be <= the global crop, the encoder's img_size ({spec['img_size']})",
+            )
         return self
 
 
@@ -530,8 +551,11 @@ class Finetune(Section):
         for key, blr in (("vit.blr", self.vit.blr), ("cnn.blr", self.cnn.blr)):
             check_peak_lr(self.min_lr, blr * batch / 256, f"{key} x {batch} / 256")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
-            raise KeyValueError("batch_size", self.batch_size,
-                                "must be even when mixup or cutmix > 0 (timm mixes each batch with its reverse)")
+            raise KeyValueError(
+                "batch_size",
+                self.batch_size,
+                "must be even when mixup or cutmix > 0 (timm mixes each batch with its reverse)",
+            )
         probe = self.linear_probe
         check_warmup("linear_probe.warmup_epochs", probe.warmup_epochs, probe.epochs, "linear_probe.epochs")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -544,8 +568,9 @@ class Finetune(Section):
             try:
                 rand_augment_transform(self.rand_augment, {})
             except Exception:  # noqa: BLE001 (timm raises assorted errors for bad strings)
-                raise KeyValueError("rand_augment", self.rand_augment,
-                                    "not a timm RandAugment string like 'rand-m9-mstd0.5-inc1'") from None
+                raise KeyValueError(
+                    "rand_augment", self.rand_augment, "not a timm RandAugment string like 'rand-m9-mstd0.5-inc1'"
+                ) from None
         return self
 
 
@@ -576,11 +601,15 @@ class DetectModel(Section):
         if self.backbone == "vit" and self.init not in ("scratch", "mae", "ibot"):
             raise KeyValueError("init", self.init, "backbone vit starts from scratch, mae or ibot")
         if self.backbone != "vit" and self.init != "scratch" and self.norm == "gn":
-            raise KeyValueError("norm", self.norm,
-                                f"pretrained ResNet weights need norm frozen_bn or bn (init: {self.init})")
+            raise KeyValueError(
+                "norm", self.norm, f"pretrained ResNet weights need norm frozen_bn or bn (init: {self.init})"
+            )
         if self.init != "scratch" and self.backbone != "vit" and (self.width != 64 or self.backbone == "resnet10"):
-            raise KeyValueError("width", self.width,
-                                f"pretrained weights exist for torchvision's ResNets at width 64 (init: {self.init})")
+            raise KeyValueError(
+                "width",
+                self.width,
+                f"pretrained weights exist for torchvision's ResNets at width 64 (init: {self.init})",
+            )
         if any(s <= 0 for s in self.anchor_sizes) or any(a <= 0 for a in self.aspect_ratios):
             raise KeyValueError("anchor_sizes", self.anchor_sizes, "anchor sizes and aspect ratios must be positive")
         if self.min_size > self.max_size:
@@ -605,8 +634,9 @@ class DetectViews(Section):
         if not 0 < self.resize_range[0] <= self.resize_range[1]:
             raise KeyValueError("resize_range", list(self.resize_range), "must be [min, max] with 0 < min <= max")
         if self.short_side_range is not None and not 0 < self.short_side_range[0] <= self.short_side_range[1]:
-            raise KeyValueError("short_side_range", list(self.short_side_range),
-                                "must be [min, max] pixels with 0 < min <= max")
+            raise KeyValueError(
+                "short_side_range", list(self.short_side_range), "must be [min, max] pixels with 0 < min <= max"
+            )
         if not 0 <= self.erase_n[0] <= self.erase_n[1]:
             raise KeyValueError("erase_n", list(self.erase_n), "must be [min, max] with 0 <= min <= max")
         return self
@@ -632,8 +662,9 @@ class DetectSoftTeacher(Section):
     @model_validator(mode="after")
     def _check(self):
         if self.initial_threshold > min(self.rpn_threshold, self.cls_threshold):
-            raise KeyValueError("initial_threshold", self.initial_threshold,
-                                "must be <= rpn_threshold and cls_threshold")
+            raise KeyValueError(
+                "initial_threshold", self.initial_threshold, "must be <= rpn_threshold and cls_threshold"
+            )
         return self
 
 
@@ -671,11 +702,16 @@ class Detect(Section):
     def _check(self):
         check_warmup("warmup_steps", self.warmup_steps, self.steps, "steps")
         if self.model.backbone != "vit" and self.model.norm == "bn" and not self.soft_teacher.ema_buffers:
-            raise KeyValueError("soft_teacher.ema_buffers", False, "must be true with model.norm 'bn': the teacher's "
-                                "BatchNorm statistics would stay at their initial values")
+            raise KeyValueError(
+                "soft_teacher.ema_buffers",
+                False,
+                "must be true with model.norm 'bn': the teacher's "
+                "BatchNorm statistics would stay at their initial values",
+            )
         if self.soft_teacher.burn_in_steps >= self.steps:
-            raise KeyValueError("soft_teacher.burn_in_steps", self.soft_teacher.burn_in_steps,
-                                f"must be < steps ({self.steps})")
+            raise KeyValueError(
+                "soft_teacher.burn_in_steps", self.soft_teacher.burn_in_steps, f"must be < steps ({self.steps})"
+            )
         if any(not 0 < m < 1 for m in self.lr_milestones) or list(self.lr_milestones) != sorted(self.lr_milestones):
             raise KeyValueError("lr_milestones", self.lr_milestones, "must be increasing fractions of steps in (0, 1)")
         if not all(0 <= b < 1 for b in self.betas):
@@ -721,11 +757,15 @@ class Params(Section):
         cls, det = self.prepare.classification, self.prepare.detection
         for key, section in (("pretrain_ibot.knn", self.pretrain_ibot.knn), ("finetune", self.finetune)):
             if section.labeled_percent not in cls.labeled_percents:
-                raise KeyValueError(f"{key}.labeled_percent", section.labeled_percent,
-                                    f"must be one of prepare.classification.labeled_percents {cls.labeled_percents}")
+                raise KeyValueError(
+                    f"{key}.labeled_percent",
+                    section.labeled_percent,
+                    f"must be one of prepare.classification.labeled_percents {cls.labeled_percents}",
+                )
             if section.fold >= cls.folds:
-                raise KeyValueError(f"{key}.fold", section.fold,
-                                    f"must be < prepare.classification.folds ({cls.folds})")
+                raise KeyValueError(
+                    f"{key}.fold", section.fold, f"must be < prepare.classification.folds ({cls.folds})"
+                )
         if self.detect.fold >= det.folds:
             raise KeyValueError("detect.fold", self.detect.fold, f"must be < prepare.detection.folds ({det.folds})")
         return self
@@ -789,7 +829,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             line = key_node.start_mark.line + 1
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark)
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark
+                )
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -805,8 +846,9 @@ def read_yaml(path: str | Path) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise ParamsError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} (line {line})"
-                          ) from None
+        raise ParamsError(
+            f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} (line {line})"
+        ) from None
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.MarkedYAMLError as e:

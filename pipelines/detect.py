@@ -14,6 +14,7 @@ over training for dvc plots, predictions against ground truth on held-out scenes
 safetensors + detector.json), resumable checkpoints in ``checkpoints/detect/<run>/``, and
 the teacher to MLflow (registered as ``mimflow-detect-<method>-<percent>``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,14 +56,20 @@ def parse_variant(variant: str) -> tuple[str, float]:
     except ValueError:
         percent = -1.0
     if method not in METHODS or not 0 < percent <= 100:
-        raise ValueError(f"detect: variant {variant!r} is not <method>-<percent> with method in {', '.join(METHODS)} and percent in (0, 100]")
+        raise ValueError(
+            f"detect: variant {variant!r} is not <method>-<percent> with method in {', '.join(METHODS)} and percent "
+            "in (0, 100]"
+        )
     return method, percent
 
 
 def merge_categories(coco: dict, name: str = "object") -> dict:
     """The same COCO dict with every category merged into one (class-agnostic detection)."""
-    return {**coco, "categories": [{"id": 1, "name": name, "supercategory": name}],
-            "annotations": [{**a, "category_id": 1} for a in coco["annotations"]]}
+    return {
+        **coco,
+        "categories": [{"id": 1, "name": name, "supercategory": name}],
+        "annotations": [{**a, "category_id": 1} for a in coco["annotations"]],
+    }
 
 
 def load_split(ctx: StageContext, percent: float) -> tuple[dict, dict, dict]:
@@ -78,27 +85,43 @@ def load_split(ctx: StageContext, percent: float) -> tuple[dict, dict, dict]:
             f"(prepare.detection.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
         )
     have = ctx.params.prepare.detection  # an external COCO set's files are relative to its declared image roots
-    train = load_coco(root / "train.json", image_root=declared_root(ctx.root, have.train_images) if have.source == "coco" else None)
+    train = load_coco(
+        root / "train.json", image_root=declared_root(ctx.root, have.train_images) if have.source == "coco" else None
+    )
     image_root = train["info"]["image_root"]
     labeled = load_coco(split_dir / "labeled.json", image_root=image_root)
     unlabeled = load_coco(split_dir / "unlabeled.json", image_root=image_root)
-    val = load_coco(root / "val.json", image_root=declared_root(ctx.root, have.val_images) if have.source == "coco" else None)
+    val = load_coco(
+        root / "val.json", image_root=declared_root(ctx.root, have.val_images) if have.source == "coco" else None
+    )
     if ctx.section.val_images is not None:
         keep = {im["id"] for im in val["images"][: ctx.section.val_images]}
-        val = {**val, "images": [im for im in val["images"] if im["id"] in keep], "annotations": [a for a in val["annotations"] if a["image_id"] in keep]}
+        val = {
+            **val,
+            "images": [im for im in val["images"] if im["id"] in keep],
+            "annotations": [a for a in val["annotations"] if a["image_id"] in keep],
+        }
     if not labeled["images"]:
         raise DataError(f"{split_dir / 'labeled.json'}: no labeled images")
     if not val["annotations"]:
-        raise DataError(f"{root / 'val.json'}: no boxes in the held-out images (detect.val_images = {ctx.section.val_images}), nothing to evaluate against")
+        raise DataError(
+            f"{root / 'val.json'}: no boxes in the held-out images (detect.val_images = {ctx.section.val_images}), "
+            "nothing to evaluate against"
+        )
     if ctx.section.class_agnostic:
         labeled, unlabeled, val = merge_categories(labeled), merge_categories(unlabeled), merge_categories(val)
     return labeled, unlabeled, val
 
 
 def views_config(cfg) -> ViewConfig:
-    """Soft Teacher's weak and strong views (Sec. 3.3) from ``detect.views``: flip, resize, colour, geometry, erasing."""
+    """Soft Teacher's weak and strong views (Sec. 3.3) from ``detect.views``.
+
+    Flip, resize, colour, geometry, erasing.
+    """
     v = cfg.views
-    return ViewConfig(**v.model_dump(exclude={"short_side_range"}), short_side=v.short_side_range, max_size=cfg.model.max_size)
+    return ViewConfig(
+        **v.model_dump(exclude={"short_side_range"}), short_side=v.short_side_range, max_size=cfg.model.max_size
+    )
 
 
 def detector_spec(ctx: StageContext, num_classes: int) -> tuple[DetectorSpec, Path | None]:
@@ -119,7 +142,9 @@ def detector_spec(ctx: StageContext, num_classes: int) -> tuple[DetectorSpec, Pa
     return DetectorSpec(num_classes=num_classes, vit=vit, **fields, **norm), encoder_dir
 
 
-def evaluate(model: torch.nn.Module, val: dict, dataset: CocoDetection, label_to_category: list[int], ctx: StageContext) -> tuple[dict, list[dict]]:
+def evaluate(
+    model: torch.nn.Module, val: dict, dataset: CocoDetection, label_to_category: list[int], ctx: StageContext
+) -> tuple[dict, list[dict]]:
     items = ((dataset.images[i]["id"], dataset[i][0]) for i in range(len(dataset)))
     detections = predict(model, items, ctx.device, ctx.section.eval_batch_size)
     return coco_evaluate(val, to_coco_results(detections, label_to_category)), detections
@@ -149,21 +174,30 @@ def detect(ctx: StageContext) -> dict:
         raise DataError(f"{ctx.stage_id}: the split has no unlabeled images for Soft Teacher")
     world = ctx.info.world_size
     if cfg.batch_size * world > len(labeled["images"]):
-        raise ValueError(f"detect.batch_size = {cfg.batch_size}: larger than the {len(labeled['images'])} labeled images ({world} process(es))")
+        raise ValueError(
+            f"detect.batch_size = {cfg.batch_size}: larger than the {len(labeled['images'])} labeled images ({world} "
+            "process(es))"
+        )
 
     spec, encoder_dir = detector_spec(ctx, len(categories))
     pretrained = cfg.model.init if spec.backbone != "vit" and cfg.model.init != "scratch" else "none"
     student = create_detector(spec, pretrained=pretrained, encoder_dir=encoder_dir)
     teacher = create_detector(spec)
-    st_cfg = SoftTeacherConfig(**st.model_dump(exclude={"unlabeled_ratio", "burn_in_steps"}),
-                               burn_in_steps=st.burn_in_steps if method == "softteacher" else 0)
+    st_cfg = SoftTeacherConfig(
+        **st.model_dump(exclude={"unlabeled_ratio", "burn_in_steps"}),
+        burn_in_steps=st.burn_in_steps if method == "softteacher" else 0,
+    )
     model = SoftTeacher(student, teacher, st_cfg)
     if ctx.params.runtime.compile:
         compile_backbones(student, teacher)
 
     views = views_config(cfg)
-    dataset = SemiSupervisedViews(CocoDetection(labeled), CocoDetection(unlabeled) if ratio else None, category_to_label, ratio, views)
-    loader = EpochLoader(dataset, cfg.batch_size, seed=ctx.seed, info=ctx.info, num_workers=ctx.num_workers, collate_fn=collate_views)
+    dataset = SemiSupervisedViews(
+        CocoDetection(labeled), CocoDetection(unlabeled) if ratio else None, category_to_label, ratio, views
+    )
+    loader = EpochLoader(
+        dataset, cfg.batch_size, seed=ctx.seed, info=ctx.info, num_workers=ctx.num_workers, collate_fn=collate_views
+    )
     val_set = CocoDetection(val)
     label_to_category = categories
 
@@ -175,16 +209,31 @@ def detect(ctx: StageContext) -> dict:
         optimizer = torch.optim.AdamW(clean, lr=cfg.lr, betas=tuple(cfg.betas), fused=ctx.device.type == "cuda" or None)
     milestones = [round(f * cfg.steps) for f in cfg.lr_milestones]
     train_cfg = TrainConfig(
-        total_steps=cfg.steps, batch_size=cfg.batch_size * (1 + ratio), clip_grad=cfg.clip_grad, precision=ctx.precision,
-        ckpt_dir=ctx.checkpoint_dir, ckpt_every=cfg.ckpt_every, log_every=cfg.log_every, fingerprint=ctx.fingerprint(method, percent, ctx.root / DATA, *([encoder_dir] if encoder_dir else [])),
-        desc=ctx.stage_id, progress=ctx.params.runtime.progress,
+        total_steps=cfg.steps,
+        batch_size=cfg.batch_size * (1 + ratio),
+        clip_grad=cfg.clip_grad,
+        precision=ctx.precision,
+        ckpt_dir=ctx.checkpoint_dir,
+        ckpt_every=cfg.ckpt_every,
+        log_every=cfg.log_every,
+        fingerprint=ctx.fingerprint(method, percent, ctx.root / DATA, *([encoder_dir] if encoder_dir else [])),
+        desc=ctx.stage_id,
+        progress=ctx.params.runtime.progress,
     )
 
     def on_log(step: int, record: dict) -> None:
         ctx.log_metrics({k: v for k, v in record.items() if k not in ("step", "epoch")}, step)
 
-    trainer = Trainer(model, optimizer, train_cfg, ctx.device, ctx.info, lr_fn=lambda s: multistep(s, cfg.lr, milestones, 0.1, cfg.warmup_steps),
-                      after_step=model.update_teacher, on_log=on_log)
+    trainer = Trainer(
+        model,
+        optimizer,
+        train_cfg,
+        ctx.device,
+        ctx.info,
+        lr_fn=lambda s: multistep(s, cfg.lr, milestones, 0.1, cfg.warmup_steps),
+        after_step=model.update_teacher,
+        on_log=on_log,
+    )
     steps_per_epoch = len(loader)
 
     def on_epoch_end(epoch: int) -> dict | None:
@@ -194,10 +243,17 @@ def detect(ctx: StageContext) -> dict:
             return None
         teacher_ap, _ = evaluate(model.teacher, val, val_set, label_to_category, ctx)
         student_ap, _ = evaluate(model.student, val, val_set, label_to_category, ctx)
-        return {**{f"teacher_{k}": v for k, v in teacher_ap.items()}, **{f"student_{k}": v for k, v in student_ap.items()}}
+        return {
+            **{f"teacher_{k}": v for k, v in teacher_ap.items()},
+            **{f"student_{k}": v for k, v in student_ap.items()},
+        }
 
     def step_fn(m, batch, step):
-        unlabeled = [batch.get(k) for k in ("weak", "strong", "weak_matrix", "strong_matrix")] if model.semi_supervised(step) else []
+        unlabeled = (
+            [batch.get(k) for k in ("weak", "strong", "weak_matrix", "strong_matrix")]
+            if model.semi_supervised(step)
+            else []
+        )
         out = m(batch["labeled"], batch["targets"], *unlabeled)
         return out["loss"], {k: float(v.detach()) for k, v in out.items() if k != "loss"}
 
@@ -214,20 +270,55 @@ def detect(ctx: StageContext) -> dict:
 
     # ---- curves for dvc plots
     plots = ctx.plots_dir
-    ap_rows = [{"step": r["step"], **{k: r[k] for k in r if k.startswith(("teacher_", "student_"))}} for r in history if "teacher_AP" in r]
-    ap_rows.append({"step": cfg.steps, **{f"teacher_{k}": v for k, v in teacher_ap.items()}, **{f"student_{k}": v for k, v in student_ap.items()}})
+    ap_rows = [
+        {"step": r["step"], **{k: r[k] for k in r if k.startswith(("teacher_", "student_"))}}
+        for r in history
+        if "teacher_AP" in r
+    ]
+    ap_rows.append(
+        {
+            "step": cfg.steps,
+            **{f"teacher_{k}": v for k, v in teacher_ap.items()},
+            **{f"student_{k}": v for k, v in student_ap.items()},
+        }
+    )
     write_csv(plots / "ap.csv", ap_rows, ["step", *(f"{who}_{k}" for who in ("teacher", "student") for k in AP_KEYS)])
-    loss_keys = ["loss", "sup_loss_classifier", "sup_loss_box_reg", "sup_loss_objectness", "sup_loss_rpn_box_reg", "unsup_loss_classifier",
-                 "unsup_loss_box_reg", "unsup_loss_objectness", "unsup_loss_rpn_box_reg", "pseudo_boxes_cls", "pseudo_boxes_reg", "lr"]
+    loss_keys = [
+        "loss",
+        "sup_loss_classifier",
+        "sup_loss_box_reg",
+        "sup_loss_objectness",
+        "sup_loss_rpn_box_reg",
+        "unsup_loss_classifier",
+        "unsup_loss_box_reg",
+        "unsup_loss_objectness",
+        "unsup_loss_rpn_box_reg",
+        "pseudo_boxes_cls",
+        "pseudo_boxes_reg",
+        "lr",
+    ]
     loss_rows = [r for r in history if "loss" in r]
     write_csv(plots / "loss.csv", loss_rows, ["step", *(k for k in loss_keys if any(k in r for r in loss_rows))])
 
     # ---- predictions of the teacher against ground truth on held-out scenes
     n = min(cfg.figure_images, len(val_set))
     samples = [val_set[i] for i in range(n)]
-    truths = [{"boxes": torch.as_tensor(tg["boxes"]), "labels": torch.tensor([category_to_label[int(c)] for c in tg["labels"]], dtype=torch.int64)} for _, tg in samples]
-    fig = prediction_figure([img for img, _ in samples], truths, teacher_dets[:n], [names[c] for c in categories], cfg.figure_score,
-                            title=f"{ctx.stage_id}: teacher AP {100 * teacher_ap['AP']:.1f} (green dashed: ground truth, red: detections >= {cfg.figure_score:g})")
+    truths = [
+        {
+            "boxes": torch.as_tensor(tg["boxes"]),
+            "labels": torch.tensor([category_to_label[int(c)] for c in tg["labels"]], dtype=torch.int64),
+        }
+        for _, tg in samples
+    ]
+    fig = prediction_figure(
+        [img for img, _ in samples],
+        truths,
+        teacher_dets[:n],
+        [names[c] for c in categories],
+        cfg.figure_score,
+        title=f"{ctx.stage_id}: teacher AP {100 * teacher_ap['AP']:.1f} (green dashed: ground truth, red: detections "
+        f">= {cfg.figure_score:g})",
+    )
     figure = plots / "predictions.png"
     atomic_write(figure, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     ctx.log_figure(figure)
@@ -238,14 +329,23 @@ def detect(ctx: StageContext) -> dict:
     save_detector(model.student.cpu(), spec, ctx.models_dir / "student", role="student", **meta)
     steps_done = [r for r in history if "images_per_s" in r]
     metrics = {
-        "method": method, "percent": percent, "seed": ctx.seed, "fold": cfg.fold, "class_agnostic": cfg.class_agnostic,
+        "method": method,
+        "percent": percent,
+        "seed": ctx.seed,
+        "fold": cfg.fold,
+        "class_agnostic": cfg.class_agnostic,
         "burn_in_steps": st_cfg.burn_in_steps,
-        "labeled_images": len(labeled["images"]), "unlabeled_images": len(unlabeled["images"]) if ratio else 0,
-        "val_images": len(val["images"]), "steps": cfg.steps,
-        "AP": teacher_ap["AP"], "AP50": teacher_ap["AP50"],
-        "teacher": teacher_ap, "student": student_ap,
+        "labeled_images": len(labeled["images"]),
+        "unlabeled_images": len(unlabeled["images"]) if ratio else 0,
+        "val_images": len(val["images"]),
+        "steps": cfg.steps,
+        "AP": teacher_ap["AP"],
+        "AP50": teacher_ap["AP50"],
+        "teacher": teacher_ap,
+        "student": student_ap,
         "params_m": round(sum(p.numel() for p in model.student.parameters()) / 1e6, 3),
-        "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
+        "train_s": round(train_s, 2),
+        "eval_s": round(eval_s, 2),
         "train_images_per_s": round(sum(r["images_per_s"] for r in steps_done) / max(len(steps_done), 1), 2),
     }
     register(ctx, model.teacher.eval(), teacher_ap["AP"])
@@ -255,8 +355,14 @@ def detect(ctx: StageContext) -> dict:
 def register(ctx: StageContext, model: torch.nn.Module, ap: float) -> None:
     """Log the teacher to MLflow and register it; the alias moves here only on a strictly higher AP than the
     version holding it, trained on the same data with the same params."""
-    ctx.tracker.log_model(model, name="detector", registered_name=f"mimflow-detect-{ctx.item}", score=("AP", ap),
-                          data=file_digest(ctx.root / DATA), serialization_format="pickle")
+    ctx.tracker.log_model(
+        model,
+        name="detector",
+        registered_name=f"mimflow-detect-{ctx.item}",
+        score=("AP", ap),
+        data=file_digest(ctx.root / DATA),
+        serialization_format="pickle",
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ confusion-matrix figure), resumable checkpoints in ``checkpoints/finetune/<run>/
 classifier to MLflow (registered as ``mimflow-finetune-<init>``; the registry alias moves to this
 version when its top-1 is strictly above that of the version holding it, on the same data and params).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,7 +35,13 @@ from components.models.classifier import build_cnn_classifier, build_vit_classif
 from components.models.vit import ViTSpec, create_vit, load_encoder, read_normalisation, read_spec
 from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer
-from components.training.finetune import FinetuneStep, build_mixup, finetune_criterion, finetune_optimizer, finetune_transforms
+from components.training.finetune import (
+    FinetuneStep,
+    build_mixup,
+    finetune_criterion,
+    finetune_optimizer,
+    finetune_transforms,
+)
 from components.training.schedules import stretch_epochs, warmup_cosine
 from pipelines.common import StageContext, classification_index, run_stage
 
@@ -51,7 +58,8 @@ def labeled_split(ctx: StageContext, num_train: int) -> tuple[Path, list[int]]:
     if not path.is_file():
         have = ctx.params.prepare.classification
         raise DataError(
-            f"{path}: no labeled split for finetune.labeled_percent = {cfg.labeled_percent:g}, finetune.fold = {cfg.fold} "
+            f"{path}: no labeled split for finetune.labeled_percent = {cfg.labeled_percent:g}, finetune.fold = "
+            f"{cfg.fold} "
             f"(prepare.classification.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
         )
     return path, read_labeled_indices(path, num_train)
@@ -69,14 +77,24 @@ def build_model(ctx: StageContext, init: str, num_classes: int, image_size: int,
     if encoder_dir is not None:
         spec = read_spec(encoder_dir)
         if spec.img_size != image_size:
-            raise ValueError(f"{encoder_dir / 'encoder.json'}: encoder img_size {spec.img_size} differs from the data's image_size {image_size}")
-        model, spec = build_vit_classifier(num_classes, encoder_dir=encoder_dir, global_pool=v.global_pool, drop_path_rate=v.drop_path)
+            raise ValueError(
+                f"{encoder_dir / 'encoder.json'}: encoder img_size {spec.img_size} differs from the data's image_size "
+                f"{image_size}"
+            )
+        model, spec = build_vit_classifier(
+            num_classes, encoder_dir=encoder_dir, global_pool=v.global_pool, drop_path_rate=v.drop_path
+        )
         layer_decay = v.layer_decay  # BEiT/MAE: protect the pretrained lower layers
     else:
         spec = v.scratch_model.spec()
         if spec.img_size != image_size:
-            raise ValueError(f"finetune.vit.scratch_model: img_size {spec.img_size} differs from the data's image_size {image_size} (set finetune.vit.scratch_model.img_size)")
-        model, spec = build_vit_classifier(num_classes, spec=spec, global_pool=v.global_pool, drop_path_rate=v.drop_path)
+            raise ValueError(
+                f"finetune.vit.scratch_model: img_size {spec.img_size} differs from the data's image_size "
+                f"{image_size} (set finetune.vit.scratch_model.img_size)"
+            )
+        model, spec = build_vit_classifier(
+            num_classes, spec=spec, global_pool=v.global_pool, drop_path_rate=v.drop_path
+        )
         layer_decay = None  # a random init has no lower layers worth protecting
     return model, vit_meta(spec, num_classes, v.global_pool, classes), spec.depth, layer_decay, encoder_dir
 
@@ -89,8 +107,16 @@ def normalisation(cfg, encoder_dir: Path | None) -> tuple[tuple, tuple]:
 
 def transforms(cfg, size: int, mean: tuple, std: tuple):
     """(train, eval) transforms of ``finetune``'s augmentation params (MAE Sec. A.1, timm ``create_transform``)."""
-    return finetune_transforms(size, cfg.rand_augment or None, cfg.re_prob, tuple(cfg.crop_scale), mean, std,
-                               eval_crop_pct=cfg.eval_crop_pct, hflip=cfg.hflip)
+    return finetune_transforms(
+        size,
+        cfg.rand_augment or None,
+        cfg.re_prob,
+        tuple(cfg.crop_scale),
+        mean,
+        std,
+        eval_crop_pct=cfg.eval_crop_pct,
+        hflip=cfg.hflip,
+    )
 
 
 def frozen_evaluation(ctx: StageContext, init: str, spec_or_dir, train_loader, val_loader, num_classes: int) -> dict:
@@ -108,11 +134,15 @@ def frozen_evaluation(ctx: StageContext, init: str, spec_or_dir, train_loader, v
         val_x, val_y = extract_pooled_features(encoder, val_loader, pool, ctx.device)
         out = {}
         if cfg.knn.enabled:
-            out["knn_top1"] = knn_accuracy(train_x, train_y, val_x, val_y, num_classes, k=cfg.knn.k, T=cfg.knn.temperature)
+            out["knn_top1"] = knn_accuracy(
+                train_x, train_y, val_x, val_y, num_classes, k=cfg.knn.k, T=cfg.knn.temperature
+            )
         if cfg.linear_probe.enabled:
             p = cfg.linear_probe
             head = probe_head(train_x.shape[1], num_classes)
-            fit_probe_head(head, train_x, train_y, p.epochs, p.batch_size, p.blr, p.weight_decay, p.warmup_epochs, seed=ctx.seed)
+            fit_probe_head(
+                head, train_x, train_y, p.epochs, p.batch_size, p.blr, p.weight_decay, p.warmup_epochs, seed=ctx.seed
+            )
             with torch.no_grad():
                 out["linear_probe_top1"] = 100.0 * float((head(val_x).argmax(1) == val_y).float().mean())
     log.info("%s frozen encoder: %s", init, out)
@@ -127,24 +157,44 @@ def finetune(ctx: StageContext) -> dict:
     num_classes, size = len(index.classes), index.image_size
     world = ctx.info.world_size
     if cfg.batch_size * world > len(labeled):
-        raise ValueError(f"finetune.batch_size = {cfg.batch_size}: larger than the {len(labeled)} labeled images ({world} process(es))")
+        raise ValueError(
+            f"finetune.batch_size = {cfg.batch_size}: larger than the {len(labeled)} labeled images ({world} "
+            "process(es))"
+        )
 
     model, meta, depth, layer_decay, encoder_dir = build_model(ctx, init, num_classes, size, index.classes)
     mean, std = normalisation(cfg, encoder_dir)
     train_tf, eval_tf = transforms(cfg, size, mean, std)
     train_items = [index.train[i] for i in labeled]
-    loader = EpochLoader(ImageListDataset(train_items, train_tf), cfg.batch_size, seed=ctx.seed, info=ctx.info, num_workers=ctx.num_workers)
-    eval_loader = lambda items: DataLoader(ImageListDataset(items, eval_tf), batch_size=cfg.eval_batch_size, num_workers=ctx.num_workers)  # noqa: E731
+    loader = EpochLoader(
+        ImageListDataset(train_items, train_tf),
+        cfg.batch_size,
+        seed=ctx.seed,
+        info=ctx.info,
+        num_workers=ctx.num_workers,
+    )
+
+    def eval_loader(items):
+        return DataLoader(ImageListDataset(items, eval_tf), batch_size=cfg.eval_batch_size, num_workers=ctx.num_workers)
+
     val_loader = eval_loader(index.val)
 
     metrics: dict = {
-        "init": init, "seed": ctx.seed,
-        "split": str(split_path.relative_to(ctx.root)), "split_digest": split_digest(labeled),
-        "labeled_images": len(labeled), "val_images": len(index.val), "classes": num_classes,
+        "init": init,
+        "seed": ctx.seed,
+        "split": str(split_path.relative_to(ctx.root)),
+        "split_digest": split_digest(labeled),
+        "labeled_images": len(labeled),
+        "val_images": len(index.val),
+        "classes": num_classes,
     }
     if init != "cnn" and ctx.is_main and (cfg.linear_probe.enabled or cfg.knn.enabled):
         t = time.perf_counter()
-        metrics.update(frozen_evaluation(ctx, init, encoder_dir or read_meta_spec(meta), eval_loader(train_items), val_loader, num_classes))
+        metrics.update(
+            frozen_evaluation(
+                ctx, init, encoder_dir or read_meta_spec(meta), eval_loader(train_items), val_loader, num_classes
+            )
+        )
         metrics["frozen_eval_s"] = round(time.perf_counter() - t, 2)
 
     blr = cfg.cnn.blr if init == "cnn" else cfg.vit.blr
@@ -157,13 +207,28 @@ def finetune(ctx: StageContext) -> dict:
     mixup = build_mixup(num_classes, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
     step_fn = FinetuneStep(finetune_criterion(mixup, cfg.label_smoothing), mixup, seed=ctx.seed, rank=ctx.info.rank)
     train_cfg = TrainConfig(
-        total_steps=total, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad, precision=ctx.precision,
-        ckpt_dir=ctx.checkpoint_dir, ckpt_every=cfg.ckpt_every, log_every=1, fingerprint=ctx.fingerprint(ctx.root / DATA, *([encoder_dir] if encoder_dir else [])),
-        desc=ctx.stage_id, progress=ctx.params.runtime.progress, compile=ctx.params.runtime.compile,
+        total_steps=total,
+        batch_size=cfg.batch_size,
+        accum_steps=cfg.accum_steps,
+        clip_grad=cfg.clip_grad,
+        precision=ctx.precision,
+        ckpt_dir=ctx.checkpoint_dir,
+        ckpt_every=cfg.ckpt_every,
+        log_every=1,
+        fingerprint=ctx.fingerprint(ctx.root / DATA, *([encoder_dir] if encoder_dir else [])),
+        desc=ctx.stage_id,
+        progress=ctx.params.runtime.progress,
+        compile=ctx.params.runtime.compile,
     )
-    trainer = Trainer(model, optimizer, train_cfg, ctx.device, ctx.info,
-                      lr_fn=lambda s: warmup_cosine(s, total, round(warmup_epochs * steps_per_epoch), lr, cfg.min_lr),
-                      on_log=lambda step, rec: log_val_epoch(ctx, rec, step // steps_per_epoch))
+    trainer = Trainer(
+        model,
+        optimizer,
+        train_cfg,
+        ctx.device,
+        ctx.info,
+        lr_fn=lambda s: warmup_cosine(s, total, round(warmup_epochs * steps_per_epoch), lr, cfg.min_lr),
+        on_log=lambda step, rec: log_val_epoch(ctx, rec, step // steps_per_epoch),
+    )
 
     def on_epoch_end(epoch: int) -> dict | None:
         if (epoch + 1) % cfg.eval_every or epoch + 1 == epochs:  # the last epoch is evaluated after fit
@@ -186,7 +251,12 @@ def finetune(ctx: StageContext) -> dict:
     write_csv(plots / "train.csv", train_rows, ["epoch", "train_loss", "lr"])
     write_csv(plots / "val.csv", val_rows, ["epoch", "val_top1", "val_top5", "val_loss"])
     cm = final["confusion"]
-    pred_rows = [{"actual": index.classes[i], "predicted": index.classes[j]} for i in range(num_classes) for j in range(num_classes) for _ in range(int(cm[i, j]))]
+    pred_rows = [
+        {"actual": index.classes[i], "predicted": index.classes[j]}
+        for i in range(num_classes)
+        for j in range(num_classes)
+        for _ in range(int(cm[i, j]))
+    ]
     write_csv(plots / "predictions.csv", pred_rows, ["actual", "predicted"])
     fig = confusion_figure(cm, index.classes, title=f"{ctx.stage_id}: top-1 {final['top1']:.1f} %")
     figure = plots / "confusion.png"
@@ -199,13 +269,20 @@ def finetune(ctx: StageContext) -> dict:
     model = model.cpu().eval()
     save_classifier(model, ctx.models_dir, meta)
     steps_done = [r for r in history if "images_per_s" in r]
-    metrics.update({
-        "top1": final["top1"], "top5": final["top5"], "val_loss": final["loss"],
-        "best_top1": best["val_top1"], "best_epoch": int(best["epoch"]), "epochs": epochs,
-        "steps": total, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        "train_s": round(train_s, 2),
-        "train_images_per_s": round(sum(r["images_per_s"] for r in steps_done) / max(len(steps_done), 1), 1),
-    })
+    metrics.update(
+        {
+            "top1": final["top1"],
+            "top5": final["top5"],
+            "val_loss": final["loss"],
+            "best_top1": best["val_top1"],
+            "best_epoch": int(best["epoch"]),
+            "epochs": epochs,
+            "steps": total,
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+            "train_s": round(train_s, 2),
+            "train_images_per_s": round(sum(r["images_per_s"] for r in steps_done) / max(len(steps_done), 1), 1),
+        }
+    )
     register(ctx, model, init, final["top1"], val_loader)
     return metrics
 
@@ -217,7 +294,9 @@ def log_val_epoch(ctx: StageContext, record: dict, epochs_done: int) -> None:
 
 
 def read_meta_spec(meta: dict) -> ViTSpec:
-    return ViTSpec(**{k: meta[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans")})
+    return ViTSpec(
+        **{k: meta[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans")}
+    )
 
 
 def epoch_curves(history: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -230,7 +309,8 @@ def epoch_curves(history: list[dict]) -> tuple[list[dict], list[dict]]:
         elif "loss" in rec:
             by_epoch.setdefault(rec["epoch"], []).append(rec)
     train_rows = [
-        {"epoch": e + 1, "train_loss": sum(r["loss"] for r in recs) / len(recs), "lr": recs[-1]["lr"]} for e, recs in sorted(by_epoch.items())
+        {"epoch": e + 1, "train_loss": sum(r["loss"] for r in recs) / len(recs), "lr": recs[-1]["lr"]}
+        for e, recs in sorted(by_epoch.items())
     ]
     return train_rows, val_rows
 
@@ -241,8 +321,14 @@ def register(ctx: StageContext, model: torch.nn.Module, init: str, top1: float, 
     name = f"mimflow-finetune-{init}"
     example = next(iter(val_loader))[0][:2]  # [2, 3, H, W]: a batch of 2 keeps the exported batch dimension dynamic
     t = time.perf_counter()
-    ctx.tracker.log_model(model, name="classifier", input_example=example, registered_name=name, score=("top1", top1),
-                          data=file_digest(ctx.root / DATA))
+    ctx.tracker.log_model(
+        model,
+        name="classifier",
+        input_example=example,
+        registered_name=name,
+        score=("top1", top1),
+        data=file_digest(ctx.root / DATA),
+    )
     if ctx.tracker.enabled and ctx.params.tracking.log_models:
         log.info("logged %s to MLflow in %.1f s", name, time.perf_counter() - t)
 

@@ -11,6 +11,7 @@ child a killed stage left RUNNING is set KILLED), and it is deleted when no stag
 Run it with ``python -m pipelines.flow`` (a temporary local Prefect server starts when no
 ``PREFECT_API_URL`` is set; its database lives in ``.prefect/`` inside the project).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
-for _k, _v in {"DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+for _k, _v in {
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}.items():
     os.environ.setdefault(_k, _v)
 
 from prefect import flow, get_run_logger, task  # noqa: E402
@@ -48,7 +54,9 @@ def stage_order(root: Path = ROOT) -> list[str]:
         graph = repo.index.graph  # edges point from a stage to its dependencies
         stages = [s for s in graph.nodes if getattr(s, "cmd", None)]
         position = {s: i for i, s in enumerate(repo.index.stages)}
-        ordered = nx.lexicographical_topological_sort(graph.reverse(copy=True).subgraph(stages), key=lambda s: f"{position.get(s, 0):06d}")
+        ordered = nx.lexicographical_topological_sort(
+            graph.reverse(copy=True).subgraph(stages), key=lambda s: f"{position.get(s, 0):06d}"
+        )
         return [s.name for s in ordered]
 
 
@@ -110,7 +118,15 @@ def run_dvc_stage(stage: str, root: str, env: dict[str, str], force: bool = Fals
     cmd = [str(bin_dir / "dvc"), "repro", "--single-item", stage] + (["--force"] if force else [])
     logger.info("$ %s", " ".join(cmd))
     path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PATH": path, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        env={**os.environ, "PATH": path, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     assert proc.stdout is not None
     tail: list[str] = []
     input_error = None
@@ -131,12 +147,20 @@ def run_dvc_stage(stage: str, root: str, env: dict[str, str], force: bool = Fals
     create_markdown_artifact(key=f"{key}-metrics", markdown=markdown, description=f"metrics of {stage}")
     summary = Path(root) / "reports" / "summary.md"
     if stage == "report" and summary.is_file():
-        create_markdown_artifact(key="mimflow-report", markdown=summary.read_text(), description="the results page (reports/index.html)")
+        create_markdown_artifact(
+            key="mimflow-report", markdown=summary.read_text(), description="the results page (reports/index.html)"
+        )
     return {str(p): json.loads(p.read_text()) for p in files if p.is_file()}
 
 
 @flow(name="mimflow", log_prints=True)
-def mimflow_pipeline(stages: list[str] | None = None, force: bool = False, retries: int = 1, retry_delay_seconds: int = 10, root: str = str(ROOT)) -> dict:
+def mimflow_pipeline(
+    stages: list[str] | None = None,
+    force: bool = False,
+    retries: int = 1,
+    retry_delay_seconds: int = 10,
+    root: str = str(ROOT),
+) -> dict:
     """Run the DVC pipeline stage by stage (all of it, or ``stages``), in the DAG's order."""
     logger = get_run_logger()
     selected = select_stages(stages, Path(root))
@@ -154,8 +178,14 @@ def mimflow_pipeline(stages: list[str] | None = None, force: bool = False, retri
             results[stage] = runner(stage, root, env, force)
         status = "FINISHED"
     finally:  # children a killed stage left RUNNING end KILLED; a flow where no stage ran leaves no run
-        tracker.finish_parent(status, {"stages_selected": len(selected), "stages_done": len(results),
-                                       "wall_time_s": round(time.perf_counter() - started, 2)})
+        tracker.finish_parent(
+            status,
+            {
+                "stages_selected": len(selected),
+                "stages_done": len(results),
+                "wall_time_s": round(time.perf_counter() - started, 2),
+            },
+        )
     return results
 
 

@@ -10,6 +10,7 @@ an external dataset's images are relative to its declared root (``prepare.classi
 ``prepare.detection.{train,val}_images``, named in the file), with a content hash per image, so the
 prepared data moves with its folders and changes whenever a source image does.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,15 +76,23 @@ def warn_untracked(project: Path, key: str, path: Path) -> None:
     try:
         path.resolve().relative_to((project / SOURCES).resolve())
     except ValueError:
-        log.warning("%s = %s is outside %s/: the index records each image's content hash, but `dvc status` will not "
-                    "see its images change until prepare re-runs (README: your own data)", key, path, SOURCES)
+        log.warning(
+            "%s = %s is outside %s/: the index records each image's content hash, but `dvc status` will not "
+            "see its images change until prepare re-runs (README: your own data)",
+            key,
+            path,
+            SOURCES,
+        )
 
 
-def classification_dataset(cfg: ClassificationData, seed: int, on_error: str, out: Path, project: Path = Path(".")) -> dict:
+def classification_dataset(
+    cfg: ClassificationData, seed: int, on_error: str, out: Path, project: Path = Path(".")
+) -> dict:
     skipped: dict[str, int] = {}
     if cfg.source == "shapes":
-        index = shapes.write_shapes_classification(out, cfg.image_size, cfg.train_per_class, cfg.val_per_class, seed,
-                                                   rotation=cfg.rotation, style=cfg.style)
+        index = shapes.write_shapes_classification(
+            out, cfg.image_size, cfg.train_per_class, cfg.val_per_class, seed, rotation=cfg.rotation, style=cfg.style
+        )
     elif cfg.source == "imagefolder":
         root = sources.check_root(declared_root(project, cfg.root), CLS_ROOT, "prepare.classification")
         classes, train, skipped_train = sources.read_image_folder(root / "train", on_error=on_error)
@@ -91,8 +100,14 @@ def classification_dataset(cfg: ClassificationData, seed: int, on_error: str, ou
         if val_classes != classes:
             raise sources.DataError(f"{root / 'val'}: classes {val_classes} differ from {root / 'train'}: {classes}")
         skipped = {f"train_{k}": v for k, v in skipped_train.items()} | {f"val_{k}": v for k, v in skipped_val.items()}
-        index = {"source": "imagefolder", "root": CLS_ROOT, "classes": classes, "image_size": cfg.image_size,
-                 "train": relative_entries(train, root), "val": relative_entries(val, root)}
+        index = {
+            "source": "imagefolder",
+            "root": CLS_ROOT,
+            "classes": classes,
+            "image_size": cfg.image_size,
+            "train": relative_entries(train, root),
+            "val": relative_entries(val, root),
+        }
     else:  # cifar10
         classes, train_images, train_labels = sources.read_cifar10(cfg.root, train=True, download=cfg.download)
         _, val_images, val_labels = sources.read_cifar10(cfg.root, train=False, download=cfg.download)
@@ -108,18 +123,33 @@ def classification_dataset(cfg: ClassificationData, seed: int, on_error: str, ou
     for percent in cfg.labeled_percents:
         for fold in range(cfg.folds):
             labeled, _ = splits.labeled_split(range(n_train), percent, fold, seed)
-            write_json(out / "splits" / f"labeled_{pct_name(percent)}_fold{fold}.json", {"percent": percent, "fold": fold, "labeled": labeled}, indent=None)
+            write_json(
+                out / "splits" / f"labeled_{pct_name(percent)}_fold{fold}.json",
+                {"percent": percent, "fold": fold, "labeled": labeled},
+                indent=None,
+            )
     return {"classes": len(index["classes"]), "train": n_train, "val": len(index["val"]), "skipped": skipped}
 
 
 def detection_dataset(cfg: DetectionData, seed: int, on_error: str, out: Path, project: Path = Path(".")) -> dict:
     skipped: dict[str, int] = {}
     if cfg.source == "shapes":
-        train, val = shapes.write_shapes_detection(out, cfg.image_size, cfg.num_train, cfg.num_val, cfg.min_objects, cfg.max_objects, seed,
-                                                rotation=cfg.rotation)
+        train, val = shapes.write_shapes_detection(
+            out,
+            cfg.image_size,
+            cfg.num_train,
+            cfg.num_val,
+            cfg.min_objects,
+            cfg.max_objects,
+            seed,
+            rotation=cfg.rotation,
+        )
     else:  # coco: validated; file names stay relative to the declared image roots, each image's content hashed
         parts = []
-        for split, images, ann_file in (("train", cfg.train_images, cfg.train_annotations), ("val", cfg.val_images, cfg.val_annotations)):
+        for split, images, ann_file in (
+            ("train", cfg.train_images, cfg.train_annotations),
+            ("val", cfg.val_images, cfg.val_annotations),
+        ):
             key = f"prepare.detection.{split}_images"
             root = sources.check_root(declared_root(project, images), key, "prepare.detection")
             coco, skipped_part = sources.read_coco(ann_file, on_error=on_error, image_root=root, check_images=True)
@@ -140,10 +170,16 @@ def detection_dataset(cfg: DetectionData, seed: int, on_error: str, out: Path, p
             d = out / "splits" / f"{pct_name(percent)}_fold{fold}"
             for part in (labeled, unlabeled):  # image_root stays valid from the split's own directory
                 if "image_root" in train["info"]:
-                    part["info"] = {**train["info"], "image_root": os.path.relpath(out / train["info"]["image_root"], d)}
+                    part["info"] = {
+                        **train["info"],
+                        "image_root": os.path.relpath(out / train["info"]["image_root"], d),
+                    }
             write_json(d / "labeled.json", labeled, indent=None)
             write_json(d / "unlabeled.json", unlabeled, indent=None)
-            split_sizes[f"{pct_name(percent)}_fold{fold}"] = {"labeled": len(labeled["images"]), "unlabeled": len(unlabeled["images"])}
+            split_sizes[f"{pct_name(percent)}_fold{fold}"] = {
+                "labeled": len(labeled["images"]),
+                "unlabeled": len(unlabeled["images"]),
+            }
     return {
         "categories": len(train["categories"]),
         "train_images": len(train["images"]),
@@ -159,14 +195,21 @@ def prepare(ctx: StageContext) -> dict:
     """Write the classification and detection datasets, their splits, and a contact sheet."""
     cfg = ctx.section
     data = ctx.root / "data"
-    cls_counts = build_in_place(data / "classification",
-                                lambda tmp: classification_dataset(cfg.classification, ctx.seed, cfg.on_error, tmp, ctx.root))
+    cls_counts = build_in_place(
+        data / "classification",
+        lambda tmp: classification_dataset(cfg.classification, ctx.seed, cfg.on_error, tmp, ctx.root),
+    )
     log.info("classification: %s", cls_counts)
-    det_counts = build_in_place(data / "detection", lambda tmp: detection_dataset(cfg.detection, ctx.seed, cfg.on_error, tmp, ctx.root))
+    det_counts = build_in_place(
+        data / "detection", lambda tmp: detection_dataset(cfg.detection, ctx.seed, cfg.on_error, tmp, ctx.root)
+    )
     log.info("detection: %s", det_counts)
     external = [(CLS_ROOT, cfg.classification.root)] if cfg.classification.source == "imagefolder" else []
     if cfg.detection.source == "coco":
-        external += [("prepare.detection.train_images", cfg.detection.train_images), ("prepare.detection.val_images", cfg.detection.val_images)]
+        external += [
+            ("prepare.detection.train_images", cfg.detection.train_images),
+            ("prepare.detection.val_images", cfg.detection.val_images),
+        ]
     for key, value in external:
         warn_untracked(ctx.root, key, declared_root(ctx.root, value))
 
@@ -176,7 +219,9 @@ def prepare(ctx: StageContext) -> dict:
     save_image(cls_sheet, classification_sheet(index.train, index.classes, per_class=max(1, n // 2)))
     det_sheet = ctx.plots_dir / "detection_samples.png"
     train_root = declared_root(ctx.root, cfg.detection.train_images) if cfg.detection.source == "coco" else None
-    save_image(det_sheet, coco_sheet(sources.load_coco(data / "detection" / "train.json", image_root=train_root), num_images=n))
+    save_image(
+        det_sheet, coco_sheet(sources.load_coco(data / "detection" / "train.json", image_root=train_root), num_images=n)
+    )
     for fig in (cls_sheet, det_sheet):
         ctx.log_figure(fig)
     return {"classification": cls_counts, "detection": det_counts}

@@ -15,6 +15,7 @@ Writes the *teacher's* encoder (the one the paper evaluates) as ``models/pretrai
 val, collapse diagnostics, images/s), ``plots/pretrain_ibot/loss.csv`` and
 ``plots/pretrain_ibot/attention.png`` (the teacher's [CLS] attention in the last block on held-out images).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,7 +35,7 @@ from components.models.ibot import IBOTHead, IBOTLoss, IBOTTraining, IBOTViT
 from components.models.vit import create_vit, save_encoder
 from components.training.distributed import EpochLoader
 from components.training.ema import copy_as_teacher
-from components.training.engine import Trainer, TrainConfig
+from components.training.engine import TrainConfig, Trainer
 from components.training.optim import adamw, param_groups
 from components.training.schedules import cosine, cosine_scheduler, stretch_epochs
 from pipelines.common import StageContext, classification_index, run_stage
@@ -49,15 +50,28 @@ def multicrop_augmentation(cfg: PretrainIBOT, img_size: int) -> MultiCropAugment
     """The multi-crop views of ``pretrain_ibot.multicrop`` (iBOT Sec. 3.2, DINO's augmentations)."""
     mc = cfg.multicrop
     return MultiCropAugmentation(
-        img_size, mc.local_size, mc.num_local, mc.global_scale, mc.local_scale, mc.blur_sigma,
-        color_jitter=mc.color_jitter, color_jitter_p=mc.color_jitter_p, grayscale_p=mc.grayscale_p, mean=cfg.mean, std=cfg.std,
-        hflip=mc.hflip, blur_p=mc.blur_p, solarize_p=mc.solarize_p,
+        img_size,
+        mc.local_size,
+        mc.num_local,
+        mc.global_scale,
+        mc.local_scale,
+        mc.blur_sigma,
+        color_jitter=mc.color_jitter,
+        color_jitter_p=mc.color_jitter_p,
+        grayscale_p=mc.grayscale_p,
+        mean=cfg.mean,
+        std=cfg.std,
+        hflip=mc.hflip,
+        blur_p=mc.blur_p,
+        solarize_p=mc.solarize_p,
     )
 
 
 def eval_transform(cfg: PretrainIBOT, img_size: int):
     """k-NN and attention views: bicubic Resize(img_size / knn.crop_pct), CenterCrop(img_size), normalised."""
-    return create_transform(img_size, is_training=False, crop_pct=cfg.knn.crop_pct, interpolation="bicubic", mean=cfg.mean, std=cfg.std)
+    return create_transform(
+        img_size, is_training=False, crop_pct=cfg.knn.crop_pct, interpolation="bicubic", mean=cfg.mean, std=cfg.std
+    )
 
 
 def build_networks(cfg: PretrainIBOT) -> tuple[IBOTViT, IBOTViT]:
@@ -65,7 +79,16 @@ def build_networks(cfg: PretrainIBOT) -> tuple[IBOTViT, IBOTViT]:
     spec, h = cfg.model.spec(), cfg.head
 
     def network(drop_path: float) -> IBOTViT:
-        head = IBOTHead(spec.embed_dim, h.out_dim, h.patch_out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers, h.norm_last_layer, h.shared_head)
+        head = IBOTHead(
+            spec.embed_dim,
+            h.out_dim,
+            h.patch_out_dim,
+            h.hidden_dim,
+            h.bottleneck_dim,
+            h.nlayers,
+            h.norm_last_layer,
+            h.shared_head,
+        )
         return IBOTViT(create_vit(spec, drop_path_rate=drop_path, pos_embed="learned"), head)
 
     student = network(cfg.drop_path)
@@ -87,7 +110,9 @@ def knn_top1(ctx: StageContext, teacher: IBOTViT, labeled: list, val: list, num_
     tf = eval_transform(cfg, cfg.model.spec().img_size)
 
     def feats(items):
-        loader = torch.utils.data.DataLoader(ImageListDataset(items, tf), batch_size=cfg.knn.batch_size, num_workers=ctx.num_workers)
+        loader = torch.utils.data.DataLoader(
+            ImageListDataset(items, tf), batch_size=cfg.knn.batch_size, num_workers=ctx.num_workers
+        )
         return extract_features(teacher.encoder, loader, ctx.device)
 
     with torch.random.fork_rng(devices=[]):  # evaluating never shifts the training's random stream
@@ -113,17 +138,25 @@ def pretrain_ibot(ctx: StageContext) -> dict:
     if not split.is_file():
         have = ctx.params.prepare.classification
         raise DataError(
-            f"{split}: no labeled split for pretrain_ibot.knn.labeled_percent = {cfg.knn.labeled_percent:g}, fold = {cfg.knn.fold} "
+            f"{split}: no labeled split for pretrain_ibot.knn.labeled_percent = {cfg.knn.labeled_percent:g}, fold = "
+            f"{cfg.knn.fold} "
             f"(prepare.classification.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
         )
     labeled = [index.train[i] for i in read_labeled_indices(split, len(index.train))]
 
     augment = multicrop_augmentation(cfg, spec.img_size)
     masking = BlockMaskGenerator(cfg.masking.prob, cfg.masking.ratio, cfg.masking.aspect, cfg.masking.min_block_area)
-    train_set = MaskedMultiCropDataset(ImageListDataset(train_items(cfg, index.train, ctx.seed)), augment, masking, spec.patch_size)
+    train_set = MaskedMultiCropDataset(
+        ImageListDataset(train_items(cfg, index.train, ctx.seed)), augment, masking, spec.patch_size
+    )
     if len(train_set) < cfg.batch_size * ctx.info.world_size:
-        raise ParamsError(f"pretrain_ibot.batch_size = {cfg.batch_size}: larger than the {len(train_set)} training images per {ctx.info.world_size} process(es)")
-    loader = EpochLoader(train_set, cfg.batch_size, ctx.seed, ctx.info, ctx.num_workers, pin_memory=ctx.device.type == "cuda")
+        raise ParamsError(
+            f"pretrain_ibot.batch_size = {cfg.batch_size}: larger than the {len(train_set)} training images per "
+            f"{ctx.info.world_size} process(es)"
+        )
+    loader = EpochLoader(
+        train_set, cfg.batch_size, ctx.seed, ctx.info, ctx.num_workers, pin_memory=ctx.device.type == "cuda"
+    )
     steps_per_epoch = len(loader)
     epochs, warmup_epochs = stretch_epochs(cfg.epochs, cfg.warmup_epochs, steps_per_epoch, cfg.min_steps)
     total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
@@ -134,7 +167,17 @@ def pretrain_ibot(ctx: StageContext) -> dict:
     teacher.to(ctx.device)
     lc = cfg.loss
     mc = cfg.multicrop
-    loss = IBOTLoss(cfg.head.out_dim, cfg.head.patch_out_dim, 2, mc.num_local, lc.student_temp, lc.center_momentum, lc.center_momentum2, lc.lambda1, lc.lambda2).to(ctx.device)
+    loss = IBOTLoss(
+        cfg.head.out_dim,
+        cfg.head.patch_out_dim,
+        2,
+        mc.num_local,
+        lc.student_temp,
+        lc.center_momentum,
+        lc.center_momentum2,
+        lc.lambda1,
+        lc.lambda2,
+    ).to(ctx.device)
     ibot = IBOTTraining(
         student,
         teacher,
@@ -151,8 +194,19 @@ def pretrain_ibot(ctx: StageContext) -> dict:
     )
     optimizer = adamw(param_groups(student, cfg.weight_decay), lr=lr, betas=cfg.betas, device=ctx.device)
     log.info(
-        "%s, %d train images (%d global + %d x %d px local crops), %d epochs x %d steps, batch %d (%d x %d procs), lr %.3g",
-        spec, len(train_set), 2, mc.num_local, mc.local_size, epochs, steps_per_epoch, batch, cfg.batch_size, ctx.info.world_size, lr,
+        "%s, %d train images (%d global + %d x %d px local crops), %d epochs x %d steps, batch %d (%d x %d procs), lr "
+        "%.3g",
+        spec,
+        len(train_set),
+        2,
+        mc.num_local,
+        mc.local_size,
+        epochs,
+        steps_per_epoch,
+        batch,
+        cfg.batch_size,
+        ctx.info.world_size,
+        lr,
     )
     runtime = ctx.params.runtime
     trainer = Trainer(
@@ -179,7 +233,9 @@ def pretrain_ibot(ctx: StageContext) -> dict:
         grad_hook=ibot.grad_hook,
         after_step=ibot.after_step,
         extra_state=ibot.extra_state,
-        on_log=lambda step, record: ctx.log_metrics({k: v for k, v in record.items() if k not in ("step", "epoch")}, step),
+        on_log=lambda step, record: ctx.log_metrics(
+            {k: v for k, v in record.items() if k not in ("step", "epoch")}, step
+        ),
     )
 
     def on_epoch_end(epoch: int) -> dict | None:
@@ -207,7 +263,10 @@ def pretrain_ibot(ctx: StageContext) -> dict:
     step_ = max(1, len(index.val) // n)  # spread over the classes (val is grouped by class)
     images = torch.stack([tf(ImageListDataset(index.val)[i][0]) for i in range(0, step_ * n, step_)])
     maps = cls_attention_maps(teacher.encoder.float().cpu(), images)
-    title = f"iBOT teacher, last block: [CLS] attention per head on held-out images\n(k-NN top-1 {knn:.1f} %, chance {100 / len(index.classes):.1f} %)"
+    title = (
+        "iBOT teacher, last block: [CLS] attention per head on held-out images\n"
+        f"(k-NN top-1 {knn:.1f} %, chance {100 / len(index.classes):.1f} %)"
+    )
     fig = attention_figure(images, maps, cfg.mean, cfg.std, title)
     ctx.log_figure(atomic_write(ctx.plots_dir / "attention.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
     ctx.log_encoder(teacher.encoder, images)

@@ -11,6 +11,7 @@ Writes ``models/pretrain_mae/encoder.{safetensors,json}`` (the shared encoder fo
 ``mae.{safetensors,json}`` (encoder + decoder, for reconstructions), ``metrics/pretrain_mae.json``,
 ``plots/pretrain_mae/loss.csv`` and ``plots/pretrain_mae/reconstructions.png`` on held-out images.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,7 @@ from components.models.mae import MaskedAutoencoder
 from components.models.reconstruction import plot_reconstructions, reconstruct, save_figure
 from components.models.vit import save_encoder
 from components.training.distributed import EpochLoader
-from components.training.engine import Trainer, TrainConfig
+from components.training.engine import TrainConfig, Trainer
 from components.training.optim import adamw, param_groups
 from components.training.schedules import stretch_epochs, warmup_cosine
 from pipelines.common import StageContext, classification_index, run_stage
@@ -38,21 +39,25 @@ INDEX = "data/classification/index.json"
 def train_transform(cfg: PretrainMAE, img_size: int) -> T.Compose:
     """MAE's pretraining augmentation (``main_pretrain.py``): RandomResizedCrop, then a horizontal flip
     with probability ``hflip`` (left out at 0)."""
-    return T.Compose([
-        T.RandomResizedCrop(img_size, scale=cfg.crop_scale, interpolation=T.InterpolationMode.BICUBIC),
-        *([T.RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else []),
-        T.ToTensor(),
-        T.Normalize(cfg.mean, cfg.std),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(img_size, scale=cfg.crop_scale, interpolation=T.InterpolationMode.BICUBIC),
+            *([T.RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else []),
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ]
+    )
 
 
 def eval_transform(cfg: PretrainMAE, img_size: int) -> T.Compose:
-    return T.Compose([
-        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(img_size),
-        T.ToTensor(),
-        T.Normalize(cfg.mean, cfg.std),
-    ])
+    return T.Compose(
+        [
+            T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ]
+    )
 
 
 class WithMaskingNoise(torch.utils.data.Dataset):
@@ -78,7 +83,8 @@ def accumulation_steps(cfg: PretrainMAE, world_size: int) -> int:
         return 1
     if cfg.effective_batch % per_step:
         raise ParamsError(
-            f"pretrain_mae.effective_batch = {cfg.effective_batch}: must be a multiple of batch_size x processes ({cfg.batch_size} x {world_size})"
+            f"pretrain_mae.effective_batch = {cfg.effective_batch}: must be a multiple of batch_size x processes "
+            f"({cfg.batch_size} x {world_size})"
         )
     return cfg.effective_batch // per_step
 
@@ -105,26 +111,49 @@ def pretrain_mae(ctx: StageContext) -> dict:
     cfg: PretrainMAE = ctx.section
     spec = cfg.model.spec()
     index = classification_index(ctx)
-    train_set = WithMaskingNoise(ImageListDataset(index.train, train_transform(cfg, spec.img_size)), spec.num_patches)  # labels ignored
+    train_set = WithMaskingNoise(
+        ImageListDataset(index.train, train_transform(cfg, spec.img_size)), spec.num_patches
+    )  # labels ignored
     stride = max(1, len(index.val) // cfg.val_images) if cfg.val_images else 1
     val_items = index.val[::stride][: cfg.val_images]  # spread over the (class-sorted) val list
     val_set = ImageListDataset(val_items, eval_transform(cfg, spec.img_size))
 
     accum = accumulation_steps(cfg, ctx.info.world_size)
     eff_batch = cfg.batch_size * accum * ctx.info.world_size
-    loader = EpochLoader(train_set, cfg.batch_size, ctx.seed, ctx.info, ctx.num_workers, pin_memory=ctx.device.type == "cuda")
+    loader = EpochLoader(
+        train_set, cfg.batch_size, ctx.seed, ctx.info, ctx.num_workers, pin_memory=ctx.device.type == "cuda"
+    )
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
-        raise ParamsError(f"pretrain_mae.effective_batch = {eff_batch}: larger than the {len(train_set)} training images")
+        raise ParamsError(
+            f"pretrain_mae.effective_batch = {eff_batch}: larger than the {len(train_set)} training images"
+        )
     epochs, warmup_epochs = stretch_epochs(cfg.epochs, cfg.warmup_epochs, steps_per_epoch, cfg.min_steps)
     total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     lr = cfg.base_lr * eff_batch / 256
 
-    mae = MaskedAutoencoder(spec, cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, norm_pix_loss=cfg.norm_pix_loss, mask_ratio=cfg.mask_ratio)
+    mae = MaskedAutoencoder(
+        spec,
+        cfg.decoder_embed_dim,
+        cfg.decoder_depth,
+        cfg.decoder_num_heads,
+        norm_pix_loss=cfg.norm_pix_loss,
+        mask_ratio=cfg.mask_ratio,
+    )
     optimizer = adamw(param_groups(mae, cfg.weight_decay), lr=lr, betas=cfg.betas, device=ctx.device)
     log.info(
-        "%s (%d train images, %d held-out), %d epochs x %d steps, effective batch %d (%d x %d accum x %d procs), lr %.3g",
-        spec, len(train_set), len(val_set), epochs, steps_per_epoch, eff_batch, cfg.batch_size, accum, ctx.info.world_size, lr,
+        "%s (%d train images, %d held-out), %d epochs x %d steps, effective batch %d (%d x %d accum x %d procs), lr "
+        "%.3g",
+        spec,
+        len(train_set),
+        len(val_set),
+        epochs,
+        steps_per_epoch,
+        eff_batch,
+        cfg.batch_size,
+        accum,
+        ctx.info.world_size,
+        lr,
     )
     runtime = ctx.params.runtime
     trainer = Trainer(
@@ -165,17 +194,32 @@ def pretrain_mae(ctx: StageContext) -> dict:
     meta = {"source": "pretrain_mae", "mean": list(cfg.mean), "std": list(cfg.std)}
     save_encoder(mae.encoder, spec, out, **meta)
     save_safetensors(out / "mae.safetensors", mae.state_dict())
-    write_json(out / "mae.json", {"arch": "mae", "encoder": spec.to_dict(), "decoder_embed_dim": cfg.decoder_embed_dim,
-                                  "decoder_depth": cfg.decoder_depth, "decoder_num_heads": cfg.decoder_num_heads,
-                                  "norm_pix_loss": cfg.norm_pix_loss, "mask_ratio": cfg.mask_ratio, **meta})
+    write_json(
+        out / "mae.json",
+        {
+            "arch": "mae",
+            "encoder": spec.to_dict(),
+            "decoder_embed_dim": cfg.decoder_embed_dim,
+            "decoder_depth": cfg.decoder_depth,
+            "decoder_num_heads": cfg.decoder_num_heads,
+            "norm_pix_loss": cfg.norm_pix_loss,
+            "mask_ratio": cfg.mask_ratio,
+            **meta,
+        },
+    )
     ctx.tracker.log_artifact(out / "encoder.json", "encoder")
 
     curve = [r for r in history if "loss" in r]
     ctx.plots_dir.mkdir(parents=True, exist_ok=True)
-    write_text(ctx.plots_dir / "loss.csv", "step,loss,lr\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.6g}\n" for r in curve))
+    write_text(
+        ctx.plots_dir / "loss.csv",
+        "step,loss,lr\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.6g}\n" for r in curve),
+    )
     ctx.tracker.log_artifact(ctx.plots_dir / "loss.csv", "plots")
 
-    picks = torch.linspace(0, len(val_set) - 1, min(cfg.figure_images, len(val_set))).round().long().tolist()  # spread over classes
+    picks = (
+        torch.linspace(0, len(val_set) - 1, min(cfg.figure_images, len(val_set))).round().long().tolist()
+    )  # spread over classes
     figure_imgs = torch.stack([val_set[i][0] for i in picks])
     noise = torch.rand(figure_imgs.shape[0], spec.num_patches, generator=torch.Generator().manual_seed(ctx.seed))
     panels = reconstruct(mae.float().cpu(), figure_imgs, cfg.mask_ratio, noise)

@@ -5,6 +5,7 @@
 when the README is out of date. The machine and date of the run are not in the metrics: pass them with
 ``--machine`` and ``--date`` after a new run; otherwise the ones already in the block are kept.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 PROVENANCE = re.compile(r"^Measured on (?P<date>\d{4}-\d{2}-\d{2}), on (?P<machine>.+?), by `make repro`")
 FINETUNE_ORDER = ["scratch", "mae", "ibot", "cnn"]
-FINETUNE_NAMES = {"scratch": "ViT from scratch", "mae": "ViT from MAE", "ibot": "ViT from iBOT",
-                  "cnn": "CNN (ResNet) from scratch"}
+FINETUNE_NAMES = {
+    "scratch": "ViT from scratch",
+    "mae": "ViT from MAE",
+    "ibot": "ViT from iBOT",
+    "cnn": "CNN (ResNet) from scratch",
+}
 
 
 class ResultsError(ValueError):
@@ -60,7 +65,9 @@ def _ap(value) -> str:
 def load_metrics(root: Path) -> dict[str, tuple[Path, dict]]:
     """Every metrics file of the default run, keyed by stage id (``finetune@mae``), in the DAG's order."""
     m = root / "metrics"
-    out = {name: (m / f"{name}.json", _read(m / f"{name}.json")) for name in ("prepare", "pretrain_mae", "pretrain_ibot")}
+    out = {
+        name: (m / f"{name}.json", _read(m / f"{name}.json")) for name in ("prepare", "pretrain_mae", "pretrain_ibot")
+    }
 
     def ordered(files: list[Path]) -> list[Path]:
         rank = {n: i for i, n in enumerate(FINETUNE_ORDER)}
@@ -77,22 +84,34 @@ def load_metrics(root: Path) -> dict[str, tuple[Path, dict]]:
 def _row(stage: str, path: Path, d: dict) -> str:
     if stage == "prepare":
         c, det = _get(d, path, "classification"), _get(d, path, "detection")
-        result = (f"{c['train']:,} + {c['val']:,} classification images ({c['classes']} classes); "
-                  f"{det['train_images']:,} + {det['val_images']:,} detection scenes ({det['train_boxes']:,} + "
-                  f"{det['val_boxes']:,} boxes)")
+        result = (
+            f"{c['train']:,} + {c['val']:,} classification images ({c['classes']} classes); "
+            f"{det['train_images']:,} + {det['val_images']:,} detection scenes ({det['train_boxes']:,} + "
+            f"{det['val_boxes']:,} boxes)"
+        )
     elif stage == "pretrain_mae":
-        result = (f"MAE, {_get(d, path, 'epochs')} epochs: held-out masked-patch loss "
-                  f"{_get(d, path, 'val_masked_loss'):.3f} (train loss {_get(d, path, 'train_loss_first'):.2f} -> "
-                  f"{_get(d, path, 'train_loss'):.2f}), "
-                  f"{_get(d, path, 'images_per_s'):.0f} images/s")
+        result = (
+            f"MAE, {_get(d, path, 'epochs')} epochs: held-out masked-patch loss "
+            f"{_get(d, path, 'val_masked_loss'):.3f} (train loss {_get(d, path, 'train_loss_first'):.2f} -> "
+            f"{_get(d, path, 'train_loss'):.2f}), "
+            f"{_get(d, path, 'images_per_s'):.0f} images/s"
+        )
     elif stage == "pretrain_ibot":
-        result = (f"iBOT, {_get(d, path, 'epochs')} epochs: teacher k-NN {_get(d, path, 'knn_top1'):.1f} % "
-                  f"(chance {_get(d, path, 'knn_chance'):.1f} %), teacher_kl {_get(d, path, 'teacher_kl'):.2f}")
+        result = (
+            f"iBOT, {_get(d, path, 'epochs')} epochs: teacher k-NN {_get(d, path, 'knn_top1'):.1f} % "
+            f"(chance {_get(d, path, 'knn_chance'):.1f} %), teacher_kl {_get(d, path, 'teacher_kl'):.2f}"
+        )
     elif stage.startswith("finetune@"):
         init = str(_get(d, path, "init"))
-        result = f"{FINETUNE_NAMES.get(init, init)}, {_get(d, path, 'labeled_images')} labels: top-1 **{_get(d, path, 'top1'):.1f} %**"
-        extra = [f"{name} {d[key]:.1f}" for key, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN"))
-                 if key in d]
+        result = (
+            f"{FINETUNE_NAMES.get(init, init)}, {_get(d, path, 'labeled_images')} labels: "
+            f"top-1 **{_get(d, path, 'top1'):.1f} %**"
+        )
+        extra = [
+            f"{name} {d[key]:.1f}"
+            for key, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN"))
+            if key in d
+        ]
         if extra:
             result += f" ({', '.join(extra)})"
     elif stage.startswith("detect@"):
@@ -101,13 +120,17 @@ def _row(stage: str, path: Path, d: dict) -> str:
         scenes = f"{_get(d, path, 'labeled_images')} labeled"
         if _get(d, path, "unlabeled_images"):
             scenes += f" + {d['unlabeled_images']} unlabeled"
-        result = (f"{method}, {scenes} scenes, {_get(d, path, 'steps')} steps: teacher AP **{_ap(_get(d, path, 'AP'))}** "
-                  f"(AP50 {_ap(_get(d, path, 'AP50'))}), student AP {_ap(student.get('AP'))}")
+        result = (
+            f"{method}, {scenes} scenes, {_get(d, path, 'steps')} steps: teacher AP **{_ap(_get(d, path, 'AP'))}** "
+            f"(AP50 {_ap(_get(d, path, 'AP50'))}), student AP {_ap(student.get('AP'))}"
+        )
     elif stage == "cka":
         s = _get(d, path, "summary", "finetuned__cnn")
         which = Path(str(_get(d, path, "models", "finetuned", "path"))).name
-        result = (f"fine-tuned ViT (`finetune@{which}`) vs CNN: lowest layers {s['lowest_layers']:.2f}, "
-                  f"top ViT block vs its best CNN layer {s['top_vit_best_cnn']:.2f}")
+        result = (
+            f"fine-tuned ViT (`finetune@{which}`) vs CNN: lowest layers {s['lowest_layers']:.2f}, "
+            f"top ViT block vs its best CNN layer {s['top_vit_best_cnn']:.2f}"
+        )
     else:  # pragma: no cover - load_metrics yields only the stages above
         raise ResultsError(f"{path}: no row for stage {stage}")
     return f"| `{stage}` | {result} | {_seconds(d, path)} |"
@@ -145,8 +168,10 @@ def provenance(block: str, path: Path) -> tuple[str, str]:
     """(machine, date) recorded in the block's first line."""
     match = PROVENANCE.match(block)
     if not match:
-        raise ResultsError(f"{path}: the results block does not start with 'Measured on YYYY-MM-DD, on <machine>, "
-                           "by `make repro`'; pass --machine and --date")
+        raise ResultsError(
+            f"{path}: the results block does not start with 'Measured on YYYY-MM-DD, on <machine>, "
+            "by `make repro`'; pass --machine and --date"
+        )
     return match["machine"], match["date"]
 
 
@@ -169,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     if new_block == block:
         return 0
     if args.check:
-        print(f"error: {args.readme}: the results block differs from metrics/; run python -m pipelines.readme_results",
-              file=sys.stderr)
+        print(
+            f"error: {args.readme}: the results block differs from metrics/; run python -m pipelines.readme_results",
+            file=sys.stderr,
+        )
         return 1
     fd, tmp = tempfile.mkstemp(prefix=f".{args.readme.name}.", dir=args.readme.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -156,9 +156,7 @@ def claims_table(judged: list[dict]) -> Table:
     )
     for c in judged:
         ci = "—" if c["ci_low"] is None else f"[{fmt(c['ci_low'], 3)}, {fmt(c['ci_high'], 3)}]"
-        side = lambda s: f"{s['label']}: {fmt(s['mean'], 3)}" + (
-            "" if s["se"] is None else f" ± {fmt(s['se'], 3)}"
-        )  # noqa: E731
+        side = lambda s: f"{s['label']}: {fmt(s['mean'], 3)}" + ("" if s["se"] is None else f" ± {fmt(s['se'], 3)}")  # noqa: E731
         t.add(c["claim"], c["verdict"], fmt(c["diff"], 3), ci, c["n"], side(c["a"]), side(c["b"]), c["test"])
     return t
 
@@ -230,7 +228,10 @@ def finetune_table(stages: list[StageOutputs]) -> Table:
     for init in FINETUNE_INITS:
         rows = [m for m in runs if m.get("init") == init]
         if rows:
-            col = lambda k: mean_pm([pick(m, k) for m in rows])  # noqa: E731
+
+            def col(k, rows=rows):
+                return mean_pm([pick(m, k) for m in rows])
+
             t.add(
                 init, len(rows), col("top1"), col("top5"), col("linear_probe_top1"), col("knn_top1"), col("wall_time_s")
             )
@@ -252,7 +253,10 @@ def detection_table(stages: list[StageOutputs]) -> Table:
         for method in DETECT_METHODS:
             rows = [m for m in runs if m.get("method") == method and float(m["percent"]) == pct]
             if rows:
-                col = lambda k: mean_pm([pick(m, k) for m in rows], 3)  # noqa: E731
+
+                def col(k, rows=rows):
+                    return mean_pm([pick(m, k) for m in rows], 3)
+
                 t.add(
                     method,
                     f"{pct:g}",

@@ -10,6 +10,7 @@ under ``--artifacts-destination``, both bound to 127.0.0.1.
 taken, a server that exits or does not answer) is one line on stderr and exit code 1, never a hang.
 The team_server fixture in tests/integration/conftest.py runs these two commands.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,9 @@ def check_port_free(port: int, what: str) -> None:
         try:
             s.bind((HOST, port))
         except OSError:
-            raise TeamServerError(f"{what}: port {port} on {HOST} is taken; "
-                                  "pick another or stop what holds it") from None
+            raise TeamServerError(
+                f"{what}: port {port} on {HOST} is taken; pick another or stop what holds it"
+            ) from None
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
@@ -102,15 +104,18 @@ class TeamServer:
         return f"http://{HOST}:{self.port}"
 
     @classmethod
-    def start(cls, artifacts: Path, log_dir: Path, pg_port: int | None = None, port: int | None = None,
-              timeout: float = 120) -> TeamServer:
+    def start(
+        cls, artifacts: Path, log_dir: Path, pg_port: int | None = None, port: int | None = None, timeout: float = 120
+    ) -> TeamServer:
         """Start PostgreSQL in a new temporary cluster, then ``mlflow server`` on it; stop what started if
         the rest fails. ``timeout``: seconds for the MLflow server to answer (its first start migrates the
         database)."""
         bindir = postgres_bindir()
         if bindir is None:
-            raise TeamServerError("PostgreSQL is not installed (no initdb under /usr/lib/postgresql/*/bin or on PATH): "
-                                  "apt-get install postgresql")
+            raise TeamServerError(
+                "PostgreSQL is not installed (no initdb under /usr/lib/postgresql/*/bin or on PATH): "
+                "apt-get install postgresql"
+            )
         pg_port = pg_port or free_port()
         port = port or free_port()
         check_port_free(pg_port, "PostgreSQL")
@@ -118,8 +123,14 @@ class TeamServer:
         artifacts.mkdir(parents=True, exist_ok=True)
         log_dir.mkdir(parents=True, exist_ok=True)
         pgdata = Path(tempfile.mkdtemp(prefix="mimflow-pg-"))
-        server = cls(str(bindir), str(pgdata), pg_port, str(artifacts.resolve()), port,
-                     mlflow_log=str((log_dir / "mlflow-server.log").resolve()))
+        server = cls(
+            str(bindir),
+            str(pgdata),
+            pg_port,
+            str(artifacts.resolve()),
+            port,
+            mlflow_log=str((log_dir / "mlflow-server.log").resolve()),
+        )
         try:
             server._start_postgres()
             server._start_mlflow(timeout)
@@ -132,21 +143,58 @@ class TeamServer:
         pgdata, bindir = Path(self.pgdata), Path(self.pg_bindir)
         if os.geteuid() == 0:
             shutil.chown(pgdata, PG_USER)
-        _run(_as_postgres([str(bindir / "initdb"), "-D", str(pgdata), "-U", PG_USER, "--auth=trust", "-E", "UTF8",
-                           "--no-sync"]), "PostgreSQL initdb")
+        _run(
+            _as_postgres(
+                [str(bindir / "initdb"), "-D", str(pgdata), "-U", PG_USER, "--auth=trust", "-E", "UTF8", "--no-sync"]
+            ),
+            "PostgreSQL initdb",
+        )
         options = f"-p {self.pg_port} -c listen_addresses={HOST} -k {pgdata} -c fsync=off"
-        _run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(pgdata), "-o", options, "-l", str(pgdata / "server.log"),
-                           "-w", "-t", "30", "start"]), f"PostgreSQL on {HOST}:{self.pg_port}", timeout=45)
-        _run(_as_postgres([str(bindir / "createdb"), "-h", HOST, "-p", str(self.pg_port), "-U", PG_USER, DB]),
-             "PostgreSQL createdb")
+        _run(
+            _as_postgres(
+                [
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(pgdata),
+                    "-o",
+                    options,
+                    "-l",
+                    str(pgdata / "server.log"),
+                    "-w",
+                    "-t",
+                    "30",
+                    "start",
+                ]
+            ),
+            f"PostgreSQL on {HOST}:{self.pg_port}",
+            timeout=45,
+        )
+        _run(
+            _as_postgres([str(bindir / "createdb"), "-h", HOST, "-p", str(self.pg_port), "-U", PG_USER, DB]),
+            "PostgreSQL createdb",
+        )
 
     def _start_mlflow(self, timeout: float) -> None:
         mlflow = Path(sys.executable).parent / "mlflow"
-        cmd = [str(mlflow), "server", "--backend-store-uri", self.backend_uri, "--serve-artifacts",
-               "--artifacts-destination", self.artifacts, "--host", HOST, "--port", str(self.port), "--workers", "1"]
+        cmd = [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--serve-artifacts",
+            "--artifacts-destination",
+            self.artifacts,
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         # no job runner: its consumer processes (GenAI scorers) cost CPU and nothing here submits jobs
-        env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1",
-                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        env = dict(
+            os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"
+        )
         with open(self.mlflow_log, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.mlflow_pid = proc.pid
@@ -161,8 +209,9 @@ class TeamServer:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.5)
-        raise TeamServerError(f"mlflow server on {self.uri} did not answer within {timeout:.0f} s: "
-                              f"{self._last_log_line()}")
+        raise TeamServerError(
+            f"mlflow server on {self.uri} did not answer within {timeout:.0f} s: {self._last_log_line()}"
+        )
 
     def _last_log_line(self) -> str:
         try:
@@ -187,8 +236,13 @@ class TeamServer:
             self.mlflow_pid = None
         pgdata = Path(self.pgdata)
         if (pgdata / "postmaster.pid").exists():
-            subprocess.run(_as_postgres([str(Path(self.pg_bindir) / "pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w",
-                                         "-t", "30", "stop"]), capture_output=True, timeout=45)
+            subprocess.run(
+                _as_postgres(
+                    [str(Path(self.pg_bindir) / "pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w", "-t", "30", "stop"]
+                ),
+                capture_output=True,
+                timeout=45,
+            )
         shutil.rmtree(pgdata, ignore_errors=True)
 
     def save(self, state: Path) -> None:
@@ -236,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped the MLflow server on {running.uri} and its PostgreSQL")
             return 0
         if running is not None and running.mlflow_pid is not None and _alive(running.mlflow_pid):
-            raise TeamServerError(f"a team server is already up at {running.uri} ({args.state / 'server.json'}); "
-                                  "`make team-down` first")
+            raise TeamServerError(
+                f"a team server is already up at {running.uri} ({args.state / 'server.json'}); `make team-down` first"
+            )
         server = TeamServer.start(args.artifacts or args.state / "artifacts", args.state, args.pg_port, args.port)
         server.save(args.state)
     except TeamServerError as e:

@@ -20,6 +20,7 @@ data with the same params (tags ``mimflow.data`` and ``mimflow.params`` on the v
 An HTTP tracking server that cannot be reached is an error before any training starts
 (:class:`TrackingError`): a stage never trains for an hour and then loses its record.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,11 +43,29 @@ log = logging.getLogger(__name__)
 PARENT_RUN_ENV = "MIMFLOW_PARENT_RUN_ID"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3's UI: a training experiment
 # Results that describe the run rather than measure it: logged as params, not as (flat) metric charts.
-CONSTANTS = frozenset({
-    "steps", "epochs", "batch", "effective_batch", "peak_lr", "encoder_params_m", "params_m", "resumed_from_step",
-    "labeled_images", "unlabeled_images", "val_images", "classes", "burn_in_steps", "percent", "fold", "seed",
-    "images", "batches", "knn_chance",
-})
+CONSTANTS = frozenset(
+    {
+        "steps",
+        "epochs",
+        "batch",
+        "effective_batch",
+        "peak_lr",
+        "encoder_params_m",
+        "params_m",
+        "resumed_from_step",
+        "labeled_images",
+        "unlabeled_images",
+        "val_images",
+        "classes",
+        "burn_in_steps",
+        "percent",
+        "fold",
+        "seed",
+        "images",
+        "batches",
+        "knn_chance",
+    }
+)
 
 
 class TrackingError(RuntimeError):
@@ -96,7 +115,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def git_commit(root: Path) -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
     except (subprocess.SubprocessError, OSError):
         return None
 
@@ -202,10 +223,18 @@ class Tracker:
             if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
                 mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         except Exception as e:  # noqa: BLE001 (MLflow raises many kinds)
-            raise TrackingError(f"MLflow at {uri}: cannot open experiment {self.cfg.experiment!r} ({str(e).splitlines()[0]})") from None
+            raise TrackingError(
+                f"MLflow at {uri}: cannot open experiment {self.cfg.experiment!r} ({str(e).splitlines()[0]})"
+            ) from None
         self.close_stale_runs(experiment.experiment_id, stage)
-        all_tags = {"stage": stage.split("@")[0], "mimflow.stage": stage, **dependency_hashes(self.root, stage),
-                    **(tags or {}), "mimflow.host": socket.gethostname(), "mimflow.pid": str(os.getpid())}
+        all_tags = {
+            "stage": stage.split("@")[0],
+            "mimflow.stage": stage,
+            **dependency_hashes(self.root, stage),
+            **(tags or {}),
+            "mimflow.host": socket.gethostname(),
+            "mimflow.pid": str(os.getpid()),
+        }
         exp_name = os.environ.get("DVC_EXP_NAME")
         if exp_name:
             all_tags["dvc.exp_name"] = exp_name  # groups the stages of one `dvc exp run`
@@ -235,8 +264,9 @@ class Tracker:
                 client.set_terminated(run.info.run_id, "KILLED")
                 closed.append(run.info.run_id)
         if closed:
-            log.info("MLflow: set KILLED %d run(s) of %s whose process is gone: %s", len(closed), stage,
-                     ", ".join(closed))
+            log.info(
+                "MLflow: set KILLED %d run(s) of %s whose process is gone: %s", len(closed), stage, ", ".join(closed)
+            )
         return closed
 
     def log_params(self, params: dict) -> None:
@@ -250,7 +280,11 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self._mlflow is None:
             return
-        clean = {k.replace("@", "_"): float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        clean = {
+            k.replace("@", "_"): float(v)
+            for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if clean:
             self._mlflow.log_metrics(clean, step=step)
             self.last_step = max(self.last_step, step or 0)
@@ -262,8 +296,11 @@ class Tracker:
         if self._mlflow is None:
             return
         flat = flatten(results)
-        numbers = {k: v for k, v in flat.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k.split(".")[-1] not in CONSTANTS}
+        numbers = {
+            k: v
+            for k, v in flat.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.split(".")[-1] not in CONSTANTS
+        }
         described = {k: v for k, v in flat.items() if k not in numbers and not isinstance(v, (list, tuple))}
         self.log_params(described)
         self.log_metrics(numbers, step=self.last_step)
@@ -284,12 +321,20 @@ class Tracker:
         from PIL import Image
 
         with Image.open(path) as image:
-            self._mlflow.MlflowClient().log_image(self.run_id, image.convert("RGB"), key=Path(path).stem,
-                                                  step=self.last_step, synchronous=True)
+            self._mlflow.MlflowClient().log_image(
+                self.run_id, image.convert("RGB"), key=Path(path).stem, step=self.last_step, synchronous=True
+            )
 
-    def log_model(self, model, name: str, input_example=None, registered_name: str | None = None,
-                  score: tuple[str, float] | None = None, data: str = "",
-                  serialization_format: str | None = None) -> bool:
+    def log_model(
+        self,
+        model,
+        name: str,
+        input_example=None,
+        registered_name: str | None = None,
+        score: tuple[str, float] | None = None,
+        data: str = "",
+        serialization_format: str | None = None,
+    ) -> bool:
         """Log a PyTorch model (with a signature inferred from ``input_example``) and, with ``registered_name``,
         register it; returns whether the registry alias (tracking.registry_alias) now points to this version.
         The version is tagged with ``data`` (a digest of the data it was trained on) and the run's params
@@ -311,9 +356,15 @@ class Tracker:
             signature = infer_signature(input_example.cpu().numpy(), out.detach().cpu().numpy())
             input_example = input_example.cpu().numpy()
         # Pinned from the running environment: MLflow's own requirement inference costs ~20 s per model.
-        info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=input_example,
-                                        registered_model_name=registered_name, pip_requirements=model_requirements(),
-                                        serialization_format=serialization_format)
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            signature=signature,
+            input_example=input_example,
+            registered_model_name=registered_name,
+            pip_requirements=model_requirements(),
+            serialization_format=serialization_format,
+        )
         version = getattr(info, "registered_model_version", None)
         if not registered_name or version is None:
             return False
@@ -324,12 +375,18 @@ class Tracker:
         move, why = self._alias_decision(client, registered_name, lineage, score)
         if move:
             client.set_registered_model_alias(registered_name, self.cfg.registry_alias, str(version))
-        log.info("registered %s version %s; alias %r %s", registered_name, version, self.cfg.registry_alias,
-                 f"moved ({why})" if move else f"kept ({why})")
+        log.info(
+            "registered %s version %s; alias %r %s",
+            registered_name,
+            version,
+            self.cfg.registry_alias,
+            f"moved ({why})" if move else f"kept ({why})",
+        )
         return move
 
-    def _alias_decision(self, client, registered_name: str, lineage: dict,
-                        score: tuple[str, float] | None) -> tuple[bool, str]:
+    def _alias_decision(
+        self, client, registered_name: str, lineage: dict, score: tuple[str, float] | None
+    ) -> tuple[bool, str]:
         from mlflow.exceptions import MlflowException
 
         try:

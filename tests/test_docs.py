@@ -1,5 +1,6 @@
 """The documents stay short, free of commit references, linked to files that exist, and the README's
 results table says what the committed metrics say."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,14 @@ def test_readme_is_at_most_12000_bytes():
 def test_commit_pattern_finds_hashes_and_nothing_else():
     assert COMMIT.search("until `c486366` the tokens") and COMMIT.search("at commit f62dd78, the")
     assert COMMIT.search("a9f3b2c41e0d5f6a7b8c9d0e1f2a3b4c5d6e7f80 merged")
-    for text in ("1,391 boxes", "decade 2026112", "abcdefab", "0.0001234", "rand-m9-mstd0.5-inc1", "dvc_plots/a1b2c3d4e"):
+    for text in (
+        "1,391 boxes",
+        "decade 2026112",
+        "abcdefab",
+        "0.0001234",
+        "rand-m9-mstd0.5-inc1",
+        "dvc_plots/a1b2c3d4e",
+    ):
         assert not COMMIT.search(text), text
 
 
@@ -73,7 +81,9 @@ def test_readme_results_numbers_equal_the_metrics_files():
     expected["pretrain_ibot"] = [f"{ibot['knn_top1']:.1f} %", f"{ibot['teacher_kl']:.2f}"]
     for path in (m / "finetune").glob("*.json"):
         d = json.loads(path.read_text())
-        expected[f"finetune@{path.stem}"] = [f"**{d['top1']:.1f} %**"] + [f"{d[k]:.1f}" for k in ("linear_probe_top1", "knn_top1") if k in d]
+        expected[f"finetune@{path.stem}"] = [f"**{d['top1']:.1f} %**"] + [
+            f"{d[k]:.1f}" for k in ("linear_probe_top1", "knn_top1") if k in d
+        ]
     for path in (m / "detect").glob("*.json"):
         d = json.loads(path.read_text())
         expected[f"detect@{path.stem}"] = [f"**{d['AP']:.3f}**", f"{d['AP50']:.3f}", f"{d['student']['AP']:.3f}"]

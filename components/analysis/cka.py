@@ -13,6 +13,7 @@ Centring is exact for CKA (both H-centering and U-centering annihilate the rank-
 mean adds to a Gram matrix), and it removes the catastrophic cancellation that makes Song's formula
 on raw Grams return 0 or NaN for float32 features with a large shared mean.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -145,7 +146,9 @@ def gram(x: torch.Tensor, kernel: str = "linear", threshold: float = 1.0) -> tor
     raise ValueError(f"unknown CKA kernel {kernel!r}; known: {', '.join(KERNELS)}")
 
 
-def cka(x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", debiased: bool = False, threshold: float = 1.0) -> float:
+def cka(
+    x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", debiased: bool = False, threshold: float = 1.0
+) -> float:
     """Full-data CKA between features x [n, ...] and y [n, ...] of the same n examples."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"CKA needs the same examples in both representations, got {x.shape[0]} and {y.shape[0]} rows")

@@ -8,6 +8,7 @@ residual blocks (``layerK.M``, output [N, C, H, W]). Popular CKA packages iterat
 once per model, so the two models see different images; :func:`paired_features` runs one loader
 pass and feeds every model each batch, so every layer of every model describes the same examples.
 """
+
 from __future__ import annotations
 
 import re
@@ -53,7 +54,10 @@ def select_layers(model: nn.Module, patterns: Sequence[str] | None = None) -> li
         rx = pattern_regex(p)
         hits = [n for n in names if rx.fullmatch(n)]
         if not hits:
-            raise ValueError(f"layer pattern {p!r} matches no module of {type(model).__name__}; available: {_available(model)} (and their submodules)")
+            raise ValueError(
+                f"layer pattern {p!r} matches no module of {type(model).__name__}; available: {_available(model)} "
+                "(and their submodules)"
+            )
         chosen.update(hits)
     return [n for n in names if n in chosen]
 
@@ -93,7 +97,10 @@ class LayerCapture:
         modules = dict(model.named_modules())
         unknown = [n for n in layers if n not in modules]
         if unknown:
-            raise ValueError(f"unknown layers {unknown} of {type(model).__name__}; available: {_available(model)} (and their submodules)")
+            raise ValueError(
+                f"unknown layers {unknown} of {type(model).__name__}; available: {_available(model)} (and their "
+                "submodules)"
+            )
         self.model, self.layers, self.pooling = model, list(layers), pooling
         self.prefix = int(getattr(model, "num_prefix_tokens", 0))
         self.features: dict[str, torch.Tensor] = {}
@@ -106,7 +113,7 @@ class LayerCapture:
 
         return hook
 
-    def __enter__(self) -> "LayerCapture":
+    def __enter__(self) -> LayerCapture:
         modules = dict(self.model.named_modules())
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layers]
         return self

@@ -4,6 +4,7 @@
 Values are drawn as they are, never clamped: the debiased estimate can dip slightly below 0, and
 the colour range stretches to show it.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,9 @@ def plot_cka_heatmap(
     """One heatmap [len(row_names), len(col_names)] with layer names on both axes and a colour bar."""
     m = np.asarray(matrix, dtype=np.float64)
     if m.shape != (len(row_names), len(col_names)):
-        raise ValueError(f"CKA matrix of shape {m.shape} does not match {len(row_names)} row and {len(col_names)} column names")
+        raise ValueError(
+            f"CKA matrix of shape {m.shape} does not match {len(row_names)} row and {len(col_names)} column names"
+        )
     side = 2.2 + 0.28 * max(len(row_names), len(col_names))
     fig, ax = plt.subplots(figsize=(side + 1.2, side), constrained_layout=True)
     im = _draw(ax, m, row_names, col_names, row_label, col_label, title)
@@ -67,12 +70,22 @@ def plot_cka_grid(panels: Sequence[dict], title: str = "CKA"):
         ncols = min(4, len(panels))
         nrows = math.ceil(len(panels) / ncols)
         places = [divmod(i, ncols) for i in range(len(panels))]
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 1, 3.4 * nrows), constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.6 * ncols + 1, 3.4 * nrows), constrained_layout=True, squeeze=False
+    )
     lo = min(_color_range(np.asarray(p["matrix"], dtype=np.float64))[0] for p in panels)
     hi = max(_color_range(np.asarray(p["matrix"], dtype=np.float64))[1] for p in panels)
     im = None
     for (r, c), p in zip(places, panels):
-        im = _draw(axes[r, c], np.asarray(p["matrix"], dtype=np.float64), p["rows"], p["cols"], p.get("row_label", ""), p.get("col_label", ""), p.get("title", ""))
+        im = _draw(
+            axes[r, c],
+            np.asarray(p["matrix"], dtype=np.float64),
+            p["rows"],
+            p["cols"],
+            p.get("row_label", ""),
+            p.get("col_label", ""),
+            p.get("title", ""),
+        )
         im.set_clim(lo, hi)
     used = set(places)
     for r in range(nrows):

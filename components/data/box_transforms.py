@@ -11,6 +11,7 @@ Images are uint8 [3, H, W] tensors until :func:`to_float`; pixel ops are torchvi
 functionals, and each geometric op builds the same forward matrix torchvision applies to boxes.
 Randomness comes from the global torch RNG (the data loader seeds it per sample).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,9 @@ def hflip_matrix(width: int) -> torch.Tensor:
     return torch.tensor([[-1.0, 0.0, float(width)], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
 
 
-def affine_matrix(center: tuple[float, float], angle: float, translate: tuple[float, float], scale: float, shear: tuple[float, float]) -> torch.Tensor:
+def affine_matrix(
+    center: tuple[float, float], angle: float, translate: tuple[float, float], scale: float, shear: tuple[float, float]
+) -> torch.Tensor:
     """torchvision's forward affine ``T * C * R(a) S(s) SHy(sy) SHx(sx) * C^-1`` (degrees, pixels)."""
     rot, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
     a = math.cos(rot - sy) / math.cos(sy)
@@ -59,7 +62,9 @@ def affine_matrix(center: tuple[float, float], angle: float, translate: tuple[fl
     d = -math.sin(rot - sy) * math.tan(sx) / math.cos(sy) + math.cos(rot)
     cx, cy = center
     rss = torch.tensor([[a * scale, b * scale, 0.0], [c * scale, d * scale, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-    to_c = torch.tensor([[1.0, 0.0, cx + translate[0]], [0.0, 1.0, cy + translate[1]], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    to_c = torch.tensor(
+        [[1.0, 0.0, cx + translate[0]], [0.0, 1.0, cy + translate[1]], [0.0, 0.0, 1.0]], dtype=torch.float64
+    )
     from_c = torch.tensor([[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]], dtype=torch.float64)
     return to_c @ rss @ from_c
 
@@ -69,7 +74,9 @@ def transform_boxes(boxes: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     if boxes.numel() == 0:
         return boxes.reshape(0, 4)
     x1, y1, x2, y2 = boxes.double().unbind(-1)
-    corners = torch.stack([torch.stack([x1, y1], -1), torch.stack([x2, y1], -1), torch.stack([x2, y2], -1), torch.stack([x1, y2], -1)], 1)  # [N, 4, 2]
+    corners = torch.stack(
+        [torch.stack([x1, y1], -1), torch.stack([x2, y1], -1), torch.stack([x2, y2], -1), torch.stack([x1, y2], -1)], 1
+    )  # [N, 4, 2]
     m = matrix.to(device=boxes.device, dtype=torch.float64)
     mapped = corners @ m[:2, :2].T + m[:2, 2]  # [N, 4, 2]
     if not torch.equal(m[2], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=m.device)):
@@ -117,8 +124,9 @@ def resize(view: View, scale: float) -> View:
     return _move(view, image, scale_matrix(nw / w, nh / h))
 
 
-def random_resize(view: View, scale_range: tuple[float, float], short_side: tuple[int, int] | None = None,
-                  max_size: int | None = None) -> View:
+def random_resize(
+    view: View, scale_range: tuple[float, float], short_side: tuple[int, int] | None = None, max_size: int | None = None
+) -> View:
     """Soft Teacher's RandResize. With ``short_side``: the short side drawn from that range in pixels and
     the long side capped at ``max_size`` (keep-ratio, mmdetection's rescale; the official COCO recipe
     draws 400-1200 and tests at 800), so every image trains at the scale the test resize gives it.
@@ -141,7 +149,13 @@ def random_hflip(view: View, p: float = 0.5) -> View:
     return hflip(view) if float(torch.rand(())) < p else view
 
 
-def affine(view: View, angle: float = 0.0, translate: tuple[float, float] = (0.0, 0.0), scale: float = 1.0, shear: tuple[float, float] = (0.0, 0.0)) -> View:
+def affine(
+    view: View,
+    angle: float = 0.0,
+    translate: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
+    shear: tuple[float, float] = (0.0, 0.0),
+) -> View:
     """torchvision v2 affine about the image centre; empty pixels are filled with 0."""
     h, w = view.size
     image = F.affine(view.image, angle=angle, translate=list(translate), scale=scale, shear=list(shear))
@@ -192,8 +206,13 @@ def random_erase(view: View, n_range: tuple[int, int] = (1, 5), max_size: float 
 
 
 # --------------------------------------------------------------------------- the two views
-def weak_view(view: View, resize_range: tuple[float, float] = (1.0, 1.0), flip_p: float = 0.5,
-              short_side: tuple[int, int] | None = None, max_size: int | None = None) -> View:
+def weak_view(
+    view: View,
+    resize_range: tuple[float, float] = (1.0, 1.0),
+    flip_p: float = 0.5,
+    short_side: tuple[int, int] | None = None,
+    max_size: int | None = None,
+) -> View:
     """The teacher's view: random resize + horizontal flip."""
     return random_hflip(random_resize(view, resize_range, short_side, max_size), flip_p)
 
@@ -225,7 +244,6 @@ def to_float(view: View) -> View:
     return replace(view, image=F.to_dtype(view.image, torch.float32, scale=True))
 
 
-
 # --------------------------------------------------------------------------- datasets of views
 @dataclass(frozen=True)
 class ViewConfig:
@@ -251,8 +269,20 @@ class ViewConfig:
 
     def strong(self, view: View) -> View:
         """The student's view of an unlabeled image."""
-        return to_float(strong_view(view, self.resize_range, self.flip_p, self.translate, self.rotate, self.shear, self.erase_n,
-                                    self.erase_size, self.short_side, self.max_size))
+        return to_float(
+            strong_view(
+                view,
+                self.resize_range,
+                self.flip_p,
+                self.translate,
+                self.rotate,
+                self.shear,
+                self.erase_n,
+                self.erase_size,
+                self.short_side,
+                self.max_size,
+            )
+        )
 
 
 def _as_view(image: torch.Tensor, target: dict, category_to_label: dict[int, int]) -> View:
@@ -286,7 +316,11 @@ class SemiSupervisedViews(torch.utils.data.Dataset):
             pairs = []
             for j in torch.randint(len(self.unlabeled), (self.ratio,)).tolist():
                 image, target = self.unlabeled[j]
-                base = _as_view(image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}, self.category_to_label)
+                base = _as_view(
+                    image,
+                    {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+                    self.category_to_label,
+                )
                 weak, strong = self.views.weak(base), self.views.strong(base)
                 pairs.append((weak.image, strong.image, weak.matrix, strong.matrix))
             item["unlabeled"] = pairs

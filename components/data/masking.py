@@ -12,6 +12,7 @@ short of the target, as in the original.
 All randomness comes from torch (``generator`` or the global RNG) so the per-sample seeding of the
 data loader makes masks reproducible.
 """
+
 from __future__ import annotations
 
 import math
@@ -105,5 +106,7 @@ class BlockMaskGenerator:
         ratio = self.draw_ratio(generator)
         if ratio == 0.0:
             return torch.zeros(height, width, dtype=torch.bool)
-        mask, _ = block_mask(height, width, ratio * height * width, self.min_block_area, self.aspect_range, generator=generator)
+        mask, _ = block_mask(
+            height, width, ratio * height * width, self.min_block_area, self.aspect_range, generator=generator
+        )
         return mask

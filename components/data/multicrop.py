@@ -16,16 +16,16 @@ shapes turns every crop grayscale).
 The transforms work on PIL images, as DINO's do (several times faster than tensor kernels on
 small crops). All randomness is torch's global RNG, which the project's loader seeds per sample.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image, ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from components.data.masking import BlockMaskGenerator
 
@@ -77,8 +77,16 @@ class MultiCropAugmentation:
         brightness, contrast, saturation, hue = color_jitter
         flip_and_color_jitter = [
             *([v2.RandomHorizontalFlip(p=hflip)] if hflip > 0 else []),
-            *([v2.RandomApply([v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)],
-                              p=color_jitter_p)] if color_jitter_p > 0 else []),
+            *(
+                [
+                    v2.RandomApply(
+                        [v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)],
+                        p=color_jitter_p,
+                    )
+                ]
+                if color_jitter_p > 0
+                else []
+            ),
             *([v2.RandomGrayscale(p=grayscale_p)] if grayscale_p > 0 else []),
         ]
         normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
@@ -90,8 +98,12 @@ class MultiCropAugmentation:
             return [GaussianBlur(p, blur_sigma)] if p > 0 else []
 
         solarize = [v2.RandomSolarize(threshold=128, p=solarize_p)] if solarize_p > 0 else []
-        self.global_1 = v2.Compose([crop(global_size, global_scale), *flip_and_color_jitter, *blur(blur_p[0]), *normalize])
-        self.global_2 = v2.Compose([crop(global_size, global_scale), *flip_and_color_jitter, *blur(blur_p[1]), *solarize, *normalize])
+        self.global_1 = v2.Compose(
+            [crop(global_size, global_scale), *flip_and_color_jitter, *blur(blur_p[0]), *normalize]
+        )
+        self.global_2 = v2.Compose(
+            [crop(global_size, global_scale), *flip_and_color_jitter, *blur(blur_p[1]), *solarize, *normalize]
+        )
         self.local = v2.Compose([crop(local_size, local_scale), *flip_and_color_jitter, *blur(blur_p[2]), *normalize])
 
     def __call__(self, image) -> list[torch.Tensor]:
@@ -110,7 +122,9 @@ class MaskedMultiCropDataset(Dataset):
     with G = Sg / patch_size; one block-wise mask per global crop (iBOT masks global crops only).
     """
 
-    def __init__(self, dataset: Dataset, augment: MultiCropAugmentation, mask_generator: BlockMaskGenerator, patch_size: int) -> None:
+    def __init__(
+        self, dataset: Dataset, augment: MultiCropAugmentation, mask_generator: BlockMaskGenerator, patch_size: int
+    ) -> None:
         if augment.global_size % patch_size:
             raise ValueError(f"global crop size {augment.global_size} is not divisible by patch_size {patch_size}")
         if augment.local_size % patch_size:

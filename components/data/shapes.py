@@ -23,6 +23,7 @@ arguments always write byte-identical PNGs and JSON.
 Shapes are rasterised with PIL at ``SUPERSAMPLE`` x resolution and box-filtered down, which gives
 anti-aliased edges at 32 px for a fraction of a millisecond per image.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,9 @@ from PIL import Image, ImageDraw
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "hexagon", "ring", "diamond")
 
-SUPERSAMPLE = 4          # rasterise at 4x, then box-filter down (anti-aliasing)
-MIN_VISIBLE = 0.7        # detection: each object keeps >= 70 % of its pixels visible
-BOX_COVERAGE = 0.5       # a pixel belongs to an object's box when >= 50 % covered
+SUPERSAMPLE = 4  # rasterise at 4x, then box-filter down (anti-aliasing)
+MIN_VISIBLE = 0.7  # detection: each object keeps >= 70 % of its pixels visible
+BOX_COVERAGE = 0.5  # a pixel belongs to an object's box when >= 50 % covered
 MIN_COLOUR_DISTANCE = 120.0  # RGB distance between a shape and the background under it
 
 FULL_TURN = (0.0, 360.0)  # the default rotation range, degrees: any orientation
@@ -52,12 +53,20 @@ _SPLITS = {"train": 0, "val": 1}
 # cuts a hole (the ring). The unit circle is the shape's circumscribed circle.
 # --------------------------------------------------------------------------------------------
 def _regular(n: int, phase: float = 0.0, radius: float = 1.0) -> list[tuple[float, float]]:
-    return [(radius * math.cos(phase + 2 * math.pi * k / n), radius * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
+    return [
+        (radius * math.cos(phase + 2 * math.pi * k / n), radius * math.sin(phase + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
 
 
 def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
-    return [((1.0 if k % 2 == 0 else inner) * math.cos(-math.pi / 2 + math.pi * k / points),
-             (1.0 if k % 2 == 0 else inner) * math.sin(-math.pi / 2 + math.pi * k / points)) for k in range(2 * points)]
+    return [
+        (
+            (1.0 if k % 2 == 0 else inner) * math.cos(-math.pi / 2 + math.pi * k / points),
+            (1.0 if k % 2 == 0 else inner) * math.sin(-math.pi / 2 + math.pi * k / points),
+        )
+        for k in range(2 * points)
+    ]
 
 
 def _cross(arm: float = 0.32) -> list[tuple[float, float]]:
@@ -78,8 +87,9 @@ SHAPE_OUTLINES: dict[str, list[tuple[list[tuple[float, float]], int]]] = {
 }
 
 
-def render_shape_alpha(name: str, cx: float, cy: float, radius: float, angle: float,
-                       height: int, width: int) -> np.ndarray:
+def render_shape_alpha(
+    name: str, cx: float, cy: float, radius: float, angle: float, height: int, width: int
+) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] of shape ``name`` centred at (cx, cy) on an HxW canvas."""
     if name not in SHAPE_OUTLINES:
         raise ValueError(f"unknown shape class {name!r}; known: {', '.join(SHAPE_OUTLINES)}")
@@ -118,7 +128,9 @@ def render_background(rng: np.random.Generator, height: int, width: int) -> np.n
     elif kind == 1:  # stripes (soft or hard) at a random angle and frequency
         th = rng.uniform(0, math.pi)
         freq = rng.uniform(2.0, 6.0)
-        t = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (xx * math.cos(th) + yy * math.sin(th)) + rng.uniform(0, 2 * math.pi))
+        t = 0.5 + 0.5 * np.sin(
+            2 * math.pi * freq * (xx * math.cos(th) + yy * math.sin(th)) + rng.uniform(0, 2 * math.pi)
+        )
         if rng.random() < 0.5:
             t = (t > 0.5).astype(np.float32)
         c1 = c0 + (c1 - c0) * rng.uniform(0.15, 0.45)  # keep stripes lower-contrast than the shapes
@@ -186,8 +198,13 @@ def draw_shape(name: str, image_size: int, rng: np.random.Generator, rotation: t
     return render_shape_alpha(name, cx, cy, r, draw_rotation(rng, rotation), image_size, image_size)
 
 
-def render_classification_image(name: str, image_size: int, rng: np.random.Generator,
-                                rotation: tuple[float, float] = FULL_TURN, style: str = "textured") -> Image.Image:
+def render_classification_image(
+    name: str,
+    image_size: int,
+    rng: np.random.Generator,
+    rotation: tuple[float, float] = FULL_TURN,
+    style: str = "textured",
+) -> Image.Image:
     """One shape (``draw_shape``; any angle by default) in one of the ``STYLES``."""
     _check_style(style)
     if style == "silhouette":
@@ -199,8 +216,9 @@ def render_classification_image(name: str, image_size: int, rng: np.random.Gener
     return _finish(bg, rng)
 
 
-def render_silhouette(name: str, image_size: int, rng: np.random.Generator,
-                      rotation: tuple[float, float] = FULL_TURN) -> Image.Image:
+def render_silhouette(
+    name: str, image_size: int, rng: np.random.Generator, rotation: tuple[float, float] = FULL_TURN
+) -> Image.Image:
     """The silhouette style: the shape at one gray level over a flat background at another, one light
     and one dark (``SILHOUETTE_LEVELS``), light-on-dark or dark-on-light with equal odds."""
     alpha = draw_shape(name, image_size, rng, rotation)  # [H, W]
@@ -219,7 +237,9 @@ def _check_style(style: str) -> None:
 def _check_rotation(rotation) -> tuple[float, float]:
     lo, hi = (float(v) for v in rotation)
     if not 0.0 <= lo <= hi <= 360.0:
-        raise ValueError(f"rotation must be a range [lo, hi] of degrees with 0 <= lo <= hi <= 360, got {list(rotation)}")
+        raise ValueError(
+            f"rotation must be a range [lo, hi] of degrees with 0 <= lo <= hi <= 360, got {list(rotation)}"
+        )
     return lo, hi
 
 
@@ -236,9 +256,16 @@ def _check_counts(**kw: int) -> None:
             raise ValueError(f"{k} must be a non-negative integer, got {v!r}")
 
 
-def write_shapes_classification(out_dir, image_size: int, train_per_class: int, val_per_class: int, seed: int,
-                                classes=SHAPE_CLASSES, rotation: tuple[float, float] = FULL_TURN,
-                                style: str = "textured") -> dict:
+def write_shapes_classification(
+    out_dir,
+    image_size: int,
+    train_per_class: int,
+    val_per_class: int,
+    seed: int,
+    classes=SHAPE_CLASSES,
+    rotation: tuple[float, float] = FULL_TURN,
+    style: str = "textured",
+) -> dict:
     """Write ``out_dir/images/{train,val}/<class>/<class>_<i>.png`` and return the index dict.
 
     The index follows the data contract: {"source", "classes", "image_size", "train": [[path, label]],
@@ -276,8 +303,14 @@ def _tight_box(coverage: np.ndarray) -> list[int] | None:
     return [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0]
 
 
-def render_detection_scene(image_size: int, num_objects: int, classes: list[str], rng: np.random.Generator,
-                           max_tries: int = 60, rotation: tuple[float, float] = FULL_TURN) -> tuple[Image.Image, list[dict]]:
+def render_detection_scene(
+    image_size: int,
+    num_objects: int,
+    classes: list[str],
+    rng: np.random.Generator,
+    max_tries: int = 60,
+    rotation: tuple[float, float] = FULL_TURN,
+) -> tuple[Image.Image, list[dict]]:
     """A scene with up to ``num_objects`` shapes; returns the image and [{"label", "bbox", "area", "visible"}].
 
     Shapes have radius 6-20 % of the side and lie fully inside the image. A placement is rejected when
@@ -285,7 +318,7 @@ def render_detection_scene(image_size: int, num_objects: int, classes: list[str]
     ("visible" is that fraction at the end; "area" the count of pixels at least half covered).
     """
     bg = render_background(rng, image_size, image_size)
-    visible: list[np.ndarray] = []   # per object: coverage still visible  [H, W]
+    visible: list[np.ndarray] = []  # per object: coverage still visible  [H, W]
     full_area: list[float] = []
     labels: list[int] = []
     min_r = max(0.06 * image_size, 3.0)
@@ -310,20 +343,32 @@ def render_detection_scene(image_size: int, num_objects: int, classes: list[str]
     for label, v, a in zip(labels, visible, full_area):
         box = _tight_box(v)
         if box is not None:
-            objects.append({"label": label, "bbox": box, "area": int((v >= BOX_COVERAGE).sum()),
-                            "visible": float(v.sum()) / a})
+            objects.append(
+                {"label": label, "bbox": box, "area": int((v >= BOX_COVERAGE).sum()), "visible": float(v.sum()) / a}
+            )
     return _finish(bg, rng), objects
 
 
-def write_shapes_detection(out_dir, image_size: int, num_train: int, num_val: int, min_objects: int, max_objects: int,
-                           seed: int, classes=SHAPE_CLASSES, rotation: tuple[float, float] = FULL_TURN) -> tuple[dict, dict]:
+def write_shapes_detection(
+    out_dir,
+    image_size: int,
+    num_train: int,
+    num_val: int,
+    min_objects: int,
+    max_objects: int,
+    seed: int,
+    classes=SHAPE_CLASSES,
+    rotation: tuple[float, float] = FULL_TURN,
+) -> tuple[dict, dict]:
     """Write scenes to ``out_dir/images/{train,val}/<id>.png``; return (train_coco, val_coco).
 
     COCO instances dicts: ``images`` (id from 1, file_name, width, height), ``categories`` (id = class
     index + 1, name, supercategory "shape"), ``annotations`` (id, image_id, category_id, bbox [x, y, w, h]
     in pixels, area = visible pixel count, iscrowd 0), ``info.image_root`` = "images/<split>".
     """
-    _check_counts(image_size=image_size, num_train=num_train, num_val=num_val, min_objects=min_objects, max_objects=max_objects)
+    _check_counts(
+        image_size=image_size, num_train=num_train, num_val=num_val, min_objects=min_objects, max_objects=max_objects
+    )
     rotation = _check_rotation(rotation)
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 for detection scenes, got {image_size}")
@@ -347,11 +392,27 @@ def write_shapes_detection(out_dir, image_size: int, num_train: int, num_val: in
             _save_png(img, out_dir / "images" / split / file_name)
             images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
             for obj in objects:
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": obj["label"] + 1,
-                                    "bbox": obj["bbox"], "area": obj["area"], "iscrowd": 0})
-        result.append({
-            "info": {"description": f"synthetic shapes scenes ({split})", "version": "1", "seed": int(seed),
-                     "image_root": f"images/{split}"},
-            "images": images, "annotations": annotations, "categories": categories,
-        })
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": obj["label"] + 1,
+                        "bbox": obj["bbox"],
+                        "area": obj["area"],
+                        "iscrowd": 0,
+                    }
+                )
+        result.append(
+            {
+                "info": {
+                    "description": f"synthetic shapes scenes ({split})",
+                    "version": "1",
+                    "seed": int(seed),
+                    "image_root": f"images/{split}",
+                },
+                "images": images,
+                "annotations": annotations,
+                "categories": categories,
+            }
+        )
     return result[0], result[1]

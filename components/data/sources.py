@@ -10,6 +10,7 @@ Bad input raises :class:`DataError` (a ``ValueError``) with one line naming the 
 Where a source may hold a few bad entries, ``on_error="skip"`` drops them and the reader returns how
 many it dropped per reason, for the prepare stage to record.
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,8 +77,9 @@ def check_root(root: str | os.PathLike | None, declared: str, index: str | os.Pa
 # --------------------------------------------------------------------------------------------
 # ImageFolder
 # --------------------------------------------------------------------------------------------
-def read_image_folder(root: str | os.PathLike, check_images: bool = True, on_error: str = "error"
-                      ) -> tuple[list[str], list[tuple[str, int]], dict[str, int]]:
+def read_image_folder(
+    root: str | os.PathLike, check_images: bool = True, on_error: str = "error"
+) -> tuple[list[str], list[tuple[str, int]], dict[str, int]]:
     """Classes (sorted folder names), [(absolute path, label)] and skipped counts of an ImageFolder tree.
 
     With ``check_images`` every image is decoded once; an unreadable one is a DataError, or with
@@ -118,8 +120,10 @@ def read_image_folder(root: str | os.PathLike, check_images: bool = True, on_err
         raise DataError(f"{root}: no readable images")
     with_images = sorted({classes[label] for _, label in items})
     if len(with_images) < 2:
-        raise DataError(f"{root}: {len(with_images)} class folder(s) with images ({', '.join(with_images)}); "
-                        "classification needs at least 2 (root/<class>/<image>)")
+        raise DataError(
+            f"{root}: {len(with_images)} class folder(s) with images ({', '.join(with_images)}); "
+            "classification needs at least 2 (root/<class>/<image>)"
+        )
     return classes, items, skipped
 
 
@@ -135,9 +139,13 @@ class _SafeUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR batch format only: builtins plus numpy arrays; any other global is refused."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):
@@ -148,7 +156,10 @@ class _SafeUnpickler(pickle.Unpickler):
 
 def _load_cifar_pickle(path: Path) -> dict:
     if not path.is_file():
-        raise DataError(f"{path}: CIFAR-10 file not found (pass download=True, or point root at the directory holding {CIFAR10_DIR}/)")
+        raise DataError(
+            f"{path}: CIFAR-10 file not found (pass download=True, or point root at the directory holding "
+            f"{CIFAR10_DIR}/)"
+        )
     try:
         with open(path, "rb") as f:
             obj = _SafeUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
@@ -160,7 +171,9 @@ def _load_cifar_pickle(path: Path) -> dict:
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-def read_cifar10(root: str | os.PathLike, train: bool, download: bool = False) -> tuple[list[str], np.ndarray, list[int]]:
+def read_cifar10(
+    root: str | os.PathLike, train: bool, download: bool = False
+) -> tuple[list[str], np.ndarray, list[int]]:
     """(class names, images uint8 [N, 32, 32, 3], labels) of the CIFAR-10 train or test split.
 
     Reads ``root/cifar-10-batches-py/`` with a restricted unpickler (numpy arrays and builtins only),
@@ -202,8 +215,9 @@ def read_cifar10(root: str | os.PathLike, train: bool, download: bool = False) -
     return classes, np.ascontiguousarray(np.concatenate(images)), labels
 
 
-def write_array_images(root: str | os.PathLike, subdir: str, images: np.ndarray, labels: list[int],
-                       classes: list[str]) -> list[list]:
+def write_array_images(
+    root: str | os.PathLike, subdir: str, images: np.ndarray, labels: list[int], classes: list[str]
+) -> list[list]:
     """Write images uint8 [N, H, W, 3] as ``root/subdir/<class>/<i>.png``; return [[path relative to root, label]]."""
     root = Path(root)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -229,11 +243,23 @@ BOX_TOLERANCE = 1.0  # px a box may poke out of its image (rounding in real anno
 
 
 def _skip_counts() -> dict[str, int]:
-    return {k: 0 for k in (
-        "images_missing_keys", "images_duplicate_id", "images_missing_file", "images_unreadable",
-        "images_size_mismatch", "annotations_missing_keys", "annotations_duplicate_id", "annotations_missing_image",
-        "annotations_unknown_category", "annotations_zero_area", "annotations_outside_image",
-        "annotations_of_skipped_images")}
+    return {
+        k: 0
+        for k in (
+            "images_missing_keys",
+            "images_duplicate_id",
+            "images_missing_file",
+            "images_unreadable",
+            "images_size_mismatch",
+            "annotations_missing_keys",
+            "annotations_duplicate_id",
+            "annotations_missing_image",
+            "annotations_unknown_category",
+            "annotations_zero_area",
+            "annotations_outside_image",
+            "annotations_of_skipped_images",
+        )
+    }
 
 
 def _positive_int(v) -> bool:
@@ -249,8 +275,13 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None = None, on_error: str = "error",
-                  check_images: bool = False) -> tuple[dict, dict[str, int]]:
+def validate_coco(
+    coco: dict,
+    source: str,
+    image_dir: str | os.PathLike | None = None,
+    on_error: str = "error",
+    check_images: bool = False,
+) -> tuple[dict, dict[str, int]]:
     """Check a COCO instances dict and return (cleaned copy, skipped counts per reason).
 
     Errors (DataError naming ``source`` and the entry): missing top-level keys; categories without an
@@ -283,7 +314,9 @@ def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None =
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise DataError(f"{source}: categories[{i}] needs keys 'id' and 'name'")
         if not _is_id(c["id"]) or not isinstance(c["name"], str):
-            raise DataError(f"{source}: categories[{i}] needs an integer 'id' and a string 'name', got {c['id']!r}, {c['name']!r}")
+            raise DataError(
+                f"{source}: categories[{i}] needs an integer 'id' and a string 'name', got {c['id']!r}, {c['name']!r}"
+            )
         if c["id"] in cat_ids:
             raise DataError(f"{source}: categories[{i}] duplicate category id {c['id']}")
         cat_ids.add(c["id"])
@@ -298,10 +331,18 @@ def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None =
             fail("images_missing_keys", f"images[{i}] missing key(s) {', '.join(repr(k) for k in missing)}")
             continue
         if not _is_id(im["id"]) or not isinstance(im["file_name"], str) or not im["file_name"]:
-            fail("images_missing_keys", f"images[{i}] needs an integer 'id' and a file name, got id {im['id']!r}, file_name {im['file_name']!r}")
+            fail(
+                "images_missing_keys",
+                f"images[{i}] needs an integer 'id' and a file name, got id {im['id']!r}, file_name "
+                f"{im['file_name']!r}",
+            )
             continue
         if not (_positive_int(im["width"]) and _positive_int(im["height"])):
-            fail("images_missing_keys", f"images[{i}] (id={im['id']}) width/height must be positive integers, got {im['width']!r}x{im['height']!r}")
+            fail(
+                "images_missing_keys",
+                f"images[{i}] (id={im['id']}) width/height must be positive integers, got "
+                f"{im['width']!r}x{im['height']!r}",
+            )
             continue
         if im["id"] in images:
             fail("images_duplicate_id", f"images[{i}] duplicate image id {im['id']}")
@@ -318,8 +359,11 @@ def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None =
                     fail("images_unreadable", f"images[{i}] (id={im['id']}) {e}")
                     continue
                 if size != (im["width"], im["height"]):
-                    fail("images_size_mismatch", f"images[{i}] (id={im['id']}) {path} is {size[0]}x{size[1]}, "
-                                                 f"but the entry says {im['width']}x{im['height']}")
+                    fail(
+                        "images_size_mismatch",
+                        f"images[{i}] (id={im['id']}) {path} is {size[0]}x{size[1]}, "
+                        f"but the entry says {im['width']}x{im['height']}",
+                    )
                     continue
         images[im["id"]] = dict(im)
     raw_image_ids = {im.get("id") for im in coco["images"] if isinstance(im, dict) and _is_id(im.get("id"))}
@@ -332,8 +376,11 @@ def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None =
             continue
         where = f"annotations[{i}] (id={a['id']})"
         if not all(_is_id(a[k]) for k in ("id", "image_id", "category_id")):
-            fail("annotations_missing_keys", f"{where} id, image_id and category_id must be integers, "
-                                             f"got {a['id']!r}, {a['image_id']!r}, {a['category_id']!r}")
+            fail(
+                "annotations_missing_keys",
+                f"{where} id, image_id and category_id must be integers, "
+                f"got {a['id']!r}, {a['image_id']!r}, {a['category_id']!r}",
+            )
             continue
         if a.get("iscrowd", 0) not in (0, 1) or isinstance(a.get("iscrowd"), (bool, float)):
             fail("annotations_missing_keys", f"{where} iscrowd must be 0 or 1, got {a['iscrowd']!r}")
@@ -348,14 +395,15 @@ def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None =
             if a["image_id"] in raw_image_ids:  # its image was skipped above
                 skipped["annotations_of_skipped_images"] += 1
             else:
-                fail("annotations_missing_image", f"{where} points to image_id {a['image_id']}, which is not in 'images'")
+                fail(
+                    "annotations_missing_image", f"{where} points to image_id {a['image_id']}, which is not in 'images'"
+                )
             continue
         if a["category_id"] not in cat_ids:
             fail("annotations_unknown_category", f"{where} category_id {a['category_id']} is not in 'categories'")
             continue
         box = a["bbox"]
-        if (not isinstance(box, (list, tuple)) or len(box) != 4
-                or not all(_is_number(v) for v in box)):
+        if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_is_number(v) for v in box):
             fail("annotations_missing_keys", f"{where} bbox must be 4 finite numbers [x, y, w, h], got {box!r}")
             continue
         x, y, w, h = (float(v) for v in box)
@@ -387,8 +435,12 @@ def validate_coco(coco: dict, source: str, image_dir: str | os.PathLike | None =
     return cleaned, skipped
 
 
-def read_coco(path: str | os.PathLike, on_error: str = "error", image_root: str | os.PathLike | None = None,
-              check_images: bool = False) -> tuple[dict, dict[str, int]]:
+def read_coco(
+    path: str | os.PathLike,
+    on_error: str = "error",
+    image_root: str | os.PathLike | None = None,
+    check_images: bool = False,
+) -> tuple[dict, dict[str, int]]:
     """Read and validate a COCO instances JSON; return (coco, skipped counts).
 
     The images directory is ``image_root`` if given, else ``info.image_root`` relative to the JSON's
@@ -416,8 +468,12 @@ def read_coco(path: str | os.PathLike, on_error: str = "error", image_root: str 
     return cleaned, skipped
 
 
-def load_coco(path: str | os.PathLike, on_error: str = "error", image_root: str | os.PathLike | None = None,
-              check_images: bool = False) -> dict:
+def load_coco(
+    path: str | os.PathLike,
+    on_error: str = "error",
+    image_root: str | os.PathLike | None = None,
+    check_images: bool = False,
+) -> dict:
     """:func:`read_coco` without the skipped counts."""
     return read_coco(path, on_error=on_error, image_root=image_root, check_images=check_images)[0]
 
@@ -450,7 +506,10 @@ class CocoDetection(torch.utils.data.Dataset):
         path = self.root / info["file_name"]
         img = open_image(path)
         if (img.width, img.height) != (info["width"], info["height"]):
-            raise DataError(f"{path}: image is {img.width}x{img.height} but its COCO entry (id={info['id']}) says {info['width']}x{info['height']}")
+            raise DataError(
+                f"{path}: image is {img.width}x{img.height} but its COCO entry (id={info['id']}) says "
+                f"{info['width']}x{info['height']}"
+            )
         image = pil_to_tensor(img).float().div_(255.0)  # [3, H, W]
         anns = self.anns.get(info["id"], [])
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)  # [K, 4]
@@ -477,8 +536,9 @@ class ClassificationIndex:
     val: list[tuple[Path, int]]
 
 
-def load_classification_index(path: str | os.PathLike, check_files: bool = True,
-                              root: str | os.PathLike | None = None) -> ClassificationIndex:
+def load_classification_index(
+    path: str | os.PathLike, check_files: bool = True, root: str | os.PathLike | None = None
+) -> ClassificationIndex:
     """Read ``index.json``. Relative paths resolve against its directory, or, where the index declares
     ``"root"`` (the params key of an external dataset's directory, e.g. ``prepare.classification.root``),
     against ``root``, which must then be given and exist. Entries are ``[path, label]`` or
@@ -508,19 +568,31 @@ def load_classification_index(path: str | os.PathLike, check_files: bool = True,
         if not isinstance(index[split], list):
             raise DataError(f"{path}: '{split}' must be a list of [path, label]")
         for i, entry in enumerate(index[split]):
-            if not (isinstance(entry, (list, tuple)) and len(entry) in (2, 3) and isinstance(entry[0], str)
-                    and isinstance(entry[1], int) and 0 <= entry[1] < len(classes)
-                    and (len(entry) == 2 or isinstance(entry[2], str))):
-                raise DataError(f"{path}: {split}[{i}] must be [path, label in 0..{len(classes) - 1}] "
-                                f"(+ content hash), got {entry!r}")
+            if not (
+                isinstance(entry, (list, tuple))
+                and len(entry) in (2, 3)
+                and isinstance(entry[0], str)
+                and isinstance(entry[1], int)
+                and 0 <= entry[1] < len(classes)
+                and (len(entry) == 2 or isinstance(entry[2], str))
+            ):
+                raise DataError(
+                    f"{path}: {split}[{i}] must be [path, label in 0..{len(classes) - 1}] "
+                    f"(+ content hash), got {entry!r}"
+                )
             p = Path(entry[0])
             p = p if p.is_absolute() else base / p
             if check_files and not p.is_file():
                 raise DataError(f"{path}: {split}[{i}] image {p} not found")
             items.append((p, entry[1]))
         splits[split] = items
-    return ClassificationIndex(source=str(index.get("source", "")), classes=list(classes), image_size=int(index["image_size"]),
-                               train=splits["train"], val=splits["val"])
+    return ClassificationIndex(
+        source=str(index.get("source", "")),
+        classes=list(classes),
+        image_size=int(index["image_size"]),
+        train=splits["train"],
+        val=splits["val"],
+    )
 
 
 class ImageListDataset(torch.utils.data.Dataset):

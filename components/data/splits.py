@@ -6,6 +6,7 @@ are dropped. A fold draws one permutation of the sorted ids from ``default_rng([
 takes its first images, so within a fold the splits are nested (1 % within 5 % within 10 %), which makes
 differences between percents less noisy; different folds draw different permutations.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,12 +52,16 @@ def split_coco(coco: dict, labeled_ids) -> tuple[dict, dict]:
     if unknown:
         raise ValueError(f"split_coco: labeled ids not in the COCO images: {sorted(unknown)[:5]}")
     rest = {k: copy.deepcopy(v) for k, v in coco.items() if k not in ("images", "annotations")}
-    labeled = {**copy.deepcopy(rest),
-               "images": [dict(im) for im in coco["images"] if im["id"] in labeled_ids],
-               "annotations": [dict(a) for a in coco.get("annotations", []) if a["image_id"] in labeled_ids]}
-    unlabeled = {**copy.deepcopy(rest),
-                 "images": [dict(im) for im in coco["images"] if im["id"] not in labeled_ids],
-                 "annotations": []}
+    labeled = {
+        **copy.deepcopy(rest),
+        "images": [dict(im) for im in coco["images"] if im["id"] in labeled_ids],
+        "annotations": [dict(a) for a in coco.get("annotations", []) if a["image_id"] in labeled_ids],
+    }
+    unlabeled = {
+        **copy.deepcopy(rest),
+        "images": [dict(im) for im in coco["images"] if im["id"] not in labeled_ids],
+        "annotations": [],
+    }
     return labeled, unlabeled
 
 

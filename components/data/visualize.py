@@ -4,6 +4,7 @@ Used by the prepare stage to show what the pipeline trains on (plots/prepare/*.p
 eyeball augmentations and pseudo-labels. Small images are enlarged with nearest-neighbour sampling so
 pixels stay visible; boxes are scaled with them and drawn in a per-class colour with a label tag.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -30,9 +31,17 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def contact_sheet(images: list[Image.Image], boxes: list[list] | None = None, labels: list[list[str]] | None = None,
-                  titles: list[str] | None = None, cols: int = 8, tile: int = 160, pad: int = 6,
-                  class_names: list[str] | None = None, background=(24, 24, 28)) -> Image.Image:
+def contact_sheet(
+    images: list[Image.Image],
+    boxes: list[list] | None = None,
+    labels: list[list[str]] | None = None,
+    titles: list[str] | None = None,
+    cols: int = 8,
+    tile: int = 160,
+    pad: int = 6,
+    class_names: list[str] | None = None,
+    background=(24, 24, 28),
+) -> Image.Image:
     """Lay ``images`` out on a ``cols``-wide grid of ``tile`` px cells and return the sheet (RGB).
 
     boxes[i] are [x0, y0, x1, y1] in the pixel coordinates of images[i]; labels[i] their class names
@@ -93,8 +102,9 @@ def classification_sheet(items: list[tuple], classes: list[str], per_class: int 
     return contact_sheet(images, titles=titles, cols=per_class, tile=tile)
 
 
-def coco_sheet(coco: dict, image_root: str | os.PathLike | None = None, num_images: int = 16, cols: int = 4,
-               tile: int = 256) -> Image.Image:
+def coco_sheet(
+    coco: dict, image_root: str | os.PathLike | None = None, num_images: int = 16, cols: int = 4, tile: int = 256
+) -> Image.Image:
     """The first ``num_images`` images of a COCO dict with their boxes and class names."""
     root = Path(image_root if image_root is not None else coco.get("info", {}).get("image_root", "."))
     names = {c["id"]: c["name"] for c in coco["categories"]}
@@ -106,11 +116,14 @@ def coco_sheet(coco: dict, image_root: str | os.PathLike | None = None, num_imag
         with Image.open(root / info["file_name"]) as im:
             images.append(im.convert("RGB"))
         mine = anns.get(info["id"], [])
-        boxes.append([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in mine])
+        boxes.append(
+            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in mine]
+        )
         labels.append([names[a["category_id"]] for a in mine])
         titles.append(f"{info['file_name']}  ({len(mine)} boxes)")
-    return contact_sheet(images, boxes, labels, titles=titles, cols=cols, tile=tile,
-                         class_names=[c["name"] for c in coco["categories"]])
+    return contact_sheet(
+        images, boxes, labels, titles=titles, cols=cols, tile=tile, class_names=[c["name"] for c in coco["categories"]]
+    )
 
 
 def save_image(path: str | os.PathLike, image: Image.Image) -> Path:

@@ -3,9 +3,10 @@
 Top-1/top-5 are the numbers MAE and iBOT report on ImageNet (He et al. 2021, Table 3; Zhou et al.
 2021, Table 2). With fewer than k classes, top-k is computed with k clipped to the class count.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import matplotlib
 
@@ -41,7 +42,9 @@ def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: in
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: nn.Module, loader: Iterable, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` (eval mode) over ``loader`` of (images, labels) -> (logits [N, C], labels [N]) on CPU."""
     was_training = model.training
     model.eval()
@@ -54,7 +57,9 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device | str = "cp
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate_classifier(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device | str = "cpu") -> dict:
+def evaluate_classifier(
+    model: nn.Module, loader: Iterable, num_classes: int, device: torch.device | str = "cpu"
+) -> dict:
     """Top-1, top-5 (percent), mean cross-entropy and the confusion matrix of ``model`` on ``loader``."""
     logits, labels = predict(model, loader, device)
     acc = topk_accuracy(logits, labels, (1, 5))
@@ -84,7 +89,15 @@ def confusion_figure(cm: torch.Tensor | np.ndarray, classes: list[str], title: s
     if n <= 30:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return fig

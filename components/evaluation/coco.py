@@ -4,11 +4,12 @@ Soft Teacher reports COCO mAP@[.5:.95] on val2017 (Xu et al. 2021, Sec. 4.1); we
 ``COCOeval`` summary (AP, AP50, AP75, AP small/medium/large) on the held-out scenes. Detections are
 torchvision outputs (xyxy boxes, contiguous labels 1..C) mapped back to COCO category ids.
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -41,7 +42,14 @@ def to_coco_results(detections: Iterable[dict], label_to_category: list[int]) ->
         boxes = det["boxes"].detach().cpu().double()
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
         for box, score, label in zip(xywh, det["scores"].tolist(), det["labels"].tolist()):
-            results.append({"image_id": int(det["image_id"]), "category_id": int(label_to_category[label - 1]), "bbox": box, "score": float(score)})
+            results.append(
+                {
+                    "image_id": int(det["image_id"]),
+                    "category_id": int(label_to_category[label - 1]),
+                    "bbox": box,
+                    "score": float(score),
+                }
+            )
     return results
 
 
@@ -51,9 +59,11 @@ def coco_evaluate(coco: dict, results: list[dict]) -> dict[str, float | None]:
     box in that size range). No detections at all give 0 (pycocotools cannot load an empty list)."""
     if not results:
         areas = [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in coco["annotations"] if not a.get("iscrowd", 0)]
+
         def found(key: str) -> bool:
             lo, hi = AREA_RANGES.get(key, (0, float("inf")))
             return any(lo <= area <= hi for area in areas)
+
         return {k: 0.0 if found(k) else None for k in AP_KEYS}
     gt = coco_api(coco)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -67,7 +77,9 @@ def coco_evaluate(coco: dict, results: list[dict]) -> dict[str, float | None]:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: Iterable[tuple[int, torch.Tensor]], device: torch.device, batch_size: int = 8) -> list[dict]:
+def predict(
+    model: torch.nn.Module, images: Iterable[tuple[int, torch.Tensor]], device: torch.device, batch_size: int = 8
+) -> list[dict]:
     """Run a torchvision detector (eval mode) over (image_id, image [3, H, W] in [0, 1]) pairs."""
     was_training = model.training
     model.eval()
@@ -88,7 +100,14 @@ def predict(model: torch.nn.Module, images: Iterable[tuple[int, torch.Tensor]], 
     return out
 
 
-def prediction_figure(images: list[torch.Tensor], truths: list[dict], detections: list[dict], class_names: list[str], score_threshold: float = 0.5, title: str = ""):
+def prediction_figure(
+    images: list[torch.Tensor],
+    truths: list[dict],
+    detections: list[dict],
+    class_names: list[str],
+    score_threshold: float = 0.5,
+    title: str = "",
+):
     """A matplotlib figure: each held-out image with ground truth (dashed green) and detections above
     ``score_threshold`` (solid, labelled with class and score)."""
     import matplotlib
@@ -105,13 +124,21 @@ def prediction_figure(images: list[torch.Tensor], truths: list[dict], detections
         ax.axis("off")
     for ax, img, gt, det in zip(axes.flat, images, truths, detections):
         ax.imshow(np.clip(img.permute(1, 2, 0).cpu().numpy(), 0, 1))
-        for (x1, y1, x2, y2), lab in zip(gt["boxes"].tolist(), gt["labels"].tolist()):
+        for x1, y1, x2, y2 in gt["boxes"].tolist():
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="lime", lw=1.2, ls="--"))
         for (x1, y1, x2, y2), lab, s in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
             if s < score_threshold:
                 continue
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="red", lw=1.2))
-            ax.text(x1, y1, f"{class_names[lab - 1]} {s:.2f}", color="white", fontsize=6, va="bottom", bbox=dict(fc="red", ec="none", pad=0.5, alpha=0.8))
+            ax.text(
+                x1,
+                y1,
+                f"{class_names[lab - 1]} {s:.2f}",
+                color="white",
+                fontsize=6,
+                va="bottom",
+                bbox=dict(fc="red", ec="none", pad=0.5, alpha=0.8),
+            )
     fig.suptitle(title or "held-out scenes: ground truth (green, dashed) vs detections (red)", fontsize=9)
     fig.tight_layout()
     return fig

@@ -4,9 +4,10 @@ iBOT report it: Caron et al. 2021 Sec. 4.1, Zhou et al. 2021 Sec. 4.1).
 Features are L2-normalised; each test image takes its k most cosine-similar training images, and
 each neighbour votes for its label with weight exp(sim / T). DINO and iBOT use k = 20, T = 0.07.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F

@@ -13,10 +13,11 @@ each step to ``trust_coeff * |w|`` (1e-3), which MAE compensates with 7,000 step
 on separable toy features, where SGD reaches 100 %). BatchNorm already puts the features on one scale.
 Batches are equal splits of each epoch rather than ``drop_last`` ones (``fit_probe_head``).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from timm.layers import trunc_normal_
@@ -58,7 +59,7 @@ class LinearProbe(nn.Module):
         self.pool = pool
         self.head = probe_head(encoder.embed_dim, num_classes)
 
-    def train(self, mode: bool = True) -> "LinearProbe":
+    def train(self, mode: bool = True) -> LinearProbe:
         super().train(mode)
         self.encoder.eval()
         return self
@@ -72,7 +73,9 @@ class LinearProbe(nn.Module):
 
 
 @torch.no_grad()
-def extract_pooled_features(encoder: VisionTransformer, loader: Iterable, pool: str = "token", device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def extract_pooled_features(
+    encoder: VisionTransformer, loader: Iterable, pool: str = "token", device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D], labels [N]) of ``loader`` of (images, labels) through the frozen encoder."""
     was_training = encoder.training
     encoder.eval()

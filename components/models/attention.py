@@ -5,6 +5,7 @@ timm's blocks use fused scaled-dot-product attention, which never materialises t
 matrix, so the last block's input is captured with a hook and its attention recomputed as
 softmax(q k^T * scale) from the block's own ``qkv`` projection.
 """
+
 from __future__ import annotations
 
 import matplotlib
@@ -46,7 +47,9 @@ def cls_attention_maps(model: VisionTransformer, images: torch.Tensor) -> torch.
     return attn[:, :, 0, 1:].reshape(attn.shape[0], attn.shape[1], gh, gw)
 
 
-def attention_figure(images: torch.Tensor, maps: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], title: str = "") -> plt.Figure:
+def attention_figure(
+    images: torch.Tensor, maps: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], title: str = ""
+) -> plt.Figure:
     """One row per image: the image, then the [CLS] attention map of each head (nearest-upsampled
     to the image size, each map stretched to its own min-max range, as DINO's figures), with the
     map's peak share of attention written under it.
@@ -66,7 +69,9 @@ def attention_figure(images: torch.Tensor, maps: torch.Tensor, mean: tuple[float
             a = up[i, j].numpy()
             lo, hi = float(np.min(a)), float(np.max(a))
             axes[i, j + 1].imshow((a - lo) / max(hi - lo, 1e-12), cmap="inferno", vmin=0.0, vmax=1.0)
-            axes[i, j + 1].text(0.5, -0.04, f"max {hi:.2f}", fontsize=6, ha="center", va="top", transform=axes[i, j + 1].transAxes)
+            axes[i, j + 1].text(
+                0.5, -0.04, f"max {hi:.2f}", fontsize=6, ha="center", va="top", transform=axes[i, j + 1].transAxes
+            )
             if i == 0:
                 axes[i, j + 1].set_title(f"head {j}", fontsize=8)
         if i == 0:

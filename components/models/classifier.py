@@ -7,6 +7,7 @@ The ViT head follows MAE's fine-tuning (He et al. 2021, Sec. A.1 and ``main_fine
 global average pooling + ``fc_norm`` (or the [CLS] token), head weights trunc_normal(std 2e-5),
 the encoder's final ``norm`` dropped when pooling with ``fc_norm``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,9 +54,13 @@ def build_vit_classifier(
     if global_pool not in ("avg", "token"):
         raise ValueError(f"build_vit_classifier: global_pool must be 'avg' or 'token', got {global_pool!r}")
     if encoder_dir is not None:
-        model, spec = load_encoder(encoder_dir, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate)
+        model, spec = load_encoder(
+            encoder_dir, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate
+        )
     else:
-        model = create_vit(spec, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate, pos_embed="sincos")
+        model = create_vit(
+            spec, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate, pos_embed="sincos"
+        )
     init_head(model, head_init_std)
     return model, spec
 
@@ -66,7 +71,13 @@ def build_cnn_classifier(name: str, num_classes: int, img_size: int, width: int 
 
 
 def vit_meta(spec: ViTSpec, num_classes: int, global_pool: str, classes: list[str]) -> dict:
-    return {"arch": "vit", **spec.to_dict(), "num_classes": num_classes, "global_pool": global_pool, "classes": list(classes)}
+    return {
+        "arch": "vit",
+        **spec.to_dict(),
+        "num_classes": num_classes,
+        "global_pool": global_pool,
+        "classes": list(classes),
+    }
 
 
 def cnn_meta(name: str, num_classes: int, img_size: int, width: int, classes: list[str]) -> dict:
@@ -88,9 +99,19 @@ def _build_from_meta(meta: dict, source: Path) -> nn.Module:
         if arch == "vit":
             fields = {f.name for f in dataclasses.fields(ViTSpec)}
             spec = ViTSpec(**{k: v for k, v in meta.items() if k in fields})
-            return create_vit(spec, num_classes=int(meta["num_classes"]), global_pool=meta.get("global_pool", "avg"), pos_embed="sincos")
+            return create_vit(
+                spec,
+                num_classes=int(meta["num_classes"]),
+                global_pool=meta.get("global_pool", "avg"),
+                pos_embed="sincos",
+            )
         if arch in CNN_PRESETS:
-            return create_cnn(arch, num_classes=int(meta["num_classes"]), img_size=int(meta["img_size"]), width=int(meta.get("width", 64)))
+            return create_cnn(
+                arch,
+                num_classes=int(meta["num_classes"]),
+                img_size=int(meta["img_size"]),
+                width=int(meta.get("width", 64)),
+            )
     except (KeyError, TypeError, ValueError) as e:
         raise ClassifierLoadError(f"{source}: bad architecture description ({type(e).__name__}: {e})") from None
     raise ClassifierLoadError(f"{source}: unknown arch {arch!r}; known: vit, {', '.join(CNN_PRESETS)}")

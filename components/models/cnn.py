@@ -6,6 +6,7 @@ of the same paper (Sec. 4.2): one 3x3 stride-1 convolution and no max-pool, so l
 resolution. ``width`` scales every stage (64 is torchvision's), so the baseline can be made as
 cheap as the small ViTs it is compared against (Raghu et al. 2021 compare ViTs with ResNets by CKA).
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -80,8 +81,4 @@ def residual_blocks(model: ResNet) -> list[tuple[str, nn.Module]]:
 
     Their outputs are the representations CKA compares layer by layer (Raghu et al. 2021, Sec. 3).
     """
-    return [
-        (f"layer{i}.{j}", blk)
-        for i in range(1, 5)
-        for j, blk in enumerate(getattr(model, f"layer{i}"))
-    ]
+    return [(f"layer{i}.{j}", blk) for i in range(1, 5) for j, blk in enumerate(getattr(model, f"layer{i}"))]

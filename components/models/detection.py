@@ -13,6 +13,7 @@ map (stride = patch size) is used, upsampled by deconvolutions (x4, x2), kept (x
 (x0.5), each followed by a 1x1 and a 3x3 convolution with LayerNorm; a max-pooled extra level
 feeds the RPN. The position embedding is resampled to each image's patch grid.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import MultiScaleRoIAlign, misc as misc_nn_ops
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from components.io import load_safetensors, read_json, save_safetensors, torch_load, write_json
@@ -84,7 +86,10 @@ class DetectorSpec:
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if len(self.anchor_sizes) != len(FEATURE_NAMES) + 1:
-            raise ValueError(f"anchor_sizes needs one size per pyramid level ({len(FEATURE_NAMES) + 1}), got {list(self.anchor_sizes)}")
+            raise ValueError(
+                f"anchor_sizes needs one size per pyramid level ({len(FEATURE_NAMES) + 1}), got "
+                f"{list(self.anchor_sizes)}"
+            )
         if self.width < 4:
             raise ValueError(f"width must be >= 4, got {self.width}")
         if self.backbone == "vit" and self.vit is None:
@@ -140,9 +145,14 @@ def resnet_fpn(spec: DetectorSpec, pretrained: str = "none") -> nn.Module:
     ``torch.save`` file read with ``weights_only=True``).
     """
     if pretrained != "none" and spec.norm == "gn":
-        raise ValueError(f"pretrained ResNet weights have BatchNorm statistics; use norm 'frozen_bn' or 'bn', not 'gn' ({pretrained})")
+        raise ValueError(
+            "pretrained ResNet weights have BatchNorm statistics; use norm 'frozen_bn' or 'bn', not 'gn' "
+            f"({pretrained})"
+        )
     if pretrained != "none" and (spec.width != 64 or spec.backbone == "resnet10"):
-        raise ValueError(f"pretrained weights exist for torchvision's ResNets (width 64), not {spec.backbone} width {spec.width}")
+        raise ValueError(
+            f"pretrained weights exist for torchvision's ResNets (width 64), not {spec.backbone} width {spec.width}"
+        )
     norm_layer = _norm_layer(spec.norm)
     if pretrained == "torchvision":
         body = getattr(resnet, spec.backbone)(weights="DEFAULT", norm_layer=norm_layer)
@@ -150,13 +160,19 @@ def resnet_fpn(spec: DetectorSpec, pretrained: str = "none") -> nn.Module:
         body = create_resnet(spec.backbone, spec.width, norm_layer)
     if pretrained not in ("none", "torchvision"):
         load_backbone_weights(body, pretrained)
-    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: spec.trainable_layers] + (["bn1"] if spec.trainable_layers == 5 else [])
+    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: spec.trainable_layers] + (
+        ["bn1"] if spec.trainable_layers == 5 else []
+    )
     for name, p in body.named_parameters():
         if not name.startswith(tuple(trainable)):
             p.requires_grad_(False)
     in_channels = [body.inplanes // 8 * 2**i for i in range(4)]  # C2..C5 widths
     return BackboneWithFPN(
-        body, {f"layer{k + 1}": name for k, name in enumerate(FEATURE_NAMES)}, in_channels, spec.fpn_channels, extra_blocks=LastLevelMaxPool()
+        body,
+        {f"layer{k + 1}": name for k, name in enumerate(FEATURE_NAMES)},
+        in_channels,
+        spec.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
     )
 
 
@@ -170,11 +186,19 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path}: not a state dict of tensors")
     target = body.state_dict()
     # FrozenBatchNorm2d keeps no num_batches_tracked; a classifier's fc is not part of the backbone
-    state = {k: v for k, v in state.items() if not k.startswith("fc.") and not (k.endswith("num_batches_tracked") and k not in target)}
+    state = {
+        k: v
+        for k, v in state.items()
+        if not k.startswith("fc.") and not (k.endswith("num_batches_tracked") and k not in target)
+    }
     bad = sorted(k for k in state if k not in target or target[k].shape != state[k].shape)
-    missing = sorted(k for k in target if k not in state and not k.startswith("fc.") and not k.endswith("num_batches_tracked"))
+    missing = sorted(
+        k for k in target if k not in state and not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    )
     if bad or missing:
-        raise ValueError(f"{path}: does not fit the ResNet (unexpected or mismatched: {bad[:4]}; missing: {missing[:4]})")
+        raise ValueError(
+            f"{path}: does not fit the ResNet (unexpected or mismatched: {bad[:4]}; missing: {missing[:4]})"
+        )
     body.load_state_dict(state, strict=False)
 
 
@@ -186,7 +210,12 @@ def rescale(dim: int, factor: float) -> tuple[nn.Module, int]:
     """ViTDet's rescaling of the last ViT map by ``factor`` (a power of 2): stride-2 deconvolutions
     (LayerNorm + GELU between two) to upsample, max-pooling to downsample; returns (module, width)."""
     if factor == 4:
-        return nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(), nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)), dim // 4
+        return nn.Sequential(
+            nn.ConvTranspose2d(dim, dim // 2, 2, 2),
+            LayerNorm2d(dim // 2),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2),
+        ), dim // 4
     if factor == 2:
         return nn.ConvTranspose2d(dim, dim // 2, 2, 2), dim // 2
     if factor == 1:
@@ -241,7 +270,7 @@ class SimpleFeaturePyramid(nn.Module):
         x = vit.norm(vit.blocks(vit.norm_pre(vit.pos_drop(x))))
         return x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, gh, gw)  # [B, D, Gh, Gw]
 
-    def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         x = self.forward_vit(images)  # [B, D, H/p, W/p]
         out = OrderedDict((name, scale(x)) for name, scale in zip(FEATURE_NAMES, self.scales))  # strides 4, 8, 16, 32
         out["pool"] = F.max_pool2d(out[FEATURE_NAMES[-1]], kernel_size=1, stride=2)  # torchvision's LastLevelMaxPool
@@ -254,7 +283,10 @@ def vit_pyramid(spec: DetectorSpec, encoder_dir: str | Path | None = None) -> nn
     if encoder_dir is not None:
         vit, loaded = load_encoder(encoder_dir)
         if loaded != vit_spec:
-            raise ValueError(f"{Path(encoder_dir) / 'encoder.json'}: encoder {loaded.to_dict()} differs from the detector's vit {spec.vit}")
+            raise ValueError(
+                f"{Path(encoder_dir) / 'encoder.json'}: encoder {loaded.to_dict()} differs from the detector's vit "
+                f"{spec.vit}"
+            )
     else:
         vit = create_vit(vit_spec, pos_embed="sincos")
     vit.head = nn.Identity()
@@ -292,13 +324,17 @@ def create_detector(spec: DetectorSpec, pretrained: str = "none", encoder_dir: s
     """
     if spec.backbone == "vit":
         if pretrained != "none":
-            raise ValueError("pretrained applies to ResNet backbones; a ViT backbone loads its encoder from encoder_dir")
+            raise ValueError(
+                "pretrained applies to ResNet backbones; a ViT backbone loads its encoder from encoder_dir"
+            )
         backbone = vit_pyramid(spec, encoder_dir)
     else:
         if encoder_dir is not None:
             raise ValueError(f"encoder_dir is for the ViT backbone, not {spec.backbone}")
         backbone = resnet_fpn(spec, pretrained)
-    anchors = AnchorGenerator(sizes=tuple((s,) for s in spec.anchor_sizes), aspect_ratios=(spec.aspect_ratios,) * len(spec.anchor_sizes))
+    anchors = AnchorGenerator(
+        sizes=tuple((s,) for s in spec.anchor_sizes), aspect_ratios=(spec.aspect_ratios,) * len(spec.anchor_sizes)
+    )
     # Built in the order FasterRCNN builds its defaults (box head, predictor, then the RPN head), so a
     # seed gives the same initial weights as torchvision's own heads would.
     box_head = TwoMLPHead(spec.fpn_channels * 7 * 7, spec.representation_size)
@@ -349,5 +385,7 @@ def load_detector(model_dir: str | Path) -> tuple[FasterRCNN, DetectorSpec, dict
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{model_dir / DETECTOR_WEIGHTS}: weights do not match {DETECTOR_SPEC} ({str(e).splitlines()[0]})") from None
+        raise ValueError(
+            f"{model_dir / DETECTOR_WEIGHTS}: weights do not match {DETECTOR_SPEC} ({str(e).splitlines()[0]})"
+        ) from None
     return model, spec, {k: v for k, v in meta.items() if k not in ("arch", "spec")}

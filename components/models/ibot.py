@@ -17,6 +17,7 @@ One piece per part of the paper, named after bytedance/ibot (``models/head.py: i
 - the EMA teacher (the "online tokenizer") is :func:`components.training.ema.ema_update` with
   :func:`teacher_momentum`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,7 +66,9 @@ class IBOTHead(nn.Module):
             self.mlp = nn.Sequential(*layers)
         self.apply(self._init_weights)
         self.last_layer = self._weight_normed(bottleneck_dim, out_dim, norm_last_layer)
-        self.last_layer2 = self.last_layer if shared_head else self._weight_normed(bottleneck_dim, patch_out_dim, norm_last_layer)
+        self.last_layer2 = (
+            self.last_layer if shared_head else self._weight_normed(bottleneck_dim, patch_out_dim, norm_last_layer)
+        )
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -148,7 +151,9 @@ class IBOTViT(nn.Module):
         x = enc.patch_embed.norm(x.flatten(2).transpose(1, 2))  # [B, L, D]
         if mask is not None:
             if mask.shape != (B, h, w):
-                raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit a batch of {B} crops with a {h}x{w} patch grid")
+                raise ValueError(
+                    f"mask of shape {tuple(mask.shape)} does not fit a batch of {B} crops with a {h}x{w} patch grid"
+                )
             x = torch.where(mask.reshape(B, h * w, 1), self.masked_embed.to(x.dtype), x)  # [B, L, D]
         x = torch.cat([enc.cls_token.expand(B, -1, -1), x], dim=1)  # [B, 1 + L, D]
         x = x + self.pos_embed_for(h, w)
@@ -216,10 +221,14 @@ class IBOTLoss(nn.Module):
         """[CLS] self-distillation averaged over cross-view pairs (teacher view q != student view v)."""
         s = student_cls.chunk(self.num_global + self.num_local)  # views x [B, K]
         t = teacher_p.chunk(self.num_global)
-        terms = [cross_entropy(t[q], s[v], self.student_temp).mean() for q in range(len(t)) for v in range(len(s)) if v != q]
+        terms = [
+            cross_entropy(t[q], s[v], self.student_temp).mean() for q in range(len(t)) for v in range(len(s)) if v != q
+        ]
         return torch.stack(terms).mean()
 
-    def mim_distillation(self, student_patch: torch.Tensor, teacher_patch_p: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def mim_distillation(
+        self, student_patch: torch.Tensor, teacher_patch_p: torch.Tensor, masks: torch.Tensor
+    ) -> torch.Tensor:
         """MIM averaged over same-view pairs: per image, the cross-entropy summed over masked patches
         and divided by ``mask.sum().clamp(min=1)`` (an unmasked image contributes 0), then the batch mean."""
         s = student_patch.chunk(self.num_global)  # views x [B, L, K']

@@ -11,6 +11,7 @@ The encoder is the project's shared timm ``VisionTransformer`` (``components.mod
 held as ``self.encoder`` so ``save_encoder(mae.encoder, spec, dir)`` writes the format every later
 stage loads. Its blocks use timm's fused scaled-dot-product attention.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -51,9 +52,13 @@ class MaskedAutoencoder(nn.Module):
     ) -> None:
         super().__init__()
         if decoder_embed_dim % decoder_num_heads:
-            raise ValueError(f"decoder_embed_dim {decoder_embed_dim} is not divisible by decoder_num_heads {decoder_num_heads}")
+            raise ValueError(
+                f"decoder_embed_dim {decoder_embed_dim} is not divisible by decoder_num_heads {decoder_num_heads}"
+            )
         if decoder_embed_dim % 4:
-            raise ValueError(f"decoder_embed_dim {decoder_embed_dim} must be divisible by 4 (2D sin-cos position embedding)")
+            raise ValueError(
+                f"decoder_embed_dim {decoder_embed_dim} must be divisible by 4 (2D sin-cos position embedding)"
+            )
         self.spec = spec
         self.norm_pix_loss = norm_pix_loss
         self.mask_ratio = mask_ratio
@@ -62,10 +67,15 @@ class MaskedAutoencoder(nn.Module):
         # --- decoder
         self.decoder_embed = nn.Linear(spec.embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_embed_dim, spec.grid_size, cls_token=True), requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(
+            sincos_2d(decoder_embed_dim, spec.grid_size, cls_token=True), requires_grad=False
+        )
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.Sequential(
-            *[Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(decoder_depth)]
+            *[
+                Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(decoder_depth)
+            ]
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, spec.patch_size**2 * spec.in_chans)
@@ -99,7 +109,9 @@ class MaskedAutoencoder(nn.Module):
         n, length, _ = x.shape
         h = w = int(round(length**0.5))
         if h * w != length or x.shape[-1] != p * p * c:
-            raise ValueError(f"patch tensor of shape {tuple(x.shape)} is not a square grid of {c}-channel {p}x{p} patches")
+            raise ValueError(
+                f"patch tensor of shape {tuple(x.shape)} is not a square grid of {c}-channel {p}x{p} patches"
+            )
         x = x.reshape(n, h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(n, c, h * p, w * p)
@@ -188,7 +200,9 @@ def _init_linear_and_norm(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def mae_flops_per_image(spec: ViTSpec, decoder_embed_dim: int, decoder_depth: int, mask_ratio: float, decoder_mlp_ratio: float = 4.0) -> float:
+def mae_flops_per_image(
+    spec: ViTSpec, decoder_embed_dim: int, decoder_depth: int, mask_ratio: float, decoder_mlp_ratio: float = 4.0
+) -> float:
     """Analytic forward FLOPs (2 per multiply-add) of one image through the MAE: patch embed on all
     L patches, encoder blocks on 1 + K tokens, decoder blocks on 1 + L tokens, prediction head.
     Training costs about 3x this (forward + backward)."""

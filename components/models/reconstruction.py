@@ -7,10 +7,11 @@ un-normalised with the mean and standard deviation of the same patch of the orig
 only place those statistics exist — so the figure shows structure the decoder predicted, at the
 brightness of the original patch.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,7 +24,9 @@ PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
 
 @torch.no_grad()
-def reconstruct(mae: MaskedAutoencoder, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def reconstruct(
+    mae: MaskedAutoencoder, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Run ``mae`` on ``imgs`` [N, C, H, W] (normalised input space) and return the four panels,
     each [N, C, H, W] in the same space, plus ``mask`` [N, L] and the masked-patch ``loss``."""
     was_training = mae.training
@@ -66,7 +69,9 @@ def pixel_mask(mask: torch.Tensor, img_size: int) -> np.ndarray:
     return m.unsqueeze(-1).numpy()
 
 
-def plot_reconstructions(panels: dict[str, torch.Tensor], mean: Sequence[float], std: Sequence[float], title: str = "") -> Figure:
+def plot_reconstructions(
+    panels: dict[str, torch.Tensor], mean: Sequence[float], std: Sequence[float], title: str = ""
+) -> Figure:
     """A grid with one row per image and the columns of :data:`PANELS`; masked patches are shown grey."""
     removed = pixel_mask(panels["mask"], panels["original"].shape[-1])  # [N, H, W, 1], 1 = removed
     shown = {name: to_display(panels[name], mean, std) for name in PANELS}

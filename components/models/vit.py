@@ -8,6 +8,7 @@ all-zero row for the [CLS] token. Note the official code's half named ``emb_h`` 
 coordinate (facebookresearch/mae issue #18); here the first half encodes the row (h) coordinate and
 the second half the column (w) coordinate, which is the same embedding up to a swap of halves.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +63,7 @@ class ViTSpec:
         return self.grid_size**2
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "ViTSpec":
+    def from_preset(cls, name: str, **overrides) -> ViTSpec:
         if name not in PRESETS:
             raise KeyError(f"unknown ViT preset {name!r}; known: {', '.join(PRESETS)}")
         fields = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
@@ -174,14 +175,24 @@ def read_normalisation(encoder_dir: str | Path) -> tuple[tuple[float, ...], tupl
     return None
 
 
-def state_dict_mismatch(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], fresh: tuple[str, ...] = ()) -> str:
+def state_dict_mismatch(
+    state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], fresh: tuple[str, ...] = ()
+) -> str:
     """What keeps ``state`` from loading into a model whose state dict is ``target`` ('' when nothing):
     tensors of another shape, unexpected ones, and missing ones (except names starting with ``fresh``,
     the parts a model may start fresh), six of each at most."""
-    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in state if k in target and state[k].shape != target[k].shape)
+    mismatched = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        for k in state
+        if k in target and state[k].shape != target[k].shape
+    )
     unexpected = sorted(k for k in state if k not in target)
     missing = sorted(k for k in target if k not in state and not (fresh and k.startswith(fresh)))
-    parts = [f"{what}: {', '.join(names[:6])}" for what, names in (("shape mismatch", mismatched), ("unexpected", unexpected), ("missing", missing)) if names]
+    parts = [
+        f"{what}: {', '.join(names[:6])}"
+        for what, names in (("shape mismatch", mismatched), ("unexpected", unexpected), ("missing", missing))
+        if names
+    ]
     return "; ".join(parts)
 
 
@@ -212,8 +223,8 @@ def load_encoder(
     """Build the ViT described by ``encoder.json`` and load ``encoder.safetensors`` into it."""
     encoder_dir = Path(encoder_dir)
     spec = read_spec(encoder_dir)
-    model = create_vit(spec, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate, pos_embed=pos_embed)
+    model = create_vit(
+        spec, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate, pos_embed=pos_embed
+    )
     load_encoder_into(model, load_safetensors(encoder_dir / ENCODER_WEIGHTS), str(encoder_dir / ENCODER_WEIGHTS))
     return model, spec
-
-

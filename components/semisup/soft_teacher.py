@@ -19,10 +19,11 @@ L = L_sup + alpha * L_unsup (Eq. 1). Every function works on torchvision's Faste
 (``transform``, ``backbone``, ``rpn``, ``roi_heads``); ``fastrcnn_loss`` takes no weights, so the
 soft-weighted classification loss is written here.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,14 +86,18 @@ def batch_images(detector: FasterRCNN, images: list[torch.Tensor]) -> ImageList:
     return ImageList(t.batch_images(normed, size_divisible=t.size_divisible), [tuple(img.shape[-2:]) for img in images])
 
 
-def box_head_outputs(detector: FasterRCNN, features: dict, boxes: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def box_head_outputs(
+    detector: FasterRCNN, features: dict, boxes: list[torch.Tensor], image_sizes: list[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class logits [N, C+1] and box deltas [N, (C+1)*4] of the box head for ``boxes`` (all images)."""
     rh = detector.roi_heads
     x = rh.box_head(rh.box_roi_pool(features, boxes, image_sizes))  # [N, R]
     return rh.box_predictor(x)
 
 
-def refine_boxes(detector: FasterRCNN, features: dict, boxes: list[torch.Tensor], labels: list[torch.Tensor], image_sizes) -> list[torch.Tensor]:
+def refine_boxes(
+    detector: FasterRCNN, features: dict, boxes: list[torch.Tensor], labels: list[torch.Tensor], image_sizes
+) -> list[torch.Tensor]:
     """The box head's refinement of each box for its class (decoded and clipped to the image)."""
     if sum(len(b) for b in boxes) == 0:
         return [b.reshape(0, 4) for b in boxes]
@@ -106,20 +111,26 @@ def refine_boxes(detector: FasterRCNN, features: dict, boxes: list[torch.Tensor]
     return out
 
 
-def background_probability(detector: FasterRCNN, features: dict, boxes: list[torch.Tensor], image_sizes) -> torch.Tensor:
+def background_probability(
+    detector: FasterRCNN, features: dict, boxes: list[torch.Tensor], image_sizes
+) -> torch.Tensor:
     """The box head's background probability (softmax column 0) for each box, all images: [N]."""
     logits, _ = box_head_outputs(detector, features, boxes, image_sizes)
     return F.softmax(logits.float(), dim=-1)[:, 0]
 
 
 # --------------------------------------------------------------------------- pseudo boxes
-def select_pseudo_boxes(boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def select_pseudo_boxes(
+    boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher detections with score strictly above ``threshold`` (official ``filter_invalid``)."""
     keep = scores > threshold
     return boxes[keep], labels[keep]
 
 
-def select_reliable_boxes(boxes: torch.Tensor, labels: torch.Tensor, uncertainty: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def select_reliable_boxes(
+    boxes: torch.Tensor, labels: torch.Tensor, uncertainty: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo boxes whose box-jitter uncertainty is strictly below ``threshold`` (regression targets)."""
     keep = uncertainty < threshold
     return boxes[keep], labels[keep]
@@ -129,7 +140,9 @@ def jitter_boxes(boxes: torch.Tensor, times: int, scale: float) -> torch.Tensor:
     """[N, 4] -> [times, N, 4]: Gaussian offsets with std ``scale`` x width (x1, x2) / height (y1, y2)."""
     wh = (boxes[:, 2:4] - boxes[:, :2]).clamp(min=1.0)  # [N, 2]
     sigma = wh.repeat(1, 2) * scale  # [N, 4] = (w, h, w, h) * scale
-    return boxes.unsqueeze(0) + torch.randn(times, *boxes.shape, device=boxes.device, dtype=boxes.dtype) * sigma  # [J, N, 4]
+    return (
+        boxes.unsqueeze(0) + torch.randn(times, *boxes.shape, device=boxes.device, dtype=boxes.dtype) * sigma
+    )  # [J, N, 4]
 
 
 def box_uncertainty(refined: torch.Tensor) -> torch.Tensor:
@@ -161,7 +174,9 @@ def jitter_uncertainty(
 def background_weights(labels: torch.Tensor, teacher_background: torch.Tensor) -> torch.Tensor:
     """Per-proposal weights: 1 for proposals assigned to a pseudo box, the teacher's background
     probability for proposals assigned to background (label 0)."""
-    return torch.where(labels == 0, teacher_background.to(torch.float32), torch.ones_like(teacher_background, dtype=torch.float32))
+    return torch.where(
+        labels == 0, teacher_background.to(torch.float32), torch.ones_like(teacher_background, dtype=torch.float32)
+    )
 
 
 def soft_classification_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -191,7 +206,10 @@ def teacher_pseudo_boxes(teacher: FasterRCNN, weak_images: list[torch.Tensor], c
     proposals, _ = teacher.rpn(images, features)
     # boxes scoring below the initial threshold are dropped anyway; dropping them before NMS saves time
     # and changes nothing above it (a lower-scoring box never suppresses a higher-scoring one)
-    score_thresh, teacher.roi_heads.score_thresh = teacher.roi_heads.score_thresh, max(teacher.roi_heads.score_thresh, cfg.initial_threshold)
+    score_thresh, teacher.roi_heads.score_thresh = (
+        teacher.roi_heads.score_thresh,
+        max(teacher.roi_heads.score_thresh, cfg.initial_threshold),
+    )
     try:
         detections, _ = teacher.roi_heads(features, proposals, images.image_sizes)
     finally:
@@ -207,7 +225,13 @@ def teacher_pseudo_boxes(teacher: FasterRCNN, weak_images: list[torch.Tensor], c
     return TeacherOutput(features, images.image_sizes, boxes, labels, scores, uncertainty)
 
 
-def to_student_view(boxes: torch.Tensor, labels: torch.Tensor, student_from_teacher: torch.Tensor, size: tuple[int, int], min_size: float) -> dict[str, torch.Tensor]:
+def to_student_view(
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    student_from_teacher: torch.Tensor,
+    size: tuple[int, int],
+    min_size: float,
+) -> dict[str, torch.Tensor]:
     """Pseudo boxes mapped into the student's view, clipped to it, those not wider and higher than
     ``min_size`` dropped (the reference's ``filter_invalid``; 0 keeps any box of positive size)."""
     mapped, _ = clip_boxes(transform_boxes(boxes, student_from_teacher), size)
@@ -215,12 +239,16 @@ def to_student_view(boxes: torch.Tensor, labels: torch.Tensor, student_from_teac
     return {"boxes": mapped[keep], "labels": labels[keep]}
 
 
-def pseudo_targets(t: TeacherOutput, student_from_teacher: list[torch.Tensor], sizes: list[tuple[int, int]], cfg: SoftTeacherConfig) -> tuple[Targets, Targets, Targets]:
+def pseudo_targets(
+    t: TeacherOutput, student_from_teacher: list[torch.Tensor], sizes: list[tuple[int, int]], cfg: SoftTeacherConfig
+) -> tuple[Targets, Targets, Targets]:
     """Targets of the student's RPN (score > rpn_threshold), classification (score > cls_threshold)
     and box regression (box-jitter uncertainty < reg_uncertainty), in the student's views."""
 
     def targets(select) -> Targets:
-        return [to_student_view(*select(i), student_from_teacher[i], sizes[i], cfg.min_box_size) for i in range(len(sizes))]
+        return [
+            to_student_view(*select(i), student_from_teacher[i], sizes[i], cfg.min_box_size) for i in range(len(sizes))
+        ]
 
     rpn = targets(lambda i: select_pseudo_boxes(t.boxes[i], t.labels[i], t.scores[i], cfg.rpn_threshold))
     cls = targets(lambda i: select_pseudo_boxes(t.boxes[i], t.labels[i], t.scores[i], cfg.cls_threshold))
@@ -244,7 +272,7 @@ class SoftTeacher(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
 
-    def train(self, mode: bool = True) -> "SoftTeacher":
+    def train(self, mode: bool = True) -> SoftTeacher:
         super().train(mode)
         self.teacher.eval()
         return self
@@ -265,9 +293,15 @@ class SoftTeacher(nn.Module):
         t = step - (burn_in - 1) if burn_in > 0 and step >= burn_in - 1 else step + 1
         return update_teacher(self.teacher, self.student, t, self.cfg.ema_momentum, self.cfg.ema_buffers)
 
-    def forward(self, labeled: list[torch.Tensor], targets: Targets, weak: list[torch.Tensor] | None = None,
-                strong: list[torch.Tensor] | None = None, weak_matrix: list[torch.Tensor] | None = None,
-                strong_matrix: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        labeled: list[torch.Tensor],
+        targets: Targets,
+        weak: list[torch.Tensor] | None = None,
+        strong: list[torch.Tensor] | None = None,
+        weak_matrix: list[torch.Tensor] | None = None,
+        strong_matrix: list[torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         sup = self.student(labeled, targets)  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg
         out = {f"sup_{k}": v for k, v in sup.items()}
         loss = sum(sup.values())

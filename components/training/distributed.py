@@ -5,12 +5,13 @@ the ranks' micro-batches at a step is exactly the single-process batch of the sa
 sample's augmentation draws from its own RNG seeded by (seed, epoch, index), so augmentations do not
 depend on the number of workers and a run resumed mid-epoch sees exactly the samples it would have seen.
 """
+
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -148,7 +149,10 @@ class EpochLoader:
         pin_memory: bool = False,
     ):
         if len(dataset) // info.world_size < batch_size:
-            raise ValueError(f"dataset of {len(dataset)} samples is smaller than one batch ({batch_size} x {info.world_size} processes)")
+            raise ValueError(
+                f"dataset of {len(dataset)} samples is smaller than one batch ({batch_size} x {info.world_size} "
+                "processes)"
+            )
         self.sampler = EpochSampler(len(dataset), batch_size, seed, info, shuffle)
         self.loader = DataLoader(
             SeededDataset(dataset),

@@ -1,5 +1,6 @@
 """Exponential moving average of a student into a teacher (iBOT's online tokenizer, Soft Teacher's
 mean teacher): ``teacher = m * teacher + (1 - m) * student`` over parameters only."""
+
 from __future__ import annotations
 
 import torch

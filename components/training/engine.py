@@ -11,6 +11,7 @@ and a later run with the same checkpoint directory (``dvc repro --force``, a par
 fingerprint alone) trains from scratch, so its weights and timings are its own.
 A non-finite loss stops the run before the optimizer step, so the last checkpoint stays good.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,10 +21,11 @@ import random
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -181,7 +183,9 @@ class Trainer:
         wrapped: nn.Module = model
         if info.is_distributed:
             wrapped = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused_parameters
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
             )
         self.model = torch.compile(wrapped, backend=cfg.compile_backend) if cfg.compile else wrapped
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -278,7 +282,11 @@ class Trainer:
         for micro in range(cfg.accum_steps):
             batch = move_to(next(batches), self.device)
             last = micro == cfg.accum_steps - 1
-            sync = self.model.no_sync() if self.info.is_distributed and not last and hasattr(self.model, "no_sync") else nullcontext()
+            sync = (
+                self.model.no_sync()
+                if self.info.is_distributed and not last and hasattr(self.model, "no_sync")
+                else nullcontext()
+            )
             with sync:
                 with self.autocast():
                     loss, logs = step_fn(self.model, batch, self.step)
@@ -292,8 +300,14 @@ class Trainer:
         stats = all_reduce_mean(stats)
         loss_value, logs_sum = float(stats[0]), dict(zip(keys, stats[1:].tolist()))
         if not math.isfinite(loss_value):
-            where = f"; the last good checkpoint is {self.checkpoint_path}" if self.checkpoint_path and self.checkpoint_path.exists() else ""
-            raise NonFiniteLossError(f"{cfg.desc}: loss is {loss_value} at step {self.step}, stopped before the optimizer step{where}")
+            where = (
+                f"; the last good checkpoint is {self.checkpoint_path}"
+                if self.checkpoint_path and self.checkpoint_path.exists()
+                else ""
+            )
+            raise NonFiniteLossError(
+                f"{cfg.desc}: loss is {loss_value} at step {self.step}, stopped before the optimizer step{where}"
+            )
         self.scaler.unscale_(self.optimizer)
         if self.grad_hook:
             self.grad_hook(self.step)
@@ -311,17 +325,27 @@ class Trainer:
         return loss_value, dict(logs_sum)
 
     # ----------------------------------------------------------------- the loop
-    def fit(self, loader: ResumableLoader, step_fn: Callable, on_epoch_end: Callable[[int], dict | None] | None = None) -> list[dict]:
+    def fit(
+        self, loader: ResumableLoader, step_fn: Callable, on_epoch_end: Callable[[int], dict | None] | None = None
+    ) -> list[dict]:
         cfg = self.cfg
         steps_per_epoch = len(loader) // cfg.accum_steps
         if steps_per_epoch == 0:
-            raise ValueError(f"{cfg.desc}: an epoch has {len(loader)} micro-batches, fewer than accum_steps={cfg.accum_steps}")
+            raise ValueError(
+                f"{cfg.desc}: an epoch has {len(loader)} micro-batches, fewer than accum_steps={cfg.accum_steps}"
+            )
         if self.info.world_size > 1:  # the ranks share the model's init, not their draws (drop path, jitter)
             torch.manual_seed(sample_seed(torch.initial_seed(), 0, self.info.rank))
         self.try_resume()  # a checkpoint restores each rank's own RNG state
         self.raw.train()
         images_per_step = cfg.batch_size * cfg.accum_steps * self.info.world_size
-        bar = tqdm(total=cfg.total_steps, initial=self.step, desc=cfg.desc, disable=not (cfg.progress and self.info.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.total_steps,
+            initial=self.step,
+            desc=cfg.desc,
+            disable=not (cfg.progress and self.info.is_main),
+            dynamic_ncols=True,
+        )
         window_t, window_n = time.perf_counter(), 0
         while self.step < cfg.total_steps:
             epoch, pos = divmod(self.step, steps_per_epoch)
@@ -332,7 +356,14 @@ class Trainer:
                 self.step, pos, window_n = self.step + 1, pos + 1, window_n + 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
                     elapsed = time.perf_counter() - window_t
-                    record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_s": images_per_step * window_n / max(elapsed, 1e-9), **logs}
+                    record = {
+                        "step": self.step,
+                        "epoch": epoch,
+                        "loss": loss,
+                        "lr": lr,
+                        "images_per_s": images_per_step * window_n / max(elapsed, 1e-9),
+                        **logs,
+                    }
                     self.history.append(record)
                     window_t, window_n = time.perf_counter(), 0
                     if self.info.is_main and self.on_log:

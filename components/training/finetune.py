@@ -7,6 +7,7 @@
 - AdamW with weight decay 0.05 off 1-D parameters and the cls/position tokens, layer-wise lr decay
   (``components.training.optim.param_groups``), lr = blr * batch / 256, warmup then cosine.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +18,6 @@ from torch import nn
 
 from components.training.distributed import sample_seed
 from components.training.optim import FINETUNE_NO_DECAY, adamw, param_groups
-
 
 # Pillow >= 10 refuses to posterize to 0 bits, which timm's increasing-severity posterize asks for at
 # magnitude 10 (the top of the scale, hit whenever the magnitude noise is clipped there). Unless the
@@ -63,7 +63,9 @@ def finetune_transforms(
         mean=mean,
         std=std,
     )
-    evaluation = create_transform(img_size, is_training=False, crop_pct=eval_crop_pct, interpolation=interpolation, mean=mean, std=std)
+    evaluation = create_transform(
+        img_size, is_training=False, crop_pct=eval_crop_pct, interpolation=interpolation, mean=mean, std=std
+    )
     return train, evaluation
 
 
@@ -71,7 +73,15 @@ def build_mixup(num_classes: int, mixup: float, cutmix: float, label_smoothing: 
     """timm ``Mixup`` (batch mode, switch prob 0.5 between Mixup and CutMix), or None when both are off."""
     if mixup <= 0 and cutmix <= 0:
         return None
-    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=0.5, mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=mixup,
+        cutmix_alpha=cutmix,
+        prob=1.0,
+        switch_prob=0.5,
+        mode="batch",
+        label_smoothing=label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 def finetune_criterion(mixup_fn: Mixup | None, label_smoothing: float) -> nn.Module:

@@ -11,6 +11,7 @@ Layer-wise lr decay follows BEiT / MAE ``util/lr_decay.py``: a ViT parameter in 
 layer ``b + 1`` and the rest (final norm, fc_norm, head) in layer ``depth + 1`` (scale 1). The engine
 multiplies each group's lr by ``lr_scale``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,7 +65,9 @@ def param_groups(
     return [groups[k] for k in sorted(groups)]
 
 
-def adamw(groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999), device: torch.device | None = None) -> torch.optim.AdamW:
+def adamw(
+    groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999), device: torch.device | None = None
+) -> torch.optim.AdamW:
     """AdamW over ``groups`` (names stripped), fused on CUDA."""
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     fused = device is not None and device.type == "cuda"

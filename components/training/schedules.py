@@ -8,6 +8,7 @@ warmup ``base * step / warmup_steps``, then the cosine over ``(step - W) / (T - 
 Every schedule is a pure function of the optimizer step, so a resumed run sets exactly the value an
 uninterrupted run would have set at the same step.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base: float, f
     return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def cosine_scheduler(step: int, total_steps: int, base: float, final: float, warmup_steps: int = 0,
-                     start_warmup: float = 0.0) -> float:
+def cosine_scheduler(
+    step: int, total_steps: int, base: float, final: float, warmup_steps: int = 0, start_warmup: float = 0.0
+) -> float:
     """DINO/iBOT ``utils.cosine_scheduler`` read at iteration ``step``: ``np.linspace(start_warmup, base,
     warmup_steps)`` over the first ``warmup_steps`` iterations (``base`` reached at the last warmup
     iteration), then ``final + (base - final) * 0.5 * (1 + cos(pi * i / n))`` for the ``i``-th of the
@@ -43,7 +45,14 @@ def cosine(step: int, total_steps: int, start: float, end: float) -> float:
     return cosine_scheduler(step, total_steps, start, end)
 
 
-def multistep(step: int, base: float, milestones: list[int], gamma: float = 0.1, warmup_steps: int = 0, warmup_ratio: float = 0.001) -> float:
+def multistep(
+    step: int,
+    base: float,
+    milestones: list[int],
+    gamma: float = 0.1,
+    warmup_steps: int = 0,
+    warmup_ratio: float = 0.001,
+) -> float:
     """Step decay by ``gamma`` at each milestone with linear warmup (Soft Teacher / mmdetection schedule)."""
     lr = base * gamma ** sum(step >= m for m in milestones)
     if warmup_steps > 0 and step < warmup_steps:

@@ -1,5 +1,6 @@
 """Boxes follow the pixels between views: flips, resizes and affine transforms (Soft Teacher's
 weak/strong views move pseudo boxes with ``M_student @ M_teacher^-1``)."""
+
 import pytest
 import torch
 from torchvision import tv_tensors
@@ -7,8 +8,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from components.data.box_transforms import (
     SemiSupervisedViews,
-    ViewConfig,
     View,
+    ViewConfig,
     affine,
     affine_matrix,
     between_views,
@@ -66,11 +67,25 @@ def test_rotation_and_shear_round_trip_encloses_the_box():
     assert (back[:, 2:] - back[:, :2] > boxes[:, 2:] - boxes[:, :2] + 1).all()  # the enclosing box grows
 
 
-@pytest.mark.parametrize("angle,translate,shear", [(25.0, (0, 0), (0.0, 0.0)), (0.0, (6, -4), (0.0, 0.0)), (0.0, (0, 0), (20.0, -15.0)), (-30.0, (3, 2), (10.0, 5.0))])
+@pytest.mark.parametrize(
+    "angle,translate,shear",
+    [
+        (25.0, (0, 0), (0.0, 0.0)),
+        (0.0, (6, -4), (0.0, 0.0)),
+        (0.0, (0, 0), (20.0, -15.0)),
+        (-30.0, (3, 2), (10.0, 5.0)),
+    ],
+)
 def test_affine_matrix_matches_torchvision_v2_boxes(angle, translate, shear):
     v = scene()
     ours = affine(v, angle=angle, translate=translate, shear=shear)
-    theirs = TF.affine(tv_tensors.BoundingBoxes(v.boxes, format="XYXY", canvas_size=v.size), angle=angle, translate=list(translate), scale=1.0, shear=list(shear))
+    theirs = TF.affine(
+        tv_tensors.BoundingBoxes(v.boxes, format="XYXY", canvas_size=v.size),
+        angle=angle,
+        translate=list(translate),
+        scale=1.0,
+        shear=list(shear),
+    )
     theirs = theirs.as_subclass(torch.Tensor)
     keep = ((theirs[:, 2:] - theirs[:, :2]) >= 1).all(1)
     assert torch.allclose(ours.boxes, theirs[keep], atol=1e-3)
@@ -78,7 +93,12 @@ def test_affine_matrix_matches_torchvision_v2_boxes(angle, translate, shear):
 
 def test_boxes_follow_the_pixels():
     v = scene()
-    for op in (hflip, lambda x: resize(x, 1.5), lambda x: affine(x, translate=(5, -3)), lambda x: hflip(resize(x, 0.5))):
+    for op in (
+        hflip,
+        lambda x: resize(x, 1.5),
+        lambda x: affine(x, translate=(5, -3)),
+        lambda x: hflip(resize(x, 0.5)),
+    ):
         out = op(v)
         assert out.boxes.shape == v.boxes.shape
         for box in out.boxes:
@@ -138,7 +158,9 @@ def test_semi_supervised_views_batches_one_to_ratio():
     torch.manual_seed(3)
     v = scene()
     sample = (v.image.float() / 255, {"boxes": v.boxes, "labels": torch.tensor([7, 9])})
-    ds = SemiSupervisedViews([sample] * 3, [sample] * 5, {7: 1, 9: 2}, ratio=4, views=ViewConfig(resize_range=(0.8, 1.2)))
+    ds = SemiSupervisedViews(
+        [sample] * 3, [sample] * 5, {7: 1, 9: 2}, ratio=4, views=ViewConfig(resize_range=(0.8, 1.2))
+    )
     batch = collate_views([ds[0], ds[1]])
     assert len(batch["labeled"]) == 2 and len(batch["weak"]) == len(batch["strong"]) == 8
     assert batch["targets"][0]["labels"].tolist() == [1, 2]  # category ids -> contiguous labels

@@ -1,4 +1,5 @@
 """CKA properties from Kornblith et al. 2019 and Nguyen et al. 2021 (see reference/methods.md)."""
+
 import math
 
 import numpy as np
@@ -25,8 +26,12 @@ def _related(n=200, d=12, seed=0, noise=0.5):
     """Two representations sharing a latent signal, with different widths."""
     g = _gen(seed)
     z = torch.randn(n, 6, generator=g, dtype=torch.float64)
-    x = z @ torch.randn(6, d, generator=g, dtype=torch.float64) + noise * torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = torch.tanh(z @ torch.randn(6, d + 5, generator=g, dtype=torch.float64)) + noise * torch.randn(n, d + 5, generator=g, dtype=torch.float64)
+    x = z @ torch.randn(6, d, generator=g, dtype=torch.float64) + noise * torch.randn(
+        n, d, generator=g, dtype=torch.float64
+    )
+    y = torch.tanh(z @ torch.randn(6, d + 5, generator=g, dtype=torch.float64)) + noise * torch.randn(
+        n, d + 5, generator=g, dtype=torch.float64
+    )
     return x, y
 
 
@@ -75,7 +80,11 @@ def test_u_centering_equals_song_unbiased_hsic():
     k.fill_diagonal_(0)
     l.fill_diagonal_(0)
     one = torch.ones(n, 1, dtype=torch.float64)
-    song = (torch.trace(k @ l) + (one.T @ k @ one).item() * (one.T @ l @ one).item() / ((n - 1) * (n - 2)) - 2 / (n - 2) * (one.T @ k @ l @ one).item()) / (n * (n - 3))
+    song = (
+        torch.trace(k @ l)
+        + (one.T @ k @ one).item() * (one.T @ l @ one).item() / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * (one.T @ k @ l @ one).item()
+    ) / (n * (n - 3))
     assert hsic(gram_linear(x), gram_rbf(y), debiased=True).item() == pytest.approx(song.item(), rel=1e-10)
 
 
@@ -155,7 +164,11 @@ def test_float32_features_with_a_large_shared_mean_agree_with_float64():
     one = torch.ones(n, 1)
 
     def song(a, b):
-        return (torch.trace(a @ b) + (one.T @ a @ one).item() * (one.T @ b @ one).item() / ((n - 1) * (n - 2)) - 2 / (n - 2) * (one.T @ a @ b @ one).item()) / (n * (n - 3))
+        return (
+            torch.trace(a @ b)
+            + (one.T @ a @ one).item() * (one.T @ b @ one).item() / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (one.T @ a @ b @ one).item()
+        ) / (n * (n - 3))
 
     naive = song(k, l) / math.sqrt(song(k, k) * song(l, l)) if song(k, k) * song(l, l) > 0 else float("nan")
     assert not (abs(naive - ref) < 0.05)
@@ -211,7 +224,12 @@ def test_heatmap_labels_axes_with_layer_names_and_has_a_colour_bar(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="does not match 2 row and 2 column names"):
         plot_cka_heatmap(m, ["a", "b"], ["c", "d"])
-    grid = plot_cka_grid([{"matrix": m, "rows": ["a", "b"], "cols": ["c", "d", "e"], "at": (0, 1)}, {"matrix": m[:, :2], "rows": ["a", "b"], "cols": ["c", "d"], "at": (1, 1)}])
+    grid = plot_cka_grid(
+        [
+            {"matrix": m, "rows": ["a", "b"], "cols": ["c", "d", "e"], "at": (0, 1)},
+            {"matrix": m[:, :2], "rows": ["a", "b"], "cols": ["c", "d"], "at": (1, 1)},
+        ]
+    )
     assert sum(ax.axison for ax in grid.axes[:-1]) == 2  # the unused grid cells are blank
     save_figure(grid, tmp_path / "g.png")
 

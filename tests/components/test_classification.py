@@ -1,4 +1,5 @@
 """Classification evaluation: top-k, confusion matrix, linear probe (frozen encoder)."""
+
 from __future__ import annotations
 
 import pytest
@@ -74,7 +75,9 @@ def test_probe_head_separates_separable_features_despite_scale():
     assert (pred == labels).float().mean() == 1.0
 
 
-@pytest.mark.parametrize("n,batch_size,sizes", [(480, 256, [240, 240]), (481, 256, [241, 240]), (100, 256, [100]), (5, 4, [3, 2])])
+@pytest.mark.parametrize(
+    "n,batch_size,sizes", [(480, 256, [240, 240]), (481, 256, [241, 240]), (100, 256, [100]), (5, 4, [3, 2])]
+)
 def test_probe_sees_every_feature_every_epoch_in_equal_batches(n, batch_size, sizes):
     seen = []
     head = probe_head(4, 2)

@@ -1,4 +1,5 @@
 """COCO evaluation with pycocotools: perfect predictions give AP 1, none give 0, IoU thresholds hold."""
+
 import pytest
 import torch
 
@@ -7,14 +8,37 @@ from components.evaluation.coco import AP_KEYS, coco_evaluate, predict, predicti
 
 def ground_truth():
     """Two 640x640 images with a small (<32^2), a medium and a large (>96^2) box; category ids 3 and 7."""
-    images = [{"id": 1, "file_name": "a.png", "width": 640, "height": 640}, {"id": 2, "file_name": "b.png", "width": 640, "height": 640}]
-    boxes = [(1, 3, [10, 10, 20, 20]), (1, 7, [100, 100, 60, 50]), (2, 3, [200, 150, 150, 120]), (2, 7, [5, 300, 25, 25])]
-    anns = [{"id": k + 1, "image_id": i, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0} for k, (i, c, b) in enumerate(boxes)]
-    return {"images": images, "annotations": anns, "categories": [{"id": 3, "name": "circle"}, {"id": 7, "name": "ring"}]}
+    images = [
+        {"id": 1, "file_name": "a.png", "width": 640, "height": 640},
+        {"id": 2, "file_name": "b.png", "width": 640, "height": 640},
+    ]
+    boxes = [
+        (1, 3, [10, 10, 20, 20]),
+        (1, 7, [100, 100, 60, 50]),
+        (2, 3, [200, 150, 150, 120]),
+        (2, 7, [5, 300, 25, 25]),
+    ]
+    anns = [
+        {"id": k + 1, "image_id": i, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+        for k, (i, c, b) in enumerate(boxes)
+    ]
+    return {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": 3, "name": "circle"}, {"id": 7, "name": "ring"}],
+    }
 
 
 def as_results(coco, shift=0.0):
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": [a["bbox"][0] + shift * a["bbox"][2], *a["bbox"][1:]], "score": 0.9} for a in coco["annotations"]]
+    return [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": [a["bbox"][0] + shift * a["bbox"][2], *a["bbox"][1:]],
+            "score": 0.9,
+        }
+        for a in coco["annotations"]
+    ]
 
 
 def test_ground_truth_as_predictions_gives_ap_one():
@@ -61,7 +85,12 @@ def test_wrong_class_gives_zero_and_iou_thresholds_apply():
 
 
 def test_torchvision_detections_map_to_coco_results():
-    det = {"image_id": 2, "boxes": torch.tensor([[200.0, 150.0, 350.0, 270.0]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([1])}
+    det = {
+        "image_id": 2,
+        "boxes": torch.tensor([[200.0, 150.0, 350.0, 270.0]]),
+        "scores": torch.tensor([0.8]),
+        "labels": torch.tensor([1]),
+    }
     res = to_coco_results([det], label_to_category=[3, 7])
     assert res == [{"image_id": 2, "category_id": 3, "bbox": [200.0, 150.0, 150.0, 120.0], "score": pytest.approx(0.8)}]
 
@@ -70,7 +99,14 @@ class FixedDetector(torch.nn.Module):
     """Returns one box per image, the image's mean intensity as its score."""
 
     def forward(self, images):
-        return [{"boxes": torch.tensor([[1.0, 2.0, 5.0, 6.0]]), "scores": img.mean().reshape(1), "labels": torch.tensor([2])} for img in images]
+        return [
+            {
+                "boxes": torch.tensor([[1.0, 2.0, 5.0, 6.0]]),
+                "scores": img.mean().reshape(1),
+                "labels": torch.tensor([2]),
+            }
+            for img in images
+        ]
 
 
 def test_predict_batches_and_keeps_image_ids():
@@ -83,7 +119,11 @@ def test_predict_batches_and_keeps_image_ids():
 
 def test_prediction_figure_draws_one_panel_per_image():
     gt = {"boxes": torch.tensor([[1.0, 1.0, 6.0, 6.0]]), "labels": torch.tensor([1])}
-    det = {"boxes": torch.tensor([[1.0, 2.0, 5.0, 6.0], [0.0, 0.0, 2.0, 2.0]]), "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([2, 1])}
+    det = {
+        "boxes": torch.tensor([[1.0, 2.0, 5.0, 6.0], [0.0, 0.0, 2.0, 2.0]]),
+        "scores": torch.tensor([0.9, 0.1]),
+        "labels": torch.tensor([2, 1]),
+    }
     fig = prediction_figure([torch.rand(3, 8, 8)] * 3, [gt] * 3, [det] * 3, ["circle", "ring"])
     drawn = [ax for ax in fig.axes if ax.images]
     assert len(drawn) == 3

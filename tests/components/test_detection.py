@@ -1,18 +1,37 @@
 """The detector factory: ResNet-FPN and ViT + simple feature pyramid backbones, weight loading, I/O."""
+
 import pytest
 import torch
 from torchvision.models import resnet18
 
 from components.io import save_safetensors
-from components.models.detection import DetectorSpec, SimpleFeaturePyramid, create_detector, load_detector, save_detector
+from components.models.detection import (
+    DetectorSpec,
+    SimpleFeaturePyramid,
+    create_detector,
+    load_detector,
+    save_detector,
+)
 from components.models.vit import ViTSpec, create_vit, save_encoder
 
 VIT = ViTSpec(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
 
 
 def spec(**kw):
-    base = dict(backbone="resnet18", num_classes=3, min_size=64, max_size=64, fpn_channels=32, representation_size=32, anchor_sizes=(8, 16, 32, 64, 128),
-                rpn_batch_size_per_image=32, box_batch_size_per_image=32, rpn_post_nms_top_n_train=50, rpn_post_nms_top_n_test=50, box_detections_per_img=10)
+    base = dict(
+        backbone="resnet18",
+        num_classes=3,
+        min_size=64,
+        max_size=64,
+        fpn_channels=32,
+        representation_size=32,
+        anchor_sizes=(8, 16, 32, 64, 128),
+        rpn_batch_size_per_image=32,
+        box_batch_size_per_image=32,
+        rpn_post_nms_top_n_train=50,
+        rpn_post_nms_top_n_test=50,
+        box_detections_per_img=10,
+    )
     return DetectorSpec(**{**base, **kw})
 
 
@@ -67,10 +86,16 @@ def test_a_seed_gives_the_initial_weights_of_torchvisions_own_heads():
     ours = create_detector(s).state_dict()
     torch.manual_seed(0)
     backbone = resnet_fpn(s, "none")
-    anchors = AnchorGenerator(sizes=tuple((a,) for a in s.anchor_sizes), aspect_ratios=(s.aspect_ratios,) * len(s.anchor_sizes))
-    plain = FasterRCNN(backbone, rpn_anchor_generator=anchors, box_roi_pool=MultiScaleRoIAlign(FEATURE_NAMES, 7, 2),
-                       box_head=TwoMLPHead(s.fpn_channels * 49, s.representation_size),
-                       box_predictor=FastRCNNPredictor(s.representation_size, s.num_classes + 1)).state_dict()
+    anchors = AnchorGenerator(
+        sizes=tuple((a,) for a in s.anchor_sizes), aspect_ratios=(s.aspect_ratios,) * len(s.anchor_sizes)
+    )
+    plain = FasterRCNN(
+        backbone,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(FEATURE_NAMES, 7, 2),
+        box_head=TwoMLPHead(s.fpn_channels * 49, s.representation_size),
+        box_predictor=FastRCNNPredictor(s.representation_size, s.num_classes + 1),
+    ).state_dict()
     assert ours.keys() == plain.keys() and all(torch.equal(ours[k], plain[k]) for k in ours)
 
 
@@ -108,7 +133,13 @@ def test_simple_feature_pyramid_has_strides_4_to_64_for_any_patch_and_image_size
     pyramid = create_detector(spec(backbone="vit", vit=vit.to_dict())).backbone
     assert isinstance(pyramid, SimpleFeaturePyramid)
     feats = pyramid(torch.rand(2, 3, 128, 192))  # not the encoder's 32 px: position embedding resampled
-    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]  # strides 4 ... 64
+    assert [tuple(f.shape[-2:]) for f in feats.values()] == [
+        (32, 48),
+        (16, 24),
+        (8, 12),
+        (4, 6),
+        (2, 3),
+    ]  # strides 4 ... 64
     assert all(f.shape[:2] == (2, 32) for f in feats.values())
 
 
@@ -165,13 +196,23 @@ def test_save_and_load_round_trip(tmp_path):
     with torch.no_grad():
         a, b = model(x)[0], loaded.eval()(x)[0]
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
-    (tmp_path / "det" / "detector.json").write_text('{"arch": "faster_rcnn", "spec": {"backbone": "vgg", "num_classes": 3}}')
+    (tmp_path / "det" / "detector.json").write_text(
+        '{"arch": "faster_rcnn", "spec": {"backbone": "vgg", "num_classes": 3}}'
+    )
     with pytest.raises(ValueError, match="detector.json: backbone must be one of"):
         load_detector(tmp_path / "det")
 
 
-@pytest.mark.parametrize("kw,msg", [({"backbone": "vgg"}, "backbone"), ({"norm": "ln"}, "norm"), ({"anchor_sizes": (8, 16)}, "anchor_sizes"),
-                                    ({"backbone": "vit"}, "ViTSpec"), ({"num_classes": 0}, "num_classes")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"backbone": "vgg"}, "backbone"),
+        ({"norm": "ln"}, "norm"),
+        ({"anchor_sizes": (8, 16)}, "anchor_sizes"),
+        ({"backbone": "vit"}, "ViTSpec"),
+        ({"num_classes": 0}, "num_classes"),
+    ],
+)
 def test_spec_errors_name_the_field(kw, msg):
     with pytest.raises(ValueError, match=msg):
         spec(**kw)

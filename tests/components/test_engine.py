@@ -1,4 +1,5 @@
 """The shared training loop: resume identity, accumulation, DDP equivalence, NaN stop."""
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,17 @@ def step_fn(model, batch, step):
 def train(tmp, steps, batch_size=4, accum=1, dropout=0.1, fail_at=None, info=DistInfo(), ckpt_every=3, fingerprint="a"):
     model = make_model(dropout)
     opt = adamw(param_groups(model, 0.05), lr=1e-2)
-    cfg = TrainConfig(total_steps=steps, batch_size=batch_size, accum_steps=accum, clip_grad=1.0, ckpt_dir=tmp, ckpt_every=ckpt_every, log_every=1, fingerprint=fingerprint, progress=False)
+    cfg = TrainConfig(
+        total_steps=steps,
+        batch_size=batch_size,
+        accum_steps=accum,
+        clip_grad=1.0,
+        ckpt_dir=tmp,
+        ckpt_every=ckpt_every,
+        log_every=1,
+        fingerprint=fingerprint,
+        progress=False,
+    )
     trainer = Trainer(model, opt, cfg, torch.device("cpu"), info, lr_fn=lambda s: warmup_cosine(s, steps, 2, 1e-2))
 
     def fn(m, batch, step):
@@ -117,7 +128,9 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank, world, port, tmp, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -138,14 +151,18 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
 
 
 def _ddp_draws_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)  # every rank seeds alike, as the stages do, so that the models start alike
         model = make_model(0.0)
         cfg = TrainConfig(total_steps=3, batch_size=4, log_every=1, progress=False)
-        trainer = Trainer(model, adamw(param_groups(model, 0.05), lr=1e-2), cfg, torch.device("cpu"), DistInfo(rank, world, rank))
+        trainer = Trainer(
+            model, adamw(param_groups(model, 0.05), lr=1e-2), cfg, torch.device("cpu"), DistInfo(rank, world, rank)
+        )
         draws = []
 
         def fn(m, batch, step):

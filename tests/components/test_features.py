@@ -1,4 +1,5 @@
 """Layer capture for CKA: layer selection, pooling, and every model seeing the same images."""
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -37,7 +38,9 @@ def test_patterns_match_one_name_part_per_star(vit):
 
 
 def test_a_pattern_matching_nothing_lists_the_available_names(vit, cnn):
-    with pytest.raises(ValueError, match=r"'layer\*\.\*' matches no module of VisionTransformer; available: .*blocks\.0.*norm"):
+    with pytest.raises(
+        ValueError, match=r"'layer\*\.\*' matches no module of VisionTransformer; available: .*blocks\.0.*norm"
+    ):
         select_layers(vit, ["layer*.*"])
     with pytest.raises(ValueError, match=r"'blocks\.7' matches no module of ResNet; available: .*layer1\.0"):
         select_layers(cnn, ["blocks.7"])
@@ -77,7 +80,9 @@ def test_one_pass_feeds_every_model_the_same_shuffled_batches(vit, cnn):
     """Even with a shuffling loader, a model compared with itself under two names gives CKA 1 on every
     corresponding layer: both copies saw the same images in the same order."""
     images = torch.randn(24, 3, 32, 32)
-    loader = DataLoader(TensorDataset(images, torch.zeros(24)), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        TensorDataset(images, torch.zeros(24)), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     models = {"a": vit, "b": vit, "cnn": cnn}
     layers = {"a": select_layers(vit), "b": select_layers(vit), "cnn": ["layer1.0", "layer2.0"]}
     names = [f"{m}/{n}" for m in models for n in layers[m]]
@@ -99,6 +104,8 @@ def test_one_pass_feeds_every_model_the_same_shuffled_batches(vit, cnn):
 def test_each_model_gets_its_own_input_transform(vit):
     images = torch.rand(6, 3, 32, 32)
     models, layers = {"raw": vit, "normalised": vit}, {"raw": ["norm"], "normalised": ["norm"]}
-    (feats,) = list(paired_features(models, layers, [images], pooling="cls", transforms={"normalised": lambda x: (x - 0.5) / 0.25}))
+    (feats,) = list(
+        paired_features(models, layers, [images], pooling="cls", transforms={"normalised": lambda x: (x - 0.5) / 0.25})
+    )
     assert torch.allclose(feats["raw/norm"], vit.forward_features(images)[:, 0], atol=1e-6)
     assert torch.allclose(feats["normalised/norm"], vit.forward_features((images - 0.5) / 0.25)[:, 0], atol=1e-6)

@@ -1,4 +1,5 @@
 """Fine-tuning parts: layer-wise lr decay, pretrained init, classifier I/O, the CNN baseline, the mixing step."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,13 @@ from components.models.cnn import create_cnn, residual_blocks
 from components.models.vit import EncoderLoadError, ViTSpec, create_vit, encoder_state, save_encoder
 from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer
-from components.training.finetune import FinetuneStep, build_mixup, finetune_criterion, finetune_optimizer, finetune_transforms
+from components.training.finetune import (
+    FinetuneStep,
+    build_mixup,
+    finetune_criterion,
+    finetune_optimizer,
+    finetune_transforms,
+)
 
 torch.set_num_threads(1)
 SPEC = ViTSpec(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)
@@ -42,7 +49,9 @@ def test_layer_decay_gives_each_block_its_lr(tmp_path):
     decay, base = 0.5, 1e-3
     opt = finetune_optimizer(model, weight_decay=0.05, layer_decay=decay, depth=SPEC.depth)
     data = TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,)))
-    trainer = Trainer(model, opt, TrainConfig(total_steps=1, batch_size=4, progress=False), torch.device("cpu"), lr_fn=lambda s: base)
+    trainer = Trainer(
+        model, opt, TrainConfig(total_steps=1, batch_size=4, progress=False), torch.device("cpu"), lr_fn=lambda s: base
+    )
     trainer.fit(EpochLoader(data, 4, seed=0), FinetuneStep(finetune_criterion(None, 0.1)))
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -57,7 +66,12 @@ def test_layer_decay_gives_each_block_its_lr(tmp_path):
     # weight decay only on matrices, never on biases, norms or tokens
     wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert wd_of[id(named["blocks.0.attn.qkv.weight"])] == 0.05
-    assert wd_of[id(named["blocks.0.attn.qkv.bias"])] == wd_of[id(named["pos_embed"])] == wd_of[id(named["cls_token"])] == 0.0
+    assert (
+        wd_of[id(named["blocks.0.attn.qkv.bias"])]
+        == wd_of[id(named["pos_embed"])]
+        == wd_of[id(named["cls_token"])]
+        == 0.0
+    )
 
 
 @pytest.mark.parametrize("pool", ["avg", "token"])
@@ -75,7 +89,10 @@ def test_pretrained_init_restores_encoder_and_starts_a_fresh_head(tmp_path, pool
     assert model.head.weight.abs().max() < 1e-4 and model.head.weight.std() > 0  # trunc_normal(std 2e-5)
     assert torch.count_nonzero(model.head.bias) == 0
     if pool == "avg":
-        assert torch.equal(model.fc_norm.weight, torch.ones(SPEC.embed_dim)) and torch.count_nonzero(model.fc_norm.bias) == 0
+        assert (
+            torch.equal(model.fc_norm.weight, torch.ones(SPEC.embed_dim))
+            and torch.count_nonzero(model.fc_norm.bias) == 0
+        )
     # the pretrained encoder decides the prediction only through the fresh head: near-uniform logits
     assert model(torch.randn(2, 3, 16, 16)).abs().max() < 1e-2
 
@@ -107,7 +124,10 @@ def test_classifier_round_trip_and_mismatch(tmp_path):
     # weights of another width: a one-line error naming the tensors and the file
     other = build_cnn_classifier("resnet10", 3, img_size=16, width=4)
     save_safetensors(tmp_path / "cnn" / "model.safetensors", other.state_dict())
-    with pytest.raises(ClassifierLoadError, match=r"model\.safetensors.*shape mismatch: .*conv1\.weight \(4, 3, 3, 3\) vs \(8, 3, 3, 3\)"):
+    with pytest.raises(
+        ClassifierLoadError,
+        match=r"model\.safetensors.*shape mismatch: .*conv1\.weight \(4, 3, 3, 3\) vs \(8, 3, 3, 3\)",
+    ):
         load_classifier(tmp_path / "cnn")
     state = load_safetensors(tmp_path / "vit" / "model.safetensors")
     state.pop("blocks.1.attn.proj.bias")
@@ -128,7 +148,11 @@ def test_cnn_small_stem_keeps_resolution_and_exposes_blocks():
     for h in hooks:
         h.remove()
     assert shapes["layer1.0"] == (2, 8, 32, 32) and shapes["layer4.1"] == (2, 64, 4, 4)
-    assert big.conv1.stride == (2, 2) and small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, torch.nn.Identity)
+    assert (
+        big.conv1.stride == (2, 2)
+        and small.conv1.kernel_size == (3, 3)
+        and isinstance(small.maxpool, torch.nn.Identity)
+    )
     # the last BN of every residual branch starts at zero: each block starts as the identity
     assert all(torch.count_nonzero(b.bn2.weight) == 0 for _, b in blocks)
 
@@ -168,7 +192,9 @@ def test_finetune_step_mixes_reproducibly_without_touching_numpy_state():
     x, flipped = batch[0], batch[0].flip(0)
     for mixed in (a, c):
         lam = ((mixed - flipped) / (x - flipped)).median()
-        assert torch.allclose(mixed, lam * x + (1 - lam) * flipped, atol=1e-5) or bool(((mixed == x) | (mixed == flipped)).all())
+        assert torch.allclose(mixed, lam * x + (1 - lam) * flipped, atol=1e-5) or bool(
+            ((mixed == x) | (mixed == flipped)).all()
+        )
 
 
 def test_train_transform_survives_the_strongest_rand_augment():
@@ -196,4 +222,6 @@ def test_evaluation_view_is_the_centre_crop_of_the_resized_image():
     whole = finetune_transforms(224, mean=mean, std=std)[1](Image.fromarray(img))
     centre = finetune_transforms(224, mean=mean, std=std, eval_crop_pct=0.875)[1](Image.fromarray(img))
     assert whole.shape == centre.shape == (3, 224, 224)
-    assert float(whole[:, :5].mean()) > 0.9 and float(centre.max()) < 0.05  # Resize(256) then the centre 224: no frame left
+    assert (
+        float(whole[:, :5].mean()) > 0.9 and float(centre.max()) < 0.05
+    )  # Resize(256) then the centre 224: no frame left

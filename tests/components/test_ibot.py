@@ -1,4 +1,5 @@
 """iBOT components (Zhou et al. 2021): head, student/teacher network, loss, centres, EMA teacher."""
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +25,7 @@ from components.models.ibot import (
 from components.models.vit import ViTSpec, create_vit
 from components.training.distributed import EpochLoader
 from components.training.ema import copy_as_teacher, ema_update
-from components.training.engine import Trainer, TrainConfig
+from components.training.engine import TrainConfig, Trainer
 from components.training.optim import adamw, param_groups
 from components.training.schedules import cosine, warmup_cosine
 
@@ -34,7 +35,9 @@ K = 64
 
 def _net(seed: int = 0, **head) -> IBOTViT:
     torch.manual_seed(seed)
-    return IBOTViT(create_vit(SPEC, pos_embed="learned"), IBOTHead(SPEC.embed_dim, K, K, hidden_dim=48, bottleneck_dim=16, **head))
+    return IBOTViT(
+        create_vit(SPEC, pos_embed="learned"), IBOTHead(SPEC.embed_dim, K, K, hidden_dim=48, bottleneck_dim=16, **head)
+    )
 
 
 # ------------------------------------------------------------------------------------------- head
@@ -79,7 +82,9 @@ def test_local_crops_get_a_resampled_position_embedding_and_forward_shapes():
     assert pe.shape == (1, 1 + 4, 32)
     torch.testing.assert_close(pe[:, 0], net.encoder.pos_embed[:, 0])  # [CLS] row kept
     B = 3
-    out = net([torch.randn(B, 3, 16, 16)] * 2, [torch.randn(B, 3, 8, 8)] * 4, [torch.zeros(B, 4, 4, dtype=torch.bool)] * 2)
+    out = net(
+        [torch.randn(B, 3, 16, 16)] * 2, [torch.randn(B, 3, 8, 8)] * 4, [torch.zeros(B, 4, 4, dtype=torch.bool)] * 2
+    )
     assert out["cls"].shape == ((2 + 4) * B, K) and out["patch"].shape == (2 * B, 16, K)
     with pytest.raises(ValueError, match="patch grid"):
         net([torch.randn(B, 3, 16, 16)] * 2, masks=[torch.zeros(B, 3, 3, dtype=torch.bool)] * 2)
@@ -117,7 +122,9 @@ def test_local_crop_position_table_is_the_reference_interpolate_pos_encoding():
     torch.testing.assert_close(pe[0, 0], net.encoder.pos_embed[0, 0])  # [CLS] row as it is
     np.testing.assert_allclose(pe[0, 1:].detach().double().numpy(), expected, rtol=0, atol=1e-5)
     # the same table from the size ratio (sample points 0.5 and 2.5) is a different one
-    by_size = torch.nn.functional.interpolate(torch.from_numpy(table).permute(2, 0, 1)[None], size=(2, 2), mode="bicubic")
+    by_size = torch.nn.functional.interpolate(
+        torch.from_numpy(table).permute(2, 0, 1)[None], size=(2, 2), mode="bicubic"
+    )
     assert not np.allclose(by_size[0].permute(1, 2, 0).reshape(4, -1).numpy(), expected, atol=1e-3)
 
 
@@ -198,7 +205,15 @@ def test_centres_follow_their_ema_formula_and_the_teacher_is_sharpened():
     loss.center.copy_(c0)
     loss.center2.copy_(c20)
     t_cls, t_patch = torch.randn(2 * B, K), torch.randn(2 * B, L, K)
-    total, logs = loss(torch.randn((2 + n_local) * B, K), torch.randn(2 * B, L, K), t_cls, t_patch, torch.rand(2 * B, L) < 0.3, 0.04, 0.07)
+    total, logs = loss(
+        torch.randn((2 + n_local) * B, K),
+        torch.randn(2 * B, L, K),
+        t_cls,
+        t_patch,
+        torch.rand(2 * B, L) < 0.3,
+        0.04,
+        0.07,
+    )
     torch.testing.assert_close(loss.center, 0.9 * c0 + 0.1 * t_cls.mean(0, keepdim=True))
     torch.testing.assert_close(loss.center2, 0.8 * c20 + 0.2 * t_patch.mean(1).mean(0).view(1, 1, K))
     assert abs(float(total) - logs["loss_cls"] - logs["loss_mim"]) < 1e-4
@@ -271,7 +286,9 @@ def test_output_entropy_detects_both_kinds_of_collapse():
     diverse = torch.eye(K_)[torch.arange(10)]
     assert output_entropy(onehot_same)["kl"] == pytest.approx(0.0, abs=1e-6)
     u = output_entropy(uniform)
-    assert u["kl"] == pytest.approx(0.0, abs=1e-5) and u["entropy"] == pytest.approx(torch.log(torch.tensor(16.0)).item(), rel=1e-5)
+    assert u["kl"] == pytest.approx(0.0, abs=1e-5) and u["entropy"] == pytest.approx(
+        torch.log(torch.tensor(16.0)).item(), rel=1e-5
+    )
     assert output_entropy(diverse)["kl"] == pytest.approx(torch.log(torch.tensor(10.0)).item(), rel=1e-5)
 
 
@@ -311,8 +328,10 @@ def one_thread():
 
 def _shapes(seed: int, n: int, style: str = "textured") -> list[tuple[Image.Image, int]]:
     """The embedded shapes data (8 classes, any rotation) in ``style`` at the test ViT's 16 px."""
-    return [(render_classification_image(SHAPE_CLASSES[i % 8], 16, np.random.default_rng([seed, i]), style=style), i % 8)
-            for i in range(n)]
+    return [
+        (render_classification_image(SHAPE_CLASSES[i % 8], 16, np.random.default_rng([seed, i]), style=style), i % 8)
+        for i in range(n)
+    ]
 
 
 def _short_run(style: str = "textured", center_momentum: float = 0.9, teacher_temp: float = 0.02) -> tuple[dict, float]:
@@ -324,8 +343,12 @@ def _short_run(style: str = "textured", center_momentum: float = 0.9, teacher_te
     train, val = _shapes(0, 1024, style), _shapes(1, 512, style)
     mean, std = (0.5,) * 3, (0.25,) * 3
     torch.manual_seed(0)
-    student = IBOTViT(create_vit(SPEC, drop_path_rate=0.1, pos_embed="learned"), IBOTHead(32, K, K, hidden_dim=64, bottleneck_dim=16))
-    teacher = copy_as_teacher(IBOTViT(create_vit(SPEC, pos_embed="learned"), IBOTHead(32, K, K, hidden_dim=64, bottleneck_dim=16)), student)
+    student = IBOTViT(
+        create_vit(SPEC, drop_path_rate=0.1, pos_embed="learned"), IBOTHead(32, K, K, hidden_dim=64, bottleneck_dim=16)
+    )
+    teacher = copy_as_teacher(
+        IBOTViT(create_vit(SPEC, pos_embed="learned"), IBOTHead(32, K, K, hidden_dim=64, bottleneck_dim=16)), student
+    )
     augment = MultiCropAugmentation(16, 8, 2, blur_sigma=(0.1, 0.2), mean=mean, std=std)
     loader = EpochLoader(MaskedMultiCropDataset(train, augment, BlockMaskGenerator(), 4), batch_size=32, seed=0)
     steps_per_epoch, epochs, lr, momentum = len(loader), 5, 1e-4, 0.9
@@ -334,12 +357,24 @@ def _short_run(style: str = "textured", center_momentum: float = 0.9, teacher_te
     assert retained < 1e-3, retained  # the teacher is the EMA of the trained students, not its init
     loss = IBOTLoss(K, K, num_global=2, num_local=2, center_momentum=center_momentum, center_momentum2=center_momentum)
     temps = (teacher_temp, teacher_temp)
-    ibot = IBOTTraining(student, teacher, loss, steps_per_epoch, total, momentum=momentum, teacher_temp=temps, teacher_patch_temp=temps)
-    before = [p.detach().clone() for p in (student.encoder.blocks[0].attn.qkv.weight, teacher.encoder.blocks[0].attn.qkv.weight)]
+    ibot = IBOTTraining(
+        student, teacher, loss, steps_per_epoch, total, momentum=momentum, teacher_temp=temps, teacher_patch_temp=temps
+    )
+    before = [
+        p.detach().clone()
+        for p in (student.encoder.blocks[0].attn.qkv.weight, teacher.encoder.blocks[0].attn.qkv.weight)
+    ]
     trainer = Trainer(
         student,
         adamw(param_groups(student, 0.04), lr=lr),
-        TrainConfig(total_steps=total, batch_size=32, clip_grad=3.0, clip_mode="per_param", log_every=steps_per_epoch, progress=False),
+        TrainConfig(
+            total_steps=total,
+            batch_size=32,
+            clip_grad=3.0,
+            clip_mode="per_param",
+            log_every=steps_per_epoch,
+            progress=False,
+        ),
         torch.device("cpu"),
         lr_fn=lambda s: warmup_cosine(s, total, steps_per_epoch, lr, 1e-6),
         wd_fn=lambda s: cosine(s, total, 0.04, 0.4),

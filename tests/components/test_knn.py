@@ -1,4 +1,5 @@
 """Weighted k-NN on L2-normalised features (DINO eval_knn, k = 20, T = 0.07)."""
+
 import pytest
 import torch
 from torch import nn
@@ -69,4 +70,6 @@ def test_bad_inputs_are_reported():
     with pytest.raises(ValueError, match="labels"):
         knn_classify(torch.randn(4, 2), torch.zeros(3, dtype=torch.long), torch.randn(1, 2), 2)
     with pytest.raises(ValueError, match=r"\[B, D\]"):
-        extract_features(nn.Identity(), DataLoader(TensorDataset(torch.randn(2, 3, 2, 2), torch.zeros(2)), batch_size=2))
+        extract_features(
+            nn.Identity(), DataLoader(TensorDataset(torch.randn(2, 3, 2, 2), torch.zeros(2)), batch_size=2)
+        )

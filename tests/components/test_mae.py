@@ -1,5 +1,6 @@
 """MAE (He et al. 2021) properties: masking, patch order, loss on masked patches only, norm_pix
 targets, fixed sin-cos position embeddings, encoder on visible tokens only, overfitting, FLOPs."""
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,9 @@ def tiny_mae(**kw) -> MaskedAutoencoder:
 def test_random_masking_keeps_exactly_int_L_times_1_minus_r(length, ratio):
     torch.manual_seed(length)
     n, d = 3, 5
-    x = torch.arange(length, dtype=torch.float32).view(1, length, 1).expand(n, length, d).clone()  # token i holds value i
+    x = (
+        torch.arange(length, dtype=torch.float32).view(1, length, 1).expand(n, length, d).clone()
+    )  # token i holds value i
     kept, mask, ids_restore = MaskedAutoencoder.random_masking(x, ratio)
     k = int(length * (1 - ratio))
     assert kept.shape == (n, k, d)
@@ -111,7 +114,12 @@ def closed_form_pos_embed(dim: int, grid: int) -> torch.Tensor:
     for i in range(grid):
         for j in range(grid):
             w = [10000 ** (-k / quarter) for k in range(quarter)]
-            rows.append([math.sin(i * a) for a in w] + [math.cos(i * a) for a in w] + [math.sin(j * a) for a in w] + [math.cos(j * a) for a in w])
+            rows.append(
+                [math.sin(i * a) for a in w]
+                + [math.cos(i * a) for a in w]
+                + [math.sin(j * a) for a in w]
+                + [math.cos(j * a) for a in w]
+            )
     return torch.tensor(rows)
 
 
@@ -136,7 +144,9 @@ def test_mae_init():
     assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
     assert 0.01 < mae.mask_token.std() < 0.03 and 0.01 < mae.encoder.cls_token.std() < 0.03
     fc = mae.encoder.blocks[0].mlp.fc1
-    assert fc.weight.abs().max() <= math.sqrt(6 / sum(fc.weight.shape)) and torch.equal(fc.bias, torch.zeros_like(fc.bias))
+    assert fc.weight.abs().max() <= math.sqrt(6 / sum(fc.weight.shape)) and torch.equal(
+        fc.bias, torch.zeros_like(fc.bias)
+    )
 
 
 def test_encoder_sees_only_visible_patches():
@@ -227,7 +237,13 @@ def test_weight_decay_spares_norms_and_biases_and_the_frozen_position_embeddings
     decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
     exempt = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
     assert {"encoder.norm.weight", "encoder.blocks.0.attn.qkv.bias", "decoder_norm.bias", "decoder_pred.bias"} <= exempt
-    assert {"mask_token", "encoder.cls_token", "encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= decayed
+    assert {
+        "mask_token",
+        "encoder.cls_token",
+        "encoder.patch_embed.proj.weight",
+        "encoder.blocks.0.attn.qkv.weight",
+        "decoder_pred.weight",
+    } <= decayed
     assert all(mae.get_parameter(n).ndim <= 1 for n in exempt)
     assert all(mae.get_parameter(n).ndim >= 2 for n in decayed)
     assert "encoder.pos_embed" not in decayed | exempt and "decoder_pos_embed" not in decayed | exempt  # frozen
@@ -237,7 +253,9 @@ def test_position_embedding_is_fixed_sincos_for_mae_trainable_for_finetuning_and
     from components.models.vit import sincos_2d
 
     table = sincos_2d(SPEC.embed_dim, SPEC.grid_size, cls_token=True)
-    fixed, trainable, learned = (create_vit(SPEC, pos_embed=kind).pos_embed for kind in ("sincos_fixed", "sincos", "learned"))
+    fixed, trainable, learned = (
+        create_vit(SPEC, pos_embed=kind).pos_embed for kind in ("sincos_fixed", "sincos", "learned")
+    )
     assert torch.equal(fixed, table) and not fixed.requires_grad
     assert torch.equal(trainable, table) and trainable.requires_grad
     assert learned.requires_grad and 0.015 < float(learned.detach().std()) < 0.025  # truncated normal, std 0.02

@@ -1,4 +1,5 @@
 """BEiT block-wise masking as iBOT uses it (Bao et al. 2021 Alg. 1; Zhou et al. 2021 Sec. 3.3)."""
+
 import math
 
 import pytest
@@ -29,7 +30,7 @@ def test_block_mask_is_the_union_of_rectangles_of_bounded_shape():
         union = torch.zeros_like(mask)
         assert blocks
         for top, left, h, w in blocks:
-            assert 0 <= top and top + h <= grid and 0 <= left and left + w <= grid
+            assert top >= 0 and top + h <= grid and left >= 0 and left + w <= grid
             remaining = target - int(union.sum())
             union[top : top + h, left : left + w] = True
             # area drawn from U(16, remaining) (just the remainder once fewer than 16 are missing) and
@@ -77,7 +78,10 @@ def test_masks_are_reproducible_from_the_seed():
     assert torch.equal(a[0], a[1]) and torch.equal(a[0], b)
 
 
-@pytest.mark.parametrize("kwargs", [dict(prob=1.5), dict(ratio_range=(0.5, 0.1)), dict(ratio_range=(0.1, 1.0)), dict(aspect_range=(0.0, 2.0))])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(prob=1.5), dict(ratio_range=(0.5, 0.1)), dict(ratio_range=(0.1, 1.0)), dict(aspect_range=(0.0, 2.0))],
+)
 def test_bad_settings_are_rejected(kwargs):
     with pytest.raises(ValueError):
         BlockMaskGenerator(**kwargs)

@@ -1,4 +1,5 @@
 """Multi-crop augmentation (DINO Sec. 3.1, iBOT Sec. 3.3) and the masked multi-crop dataset."""
+
 import pytest
 import torch
 from PIL import Image
@@ -24,7 +25,9 @@ def test_multicrop_yields_the_configured_numbers_and_sizes(num_local):
 
 
 def test_crops_are_normalised_and_differ_between_views():
-    aug = MultiCropAugmentation(global_size=32, local_size=16, num_local=2, blur_sigma=(0.1, 0.5), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    aug = MultiCropAugmentation(
+        global_size=32, local_size=16, num_local=2, blur_sigma=(0.1, 0.5), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)
+    )
     torch.manual_seed(0)
     crops = aug(_image(size=64))
     # values in [(0 - 0.5) / 0.25, (1 - 0.5) / 0.25]
@@ -48,7 +51,9 @@ def test_first_global_crop_is_always_blurred():
     # (p = 1.0 on the first global crop, 0.1 on the second, as in DINO).
     board = ((torch.arange(32).view(-1, 1) + torch.arange(32).view(1, -1)) % 2 * 255).to(torch.uint8)
     img = Image.fromarray(board.unsqueeze(-1).expand(32, 32, 3).contiguous().numpy())
-    aug = MultiCropAugmentation(global_size=32, local_size=16, num_local=0, global_scale=(1.0, 1.0), blur_sigma=(1.0, 1.0))
+    aug = MultiCropAugmentation(
+        global_size=32, local_size=16, num_local=0, global_scale=(1.0, 1.0), blur_sigma=(1.0, 1.0)
+    )
     torch.manual_seed(0)
     stds = torch.tensor([[float(c.std()) for c in aug(img)] for _ in range(20)])  # [20, 2]
     assert float(stds[:, 0].max()) < 0.5 * float(stds[:, 1].max())
@@ -59,8 +64,12 @@ def test_colour_jitter_strengths_are_parameters():
     # no jitter and no grayscale: a uniformly coloured image keeps its colour in every crop.
     img = Image.new("RGB", (32, 32), (200, 40, 90))
     norm = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    grey = MultiCropAugmentation(global_size=16, local_size=8, num_local=2, blur_sigma=(0.1, 0.5), grayscale_p=1.0, **norm)
-    plain = MultiCropAugmentation(global_size=16, local_size=8, num_local=2, blur_sigma=(0.1, 0.5), color_jitter_p=0.0, grayscale_p=0.0, **norm)
+    grey = MultiCropAugmentation(
+        global_size=16, local_size=8, num_local=2, blur_sigma=(0.1, 0.5), grayscale_p=1.0, **norm
+    )
+    plain = MultiCropAugmentation(
+        global_size=16, local_size=8, num_local=2, blur_sigma=(0.1, 0.5), color_jitter_p=0.0, grayscale_p=0.0, **norm
+    )
     torch.manual_seed(0)
     for _ in range(5):
         for c in grey(img):

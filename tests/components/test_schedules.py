@@ -1,6 +1,7 @@
 """Per-iteration schedules against the reference code they copy: DINO/iBOT ``utils.cosine_scheduler``
 (iBOT's lr, weight decay and teacher momentum) and MAE ``util/lr_sched.adjust_learning_rate`` (MAE,
 fine-tuning, linear probe), and the step floor that stretches epochs and warmup on a small dataset."""
+
 import math
 
 import numpy as np
@@ -24,7 +25,9 @@ def test_cosine_scheduler_is_the_dino_ibot_array_read_at_each_iteration():
     epochs, niter = 6, 7
     T = epochs * niter
     lr = reference_cosine_scheduler(5e-4, 1e-6, epochs, niter, warmup_epochs=2)  # iBOT's lr
-    np.testing.assert_allclose([cosine_scheduler(i, T, 5e-4, 1e-6, 2 * niter) for i in range(T)], lr, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(
+        [cosine_scheduler(i, T, 5e-4, 1e-6, 2 * niter) for i in range(T)], lr, rtol=1e-12, atol=0
+    )
     assert cosine_scheduler(2 * niter - 1, T, 5e-4, 1e-6, 2 * niter) == pytest.approx(5e-4)  # linspace ends on base
     wd = reference_cosine_scheduler(0.04, 0.4, epochs, niter)  # iBOT's weight decay
     np.testing.assert_allclose([cosine(i, T, 0.04, 0.4) for i in range(T)], wd, rtol=1e-12, atol=0)
@@ -42,7 +45,9 @@ def test_warmup_cosine_is_mae_adjust_learning_rate():
             expected = lr * epoch / warmup
         else:
             expected = min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
-        assert warmup_cosine(it, epochs * niter, warmup * niter, lr, min_lr) == pytest.approx(expected, rel=1e-12, abs=0)
+        assert warmup_cosine(it, epochs * niter, warmup * niter, lr, min_lr) == pytest.approx(
+            expected, rel=1e-12, abs=0
+        )
 
 
 def test_a_schedule_at_or_above_the_floor_is_unchanged():

@@ -1,4 +1,5 @@
 """The synthetic shapes data: deterministic from the seed, balanced, valid COCO with tight boxes."""
+
 import hashlib
 import math
 from pathlib import Path
@@ -9,8 +10,13 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from components.data import shapes
-from components.data.shapes import (MIN_VISIBLE, SHAPE_CLASSES, render_shape_alpha, write_shapes_classification,
-                                    write_shapes_detection)
+from components.data.shapes import (
+    MIN_VISIBLE,
+    SHAPE_CLASSES,
+    render_shape_alpha,
+    write_shapes_classification,
+    write_shapes_detection,
+)
 from components.data.sources import validate_coco
 
 
@@ -84,7 +90,7 @@ def test_shape_masks_are_distinct_and_inside_their_circle(name):
     yy, xx = np.mgrid[0:64, 0:64] + 0.5
     outside = np.hypot(xx - 32, yy - 32) > 24 + 1.5
     assert alpha.min() >= 0 and alpha.max() <= 1 and alpha[outside].max() == 0
-    assert alpha.sum() > 0.25 * math.pi * 24 ** 2  # a filled shape, not a sliver
+    assert alpha.sum() > 0.25 * math.pi * 24**2  # a filled shape, not a sliver
     others = [render_shape_alpha(o, 32.0, 32.0, 24.0, 0.3, 64, 64) for o in SHAPE_CLASSES if o != name]
     assert all(np.abs(alpha - o).sum() > 40 for o in others)  # every class has its own outline
 
@@ -125,13 +131,15 @@ def test_detection_boxes_are_tight_around_the_visible_pixels(monkeypatch):
         for obj in objects:
             x, y, w, h = obj["bbox"]
             assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64
-            inside[y:y + h, x:x + w] = True
-            box = pixels[y:y + h, x:x + w] > 0
+            inside[y : y + h, x : x + w] = True
+            box = pixels[y : y + h, x : x + w] > 0
             assert box[0].any() and box[-1].any() and box[:, 0].any() and box[:, -1].any()
         # faint anti-aliased fringes (< 50 % coverage) may sit one pixel outside a box
         grown = inside.copy()
-        grown[1:] |= inside[:-1]; grown[:-1] |= inside[1:]
-        grown[:, 1:] |= grown[:, :-1]; grown[:, :-1] |= grown[:, 1:].copy()
+        grown[1:] |= inside[:-1]
+        grown[:-1] |= inside[1:]
+        grown[:, 1:] |= grown[:, :-1]
+        grown[:, :-1] |= grown[:, 1:].copy()
         assert not (lit & ~grown).any()
 
 
@@ -176,11 +184,14 @@ def test_rotation_range_sets_each_shapes_angle_and_only_that(tmp_path, monkeypat
     assert all(math.radians(10) <= d <= math.radians(20) for d in draws) and len(set(draws)) == 50
 
     calls: dict[str, list] = {}
+
     def recording(tag):
         def render(name, cx, cy, radius, angle, h, w):
             calls.setdefault(tag, []).append((name, round(cx, 6), round(cy, 6), round(radius, 6), angle))
             return render_shape_alpha(name, cx, cy, radius, angle, h, w)
+
         return render
+
     for tag, rotation in (("any", shapes.FULL_TURN), ("upright", (0, 0))):
         monkeypatch.setattr(shapes, "render_shape_alpha", recording(f"{tag}_cls"))
         write_shapes_classification(tmp_path / tag / "cls", 32, 2, 1, seed=0, rotation=rotation)
@@ -198,8 +209,16 @@ def test_contact_sheet_draws_boxes_in_class_colours_and_titles(tmp_path):
     images = [Image.new("RGB", (32, 32), (0, 0, 0)) for _ in range(5)]
     boxes = [[[8, 8, 24, 24]]] + [[] for _ in range(4)]
     labels = [["star"]] + [[] for _ in range(4)]
-    sheet = contact_sheet(images, boxes, labels, titles=[f"#{i}" for i in range(5)], cols=3, tile=64, pad=4,
-                          class_names=["circle", "star"])
+    sheet = contact_sheet(
+        images,
+        boxes,
+        labels,
+        titles=[f"#{i}" for i in range(5)],
+        cols=3,
+        tile=64,
+        pad=4,
+        class_names=["circle", "star"],
+    )
     assert sheet.size == (3 * 68 + 4, 2 * (68 + 16) + 4)
     # the box's bottom edge, scaled x2 and placed in cell 0 (offset 4 px), is drawn in the colour of class 1
     px = np.asarray(sheet)[4 + 2 * 24 - 1, 4 + 2 * 16]

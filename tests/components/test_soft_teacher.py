@@ -1,5 +1,6 @@
 """Soft Teacher's properties (Xu et al. 2021): EMA teacher, pseudo-box thresholds, background
 weights from the teacher normalised by their sum, box-jitter uncertainty."""
+
 import math
 
 import pytest
@@ -31,9 +32,19 @@ from components.semisup.soft_teacher import (
 
 def tiny_detector(num_classes=2):
     torch.manual_seed(0)
-    spec = DetectorSpec(backbone="resnet18", num_classes=num_classes, min_size=64, max_size=64, fpn_channels=32, representation_size=32,
-                        anchor_sizes=(8, 16, 32, 64, 128), rpn_batch_size_per_image=32, box_batch_size_per_image=32,
-                        rpn_post_nms_top_n_train=50, rpn_post_nms_top_n_test=50)
+    spec = DetectorSpec(
+        backbone="resnet18",
+        num_classes=num_classes,
+        min_size=64,
+        max_size=64,
+        fpn_channels=32,
+        representation_size=32,
+        anchor_sizes=(8, 16, 32, 64, 128),
+        rpn_batch_size_per_image=32,
+        box_batch_size_per_image=32,
+        rpn_post_nms_top_n_train=50,
+        rpn_post_nms_top_n_test=50,
+    )
     return create_detector(spec)
 
 
@@ -47,7 +58,10 @@ def test_teacher_momentum_is_min_of_m_and_one_minus_one_over_t_plus_one():
 
 def test_ema_update_matches_its_formula_on_parameters_only_unless_buffers_are_asked_for():
     torch.manual_seed(0)
-    student, teacher = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    student, teacher = (
+        nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)),
+        nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)),
+    )
     student[1].running_mean.fill_(0.7)
     before = [p.detach().clone() for p in teacher.parameters()]
     m = update_teacher(teacher, student, step=19, momentum=0.99)
@@ -111,14 +125,18 @@ def test_pseudo_label_filtering_respects_each_threshold():
 
 def test_pseudo_targets_move_into_the_student_view_and_drop_tiny_boxes():
     boxes = torch.tensor([[4.0, 8.0, 20.0, 30.0], [0.0, 0.0, 0.5, 0.5]])
-    t = TeacherOutput({}, [(64, 64)], [boxes], [torch.tensor([1, 2])], [torch.tensor([0.99, 0.99])], [torch.tensor([0.0, 0.0])])
+    t = TeacherOutput(
+        {}, [(64, 64)], [boxes], [torch.tensor([1, 2])], [torch.tensor([0.99, 0.99])], [torch.tensor([0.0, 0.0])]
+    )
     _, cls, _ = pseudo_targets(t, [hflip_matrix(64)], [(64, 64)], SoftTeacherConfig(min_box_size=1.0))
     assert torch.allclose(cls[0]["boxes"], torch.tensor([[44.0, 8.0, 60.0, 30.0]]))  # flipped; the 0.5 px box is gone
 
 
 def test_a_sub_pixel_pseudo_box_is_kept_as_the_reference_min_pseduo_box_size_0():
     # filter_invalid(min_size=0): keep w > 0 and h > 0; a box clipped to zero width is dropped
-    boxes = torch.tensor([[4.0, 8.0, 20.0, 30.0], [10.0, 10.0, 10.5, 10.5], [20.0, 5.0, 23.83, 5.998], [-9.0, 3.0, -1.0, 9.0]])
+    boxes = torch.tensor(
+        [[4.0, 8.0, 20.0, 30.0], [10.0, 10.0, 10.5, 10.5], [20.0, 5.0, 23.83, 5.998], [-9.0, 3.0, -1.0, 9.0]]
+    )
     n = len(boxes)
     t = TeacherOutput({}, [(64, 64)], [boxes], [torch.arange(n)], [torch.full((n,), 0.99)], [torch.zeros(n)])
     rpn, cls, reg = pseudo_targets(t, [torch.eye(3, dtype=torch.float64)], [(64, 64)], SoftTeacherConfig())
@@ -181,27 +199,49 @@ def test_soft_classification_loss_is_normalised_by_the_sum_of_weights():
     logits, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 0, 2, 0])
     weights = torch.tensor([0.9, 0.2, 1.0, 0.6, 1.0, 0.8])
     ce = F.cross_entropy(logits, labels, reduction="none")
-    assert soft_classification_loss(logits, labels, weights).item() == pytest.approx(((weights * ce).sum() / weights.sum()).item())
+    assert soft_classification_loss(logits, labels, weights).item() == pytest.approx(
+        ((weights * ce).sum() / weights.sum()).item()
+    )
     # normalised: scaling the weights (sum >= 1) leaves the loss unchanged; a sum below 1 divides by 1
-    assert soft_classification_loss(logits, labels, 3 * weights).item() == pytest.approx(soft_classification_loss(logits, labels, weights).item(), rel=1e-6)
+    assert soft_classification_loss(logits, labels, 3 * weights).item() == pytest.approx(
+        soft_classification_loss(logits, labels, weights).item(), rel=1e-6
+    )
     small = torch.full((6,), 0.1)
     assert soft_classification_loss(logits, labels, small).item() == pytest.approx((0.1 * ce).sum().item(), rel=1e-6)
     # background proposals the teacher finds foreground-like (low background probability) count less
     low = weights.clone()
     low[labels == 0] = 0.0
-    assert soft_classification_loss(logits, labels, low).item() == pytest.approx((ce[labels > 0]).sum().item() / 2, rel=1e-6)
+    assert soft_classification_loss(logits, labels, low).item() == pytest.approx(
+        (ce[labels > 0]).sum().item() / 2, rel=1e-6
+    )
 
 
 # --------------------------------------------------------------------------- the step
 def test_soft_teacher_step_trains_only_the_student():
     torch.manual_seed(0)
-    st = SoftTeacher(tiny_detector(), tiny_detector(), SoftTeacherConfig(initial_threshold=0.0, rpn_threshold=0.0, cls_threshold=0.0, reg_uncertainty=1.0))
+    st = SoftTeacher(
+        tiny_detector(),
+        tiny_detector(),
+        SoftTeacherConfig(initial_threshold=0.0, rpn_threshold=0.0, cls_threshold=0.0, reg_uncertainty=1.0),
+    )
     st.train()
     img = torch.rand(3, 64, 64)
     eye = torch.eye(3, dtype=torch.float64)
-    out = st([img], [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}],
-             weak=[img, img], strong=[img.flip(-1), img], weak_matrix=[eye, eye], strong_matrix=[hflip_matrix(64), eye])
-    for k in ("unsup_loss_objectness", "unsup_loss_rpn_box_reg", "unsup_loss_classifier", "unsup_loss_box_reg", "sup_loss_classifier"):
+    out = st(
+        [img],
+        [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}],
+        weak=[img, img],
+        strong=[img.flip(-1), img],
+        weak_matrix=[eye, eye],
+        strong_matrix=[hflip_matrix(64), eye],
+    )
+    for k in (
+        "unsup_loss_objectness",
+        "unsup_loss_rpn_box_reg",
+        "unsup_loss_classifier",
+        "unsup_loss_box_reg",
+        "sup_loss_classifier",
+    ):
         assert torch.isfinite(out[k]), k
     sup = sum(v for k, v in out.items() if k.startswith("sup_"))
     unsup = sum(v for k, v in out.items() if k.startswith("unsup_"))
@@ -211,7 +251,13 @@ def test_soft_teacher_step_trains_only_the_student():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in st.student.parameters())
     # without unlabeled images the step is the supervised baseline
     base = st([img], [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}])
-    assert set(base) == {"sup_loss_classifier", "sup_loss_box_reg", "sup_loss_objectness", "sup_loss_rpn_box_reg", "loss"}
+    assert set(base) == {
+        "sup_loss_classifier",
+        "sup_loss_box_reg",
+        "sup_loss_objectness",
+        "sup_loss_rpn_box_reg",
+        "loss",
+    }
 
 
 def test_teacher_pseudo_boxes_are_its_detections_above_the_initial_threshold():
@@ -238,4 +284,6 @@ def test_burn_in_restarts_the_teacher_as_a_copy_when_unlabeled_images_come_in():
     assert st.update_teacher(4) == 0.0  # last burn-in step: the teacher becomes the student
     assert torch.equal(st.teacher.weight, st.student.weight)
     assert st.update_teacher(5) == pytest.approx(0.5) and st.update_teacher(500) == 0.99
-    assert SoftTeacher(nn.Linear(3, 2), nn.Linear(3, 2), SoftTeacherConfig()).semi_supervised(0)  # end-to-end by default
+    assert SoftTeacher(nn.Linear(3, 2), nn.Linear(3, 2), SoftTeacherConfig()).semi_supervised(
+        0
+    )  # end-to-end by default

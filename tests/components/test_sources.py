@@ -1,4 +1,5 @@
 """Readers: ImageFolder, CIFAR-10 batches, COCO validation, the classification index and the datasets."""
+
 import json
 import pickle
 from pathlib import Path
@@ -8,9 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-from components.data.sources import (CocoDetection, DataError, ImageListDataset, load_classification_index, load_coco,
-                                     open_image, read_cifar10, read_coco, read_image_folder, validate_coco,
-                                     write_array_images)
+from components.data.sources import (
+    CocoDetection,
+    DataError,
+    ImageListDataset,
+    load_classification_index,
+    load_coco,
+    open_image,
+    read_cifar10,
+    read_coco,
+    read_image_folder,
+    validate_coco,
+    write_array_images,
+)
 
 
 def _png(path: Path, size=(8, 6), colour=(200, 30, 30)) -> Path:
@@ -66,7 +77,9 @@ def test_image_folder_reads_a_tree_and_skips_or_rejects_bad_images(tmp_path):
 def test_an_image_folder_with_fewer_than_two_classes_is_an_error_naming_the_root(tmp_path):
     root = tmp_path / "one"
     _png(root / "cat" / "a1.png")
-    with pytest.raises(DataError, match=r"one: 1 class folder\(s\) with images \(cat\); classification needs at least 2"):
+    with pytest.raises(
+        DataError, match=r"one: 1 class folder\(s\) with images \(cat\); classification needs at least 2"
+    ):
         read_image_folder(root)
     (root / "dog").mkdir()  # an empty second class does not make two, even when empty classes are skipped
     with pytest.raises(DataError, match=r"one: 1 class folder\(s\) with images \(cat\)"):
@@ -104,8 +117,15 @@ def _write_cifar(root: Path, n_per_batch=3) -> dict:
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, size=n_per_batch).tolist()
-        blob = pickle.dumps({"batch_label": name, "labels": labels, "data": data,
-                             "filenames": [f"{name}_{i}.png" for i in range(n_per_batch)]}, protocol=2)
+        blob = pickle.dumps(
+            {
+                "batch_label": name,
+                "labels": labels,
+                "data": data,
+                "filenames": [f"{name}_{i}.png" for i in range(n_per_batch)],
+            },
+            protocol=2,
+        )
         if name == "test_batch":  # the real files name numpy 1's module path
             blob = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
         (base / name).write_bytes(blob)
@@ -158,12 +178,16 @@ def _coco(tmp_path: Path) -> dict:
         _png(tmp_path / "imgs" / name, size=(40, 30))
     return {
         "info": {"image_root": "imgs"},
-        "images": [{"id": 1, "file_name": "1.png", "width": 40, "height": 30},
-                   {"id": 2, "file_name": "2.png", "width": 40, "height": 30}],
+        "images": [
+            {"id": 1, "file_name": "1.png", "width": 40, "height": 30},
+            {"id": 2, "file_name": "2.png", "width": 40, "height": 30},
+        ],
         "categories": [{"id": 3, "name": "circle"}, {"id": 7, "name": "star"}],
-        "annotations": [{"id": 10, "image_id": 1, "category_id": 3, "bbox": [1, 2, 10, 5]},
-                        {"id": 11, "image_id": 1, "category_id": 7, "bbox": [20, 10, 20, 20]},
-                        {"id": 12, "image_id": 2, "category_id": 7, "bbox": [0, 0, 40.5, 30], "iscrowd": 0}],
+        "annotations": [
+            {"id": 10, "image_id": 1, "category_id": 3, "bbox": [1, 2, 10, 5]},
+            {"id": 11, "image_id": 1, "category_id": 7, "bbox": [20, 10, 20, 20]},
+            {"id": 12, "image_id": 2, "category_id": 7, "bbox": [0, 0, 40.5, 30], "iscrowd": 0},
+        ],
     }
 
 
@@ -176,18 +200,61 @@ def test_validate_coco_accepts_good_data_and_fills_defaults(tmp_path):
     assert "area" not in coco["annotations"][0]  # the input is not modified
 
 
-@pytest.mark.parametrize("break_it, reason, message", [
-    (lambda c: c["annotations"][1].update(bbox=[30, 10, 20, 5]), "annotations_outside_image", r"annotations\[1\] \(id=11\).*outside image 1"),
-    (lambda c: c["annotations"][1].update(bbox=[5, 5, 0, 4]), "annotations_zero_area", r"annotations\[1\] \(id=11\).*zero area"),
-    (lambda c: c["annotations"][1].update(image_id=99), "annotations_missing_image", r"annotations\[1\] \(id=11\) points to image_id 99"),
-    (lambda c: c["annotations"][1].update(category_id=4), "annotations_unknown_category", r"annotations\[1\] \(id=11\) category_id 4"),
-    (lambda c: c["annotations"][1].pop("bbox"), "annotations_missing_keys", r"annotations\[1\] missing key\(s\) 'bbox'"),
-    (lambda c: c["images"][1].update(file_name="gone.png"), "images_missing_file", r"images\[1\] \(id=2\) file .*gone.png not found"),
-    (lambda c: c["images"][1].update(file_name=None), "images_missing_keys", r"images\[1\] needs an integer 'id' and a file name, got id 2, file_name None"),
-    (lambda c: c["annotations"][1].update(image_id=[1]), "annotations_missing_keys", r"annotations\[1\] \(id=11\) id, image_id and category_id must be integers"),
-    (lambda c: c["annotations"][1].update(iscrowd="0"), "annotations_missing_keys", r"annotations\[1\] \(id=11\) iscrowd must be 0 or 1, got '0'"),
-    (lambda c: c["annotations"][1].update(area=-5), "annotations_missing_keys", r"annotations\[1\] \(id=11\) area must be a number >= 0"),
-])
+@pytest.mark.parametrize(
+    "break_it, reason, message",
+    [
+        (
+            lambda c: c["annotations"][1].update(bbox=[30, 10, 20, 5]),
+            "annotations_outside_image",
+            r"annotations\[1\] \(id=11\).*outside image 1",
+        ),
+        (
+            lambda c: c["annotations"][1].update(bbox=[5, 5, 0, 4]),
+            "annotations_zero_area",
+            r"annotations\[1\] \(id=11\).*zero area",
+        ),
+        (
+            lambda c: c["annotations"][1].update(image_id=99),
+            "annotations_missing_image",
+            r"annotations\[1\] \(id=11\) points to image_id 99",
+        ),
+        (
+            lambda c: c["annotations"][1].update(category_id=4),
+            "annotations_unknown_category",
+            r"annotations\[1\] \(id=11\) category_id 4",
+        ),
+        (
+            lambda c: c["annotations"][1].pop("bbox"),
+            "annotations_missing_keys",
+            r"annotations\[1\] missing key\(s\) 'bbox'",
+        ),
+        (
+            lambda c: c["images"][1].update(file_name="gone.png"),
+            "images_missing_file",
+            r"images\[1\] \(id=2\) file .*gone.png not found",
+        ),
+        (
+            lambda c: c["images"][1].update(file_name=None),
+            "images_missing_keys",
+            r"images\[1\] needs an integer 'id' and a file name, got id 2, file_name None",
+        ),
+        (
+            lambda c: c["annotations"][1].update(image_id=[1]),
+            "annotations_missing_keys",
+            r"annotations\[1\] \(id=11\) id, image_id and category_id must be integers",
+        ),
+        (
+            lambda c: c["annotations"][1].update(iscrowd="0"),
+            "annotations_missing_keys",
+            r"annotations\[1\] \(id=11\) iscrowd must be 0 or 1, got '0'",
+        ),
+        (
+            lambda c: c["annotations"][1].update(area=-5),
+            "annotations_missing_keys",
+            r"annotations\[1\] \(id=11\) area must be a number >= 0",
+        ),
+    ],
+)
 def test_each_bad_entry_is_named_or_skipped(tmp_path, break_it, reason, message):
     coco = _coco(tmp_path)
     break_it(coco)
@@ -223,7 +290,9 @@ def test_image_whose_size_differs_from_its_entry_is_named_or_skipped(tmp_path):
 def test_wrongly_typed_categories_and_image_root_are_one_line_errors(tmp_path):
     coco = _coco(tmp_path)
     coco["categories"][0]["id"] = [3]
-    with pytest.raises(DataError, match=r"^x.json: categories\[0\] needs an integer 'id' and a string 'name', got \[3\]"):
+    with pytest.raises(
+        DataError, match=r"^x.json: categories\[0\] needs an integer 'id' and a string 'name', got \[3\]"
+    ):
         validate_coco(coco, "x.json", on_error="skip")  # structural: never skipped
     coco = _coco(tmp_path)
     coco["info"]["image_root"] = 5
@@ -266,7 +335,7 @@ def test_coco_detection_targets_are_xyxy_with_category_ids(tmp_path):
     ds = CocoDetection(load_coco(path))
     assert len(ds) == 2
     image, target = ds[0]
-    assert image.shape == (3, 30, 40) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert image.shape == (3, 30, 40) and image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
     assert torch.allclose(image[:, 0, 0], torch.tensor([200, 30, 30]) / 255)
     assert target["boxes"].tolist() == [[1, 2, 11, 7], [20, 10, 40, 30]]
     assert target["labels"].tolist() == [3, 7] and target["labels"].dtype == torch.int64 and target["image_id"] == 1
@@ -276,6 +345,7 @@ def test_coco_detection_targets_are_xyxy_with_category_ids(tmp_path):
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
     # transforms v2 move the boxes with the image
     from torchvision.transforms import v2
+
     image, target = CocoDetection(load_coco(path), transforms=v2.RandomHorizontalFlip(p=1.0))[0]
     assert target["boxes"].tolist() == [[29, 2, 39, 7], [0, 10, 20, 30]]
 
@@ -290,8 +360,13 @@ def test_coco_detection_rejects_a_size_mismatch(tmp_path):
 # --------------------------------------------------------------------------------------------- index
 def test_classification_index_resolves_paths_and_names_bad_entries(tmp_path):
     _png(tmp_path / "images" / "a.png")
-    index = {"source": "shapes", "classes": ["a", "b"], "image_size": 8,
-             "train": [["images/a.png", 0]], "val": [["images/a.png", 1]]}
+    index = {
+        "source": "shapes",
+        "classes": ["a", "b"],
+        "image_size": 8,
+        "train": [["images/a.png", 0]],
+        "val": [["images/a.png", 1]],
+    }
     path = tmp_path / "index.json"
     path.write_text(json.dumps(index))
     loaded = load_classification_index(path)

@@ -1,4 +1,5 @@
 """Soft Teacher's semi-supervised protocol: P % labeled per fold, sampled without replacement."""
+
 import json
 
 import pytest
@@ -7,8 +8,20 @@ from components.data.sources import DataError
 from components.data.splits import labeled_split, num_labeled, read_labeled_indices, split_coco
 
 
-@pytest.mark.parametrize("n, percent, expected", [(1000, 1, 10), (1000, 5, 50), (1000, 10, 100), (30, 5, 2),
-                                                  (10, 1, 1), (1, 1, 1), (50, 1, 1), (250, 1, 3), (7, 100, 7)])
+@pytest.mark.parametrize(
+    "n, percent, expected",
+    [
+        (1000, 1, 10),
+        (1000, 5, 50),
+        (1000, 10, 100),
+        (30, 5, 2),
+        (10, 1, 1),
+        (1, 1, 1),
+        (50, 1, 1),
+        (250, 1, 3),
+        (7, 100, 7),
+    ],
+)
 def test_labeled_count_is_rounded_percent_and_at_least_one(n, percent, expected):
     assert num_labeled(n, percent) == expected
     labeled, unlabeled = labeled_split(range(n), percent, fold=1, seed=0)
@@ -49,9 +62,12 @@ def test_bad_split_arguments():
 
 
 def test_split_coco_keeps_labeled_annotations_and_drops_unlabeled_ones():
-    coco = {"info": {"image_root": "images/train"}, "categories": [{"id": 1, "name": "circle"}],
-            "images": [{"id": i, "file_name": f"{i}.png", "width": 8, "height": 8} for i in range(1, 7)],
-            "annotations": [{"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [0, 0, 2, 2]} for i in range(1, 7)]}
+    coco = {
+        "info": {"image_root": "images/train"},
+        "categories": [{"id": 1, "name": "circle"}],
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 8, "height": 8} for i in range(1, 7)],
+        "annotations": [{"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [0, 0, 2, 2]} for i in range(1, 7)],
+    }
     labeled_ids, _ = labeled_split([im["id"] for im in coco["images"]], 50, fold=1, seed=0)
     labeled, unlabeled = split_coco(coco, labeled_ids)
     assert [im["id"] for im in labeled["images"]] == labeled_ids

@@ -2,6 +2,7 @@
 that started it. The micro project here runs prepare, pretrain_mae and finetune@mae-0 once, logging to the team
 MLflow server (PostgreSQL-backed), for the tests that read those runs back, compare with its weights or push it
 to a DVC remote: one training run serves them all, inside CI's budget."""
+
 from __future__ import annotations
 
 import shutil
@@ -60,8 +61,9 @@ def team_server(tmp_path_factory):
     try:
         yield server
     finally:
-        down = subprocess.run([*team, "down", "--state", str(state)], cwd=REPO, capture_output=True, text=True,
-                              timeout=120)
+        down = subprocess.run(
+            [*team, "down", "--state", str(state)], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
         assert down.returncode == 0, down.stderr
         assert not Path(server.pgdata).exists() and TeamServer.load(state) is None
 
@@ -79,9 +81,11 @@ def micro(tmp_path_factory, team_server) -> Path:
     else:
         env["MLFLOW_TRACKING_URI"] = team_server.uri
         targets.append("finetune@mae-0")
-    proc = subprocess.run([str(BIN / "dvc"), "repro", *targets], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [str(BIN / "dvc"), "repro", *targets], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     if proc.returncode != 0:
-        pytest.fail(f"dvc repro {' '.join(targets)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"dvc repro {' '.join(targets)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+        )
     return root

@@ -1,6 +1,7 @@
 """A shared DVC remote (docs/team.md; default off in .dvc/config): clone A trains and `dvc push`es, a fresh
 clone B `dvc pull`s A's data and encoder instead of retraining them, and a param changed in B makes only the
 stages that read it stale."""
+
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 artifacts served by the server. Micro stages pointed at it by MLFLOW_TRACKING_URI alone land their params,
 metrics, figure and registered model (with its alias) there, read back through the REST API; a server that
 cannot start is one line."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,12 @@ def rest(server: TeamServer, endpoint: str, **query) -> dict:
 
 
 def rest_post(server: TeamServer, endpoint: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{server.uri}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        f"{server.uri}/api/2.0/mlflow/{endpoint}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
@@ -40,11 +45,17 @@ def test_stages_log_params_metrics_figure_and_model_to_the_postgres_backed_serve
     cfg = micro_config().pretrain_mae
 
     experiment = rest(team_server, "experiments/get-by-name", experiment_name="mimflow")["experiment"]
-    runs = rest_post(team_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
-                                                  "filter": "tags.stage = 'pretrain_mae'"}).get("runs", [])
+    runs = rest_post(
+        team_server,
+        "runs/search",
+        {"experiment_ids": [experiment["experiment_id"]], "filter": "tags.stage = 'pretrain_mae'"},
+    ).get("runs", [])
     assert len(runs) == 1, f"{len(runs)} pretrain_mae runs on the server"
-    prepare = rest_post(team_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
-                                                     "filter": "tags.stage = 'prepare'"}).get("runs", [])
+    prepare = rest_post(
+        team_server,
+        "runs/search",
+        {"experiment_ids": [experiment["experiment_id"]], "filter": "tags.stage = 'prepare'"},
+    ).get("runs", [])
     assert len(prepare) == 1 and prepare[0]["info"]["status"] == "FINISHED", "dvc repro's prepare run is missing"
     run = runs[0]
     run_id = run["info"]["run_id"]
@@ -63,9 +74,11 @@ def test_stages_log_params_metrics_figure_and_model_to_the_postgres_backed_serve
     listed = {f["path"] for f in rest(team_server, "artifacts/list", run_id=run_id, path="figures").get("files", [])}
     assert "figures/reconstructions.png" in listed
     png = (root / "plots" / "pretrain_mae" / "reconstructions.png").read_bytes()
-    with urllib.request.urlopen(f"{team_server.uri}/get-artifact?"
-                                f"{urllib.parse.urlencode({'path': 'figures/reconstructions.png', 'run_id': run_id})}",
-                                timeout=30) as r:
+    with urllib.request.urlopen(
+        f"{team_server.uri}/get-artifact?"
+        f"{urllib.parse.urlencode({'path': 'figures/reconstructions.png', 'run_id': run_id})}",
+        timeout=30,
+    ) as r:
         assert r.read() == png
     stored = list(Path(team_server.artifacts).rglob("reconstructions.png"))
     assert len(stored) == 1 and stored[0].read_bytes() == png

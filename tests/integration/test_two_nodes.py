@@ -1,6 +1,7 @@
 """Training across nodes: `torchrun --nnodes=2` started twice, each "node" with its own copy of the project,
 meeting through c10d rendezvous on 127.0.0.1 (gloo on CPU), gives the weights of one process with the same
 global batch (the launcher docs/team.md gives for machines of a lab)."""
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,22 @@ pytestmark = pytest.mark.integration
 
 def torchrun_node(root, port: int, node_rank: int) -> subprocess.Popen:
     """One node's launcher: the same command on every node, only --node-rank differs."""
-    cmd = [str(BIN / "torchrun"), "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=mimflow-two-nodes", f"--node-rank={node_rank}",
-           "--local-addr=127.0.0.1", "--max-restarts=0", "-m", "pipelines.pretrain_mae"]
-    return subprocess.Popen(cmd, cwd=root, env=project_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=mimflow-two-nodes",
+        f"--node-rank={node_rank}",
+        "--local-addr=127.0.0.1",
+        "--max-restarts=0",
+        "-m",
+        "pipelines.pretrain_mae",
+    ]
+    return subprocess.Popen(
+        cmd, cwd=root, env=project_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_two_nodes_match_one_process_with_the_same_global_batch(tmp_path, micro):

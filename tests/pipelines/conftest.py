@@ -1,6 +1,7 @@
 """Stage tests run the real CLI (`dvc repro`, `python -m pipelines.<stage>`) in a temporary git + DVC
 copy of the project whose params.yaml is the micro params (params.yaml with tests/micro.params.yaml's
 overrides) and whose MLflow store is a temporary SQLite file."""
+
 from __future__ import annotations
 
 import os
@@ -46,6 +47,7 @@ def params_section(cls, path: str, **overrides):
         raw = raw[part]
     return cls.model_validate(merge_overrides(raw, overrides))
 
+
 def micro_params() -> dict:
     """The micro params as a dict (tests/micro.params.yaml merged onto params.yaml), to change a value and
     validate it. Validated here, so an override the schema does not know fails every test that uses it."""
@@ -84,7 +86,11 @@ def make_project(dest: Path, params: Path | None = None) -> Path:
     else:
         shutil.copy2(params, dest / "params.yaml")
     env = project_env(dest)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
         subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
     return dest
 
@@ -100,7 +106,10 @@ def project_env(root: Path) -> dict[str, str]:
         MLFLOW_DISABLE_TELEMETRY="true",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PYTHONPATH=str(root),
-        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
     )
     env.pop("MIMFLOW_PARENT_RUN_ID", None)
     return env
@@ -110,7 +119,10 @@ def run(root: Path, *cmd: str, check: bool = True, timeout: float = 900) -> subp
     """Run a command in the project; on an unexpected exit code fail with its output."""
     proc = subprocess.run(list(cmd), cwd=root, env=project_env(root), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- "
+            f"stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -122,8 +134,13 @@ def kill_at_first_checkpoint(root: Path, stage: str) -> None:
     """Start ``python -m pipelines.<stage>`` in ``root`` and kill -9 it as soon as its first checkpoint
     exists (within 5 minutes), as a crash or a pre-empted job would."""
     ckpt = root / "checkpoints" / stage / "last.pt"
-    proc = subprocess.Popen([str(BIN / "python"), "-m", f"pipelines.{stage}"], cwd=root, env=project_env(root),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "python"), "-m", f"pipelines.{stage}"],
+        cwd=root,
+        env=project_env(root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)

@@ -5,6 +5,7 @@ At 144 labels and batch 32 an epoch is 4 steps, so finetune's 40 epochs would be
 ``finetune.min_steps`` floor (500) stretches them to 125 epochs. With it the scratch ViT fine-tunes to
 at least the linear probe of its own random init, and the CNN's training loss falls below 1.0 (chance
 is ln 10 = 2.30; label smoothing 0.1 keeps it above about 0.5)."""
+
 from __future__ import annotations
 
 import csv

@@ -1,5 +1,6 @@
 """Each stage builds its augmentations from its params: a flip, blur, solarization or
 colour op set to probability 0 is not in the transform the stage builds; the defaults are the papers'."""
+
 from __future__ import annotations
 
 from torchvision import transforms as T
@@ -10,7 +11,6 @@ from pipelines import finetune, pretrain_ibot, pretrain_mae
 from pipelines.config import Finetune, PretrainIBOT, PretrainMAE
 from pipelines.detect import views_config
 from tests.pipelines.conftest import params_section
-
 
 
 def _ops(compose) -> list:
@@ -30,8 +30,16 @@ def test_pretrain_mae_flip_follows_params():
     default = pretrain_mae.train_transform(params_section(PretrainMAE, "pretrain_mae"), 32)
     flips = [t for t in _ops(default) if isinstance(t, T.RandomHorizontalFlip)]
     assert len(flips) == 1 and flips[0].p == 0.5
-    assert _count(pretrain_mae.train_transform(params_section(PretrainMAE, "pretrain_mae", hflip=0.0), 32), "RandomHorizontalFlip") == 0
-    assert pretrain_mae.train_transform(params_section(PretrainMAE, "pretrain_mae", hflip=0.2), 32).transforms[1].p == 0.2
+    assert (
+        _count(
+            pretrain_mae.train_transform(params_section(PretrainMAE, "pretrain_mae", hflip=0.0), 32),
+            "RandomHorizontalFlip",
+        )
+        == 0
+    )
+    assert (
+        pretrain_mae.train_transform(params_section(PretrainMAE, "pretrain_mae", hflip=0.2), 32).transforms[1].p == 0.2
+    )
 
 
 def test_pretrain_ibot_multicrop_follows_params():
@@ -40,12 +48,21 @@ def test_pretrain_ibot_multicrop_follows_params():
     assert [_count(v, "RandomHorizontalFlip") for v in views] == [1, 1, 1]
     assert [_count(v, "GaussianBlur") for v in views] == [1, 1, 1]
     assert [_count(v, "RandomSolarize") for v in views] == [0, 1, 0]
-    off = params_section(PretrainIBOT, "pretrain_ibot", multicrop={"hflip": 0, "blur_p": [0, 0, 0], "solarize_p": 0, "color_jitter_p": 0, "grayscale_p": 0})
+    off = params_section(
+        PretrainIBOT,
+        "pretrain_ibot",
+        multicrop={"hflip": 0, "blur_p": [0, 0, 0], "solarize_p": 0, "color_jitter_p": 0, "grayscale_p": 0},
+    )
     aug = pretrain_ibot.multicrop_augmentation(off, 32)
     for view in (aug.global_1, aug.global_2, aug.local):
-        assert _count(view, ("RandomHorizontalFlip", "GaussianBlur", "RandomSolarize", "ColorJitter", "RandomGrayscale")) == 0
+        assert (
+            _count(view, ("RandomHorizontalFlip", "GaussianBlur", "RandomSolarize", "ColorJitter", "RandomGrayscale"))
+            == 0
+        )
         assert _count(view, "RandomResizedCrop") == 1
-    some = pretrain_ibot.multicrop_augmentation(params_section(PretrainIBOT, "pretrain_ibot", multicrop={"blur_p": [0, 0.3, 0], "solarize_p": 0.5}), 32)
+    some = pretrain_ibot.multicrop_augmentation(
+        params_section(PretrainIBOT, "pretrain_ibot", multicrop={"blur_p": [0, 0.3, 0], "solarize_p": 0.5}), 32
+    )
     assert [t.p for t in _ops(some.global_2) if type(t).__name__ in ("GaussianBlur", "RandomSolarize")] == [0.3, 0.5]
     assert _count(some.global_1, "GaussianBlur") == 0
 

@@ -4,6 +4,7 @@ Upstream weights are made here (prepare runs for real): the "fine-tuned" ViT is 
 the MAE encoder's own weights, so its blocks must match the MAE blocks with CKA 1 exactly when both
 models really see the same images with the same normalisation.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,9 @@ import pytest
 import torch
 import yaml
 
+from components.analysis.cka import MinibatchCKA, cka
 from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
 from components.models.vit import ViTSpec, create_vit, save_encoder
-from components.analysis.cka import MinibatchCKA, cka
 from pipelines.cka import equal_batches, held_out_sample
 from tests.pipelines.conftest import BIN, make_project, run
 
@@ -58,11 +59,15 @@ def test_cka_through_dvc_repro_writes_matrices_and_heatmaps(cka_project):
     for key, pair in m["pairs"].items():
         a, b = key.split("__")
         mat = torch.tensor(pair["cka"])
-        assert pair["row_layers"] == [f"{a}/{n}" for n in m["models"][a]["layers"]] and pair["col_layers"] == [f"{b}/{n}" for n in m["models"][b]["layers"]]
+        assert pair["row_layers"] == [f"{a}/{n}" for n in m["models"][a]["layers"]] and pair["col_layers"] == [
+            f"{b}/{n}" for n in m["models"][b]["layers"]
+        ]
         assert mat.shape == (len(pair["row_layers"]), len(pair["col_layers"]))
         assert torch.isfinite(mat).all() and mat.max() <= 1 + 1e-5
         if a == b:  # a model with itself: symmetric, ones on the diagonal
-            assert torch.allclose(mat, mat.T, atol=1e-6) and torch.allclose(mat.diagonal(), torch.ones(len(mat)), atol=1e-5)
+            assert torch.allclose(mat, mat.T, atol=1e-6) and torch.allclose(
+                mat.diagonal(), torch.ones(len(mat)), atol=1e-5
+            )
         assert (root / "plots" / "cka" / f"{key}.png").stat().st_size > 2000
     # same weights, same images, same normalisation: corresponding blocks match exactly
     assert torch.allclose(torch.tensor(m["pairs"]["mae__finetuned"]["cka"]).diagonal(), torch.ones(2), atol=1e-5)

@@ -1,5 +1,6 @@
 """The detect@{supervised,softteacher}-<pct>-<seed> matrix through `dvc repro` on the micro params, resume,
 and errors."""
+
 from __future__ import annotations
 
 import csv
@@ -56,7 +57,9 @@ def test_each_method_through_dvc_repro_writes_metrics_plots_and_weights(project)
     # the Soft Teacher run saw pseudo boxes (the micro params keep every teacher detection)
     soft = [v for v in variants(project) if v.startswith("softteacher")]
     loss = list(csv.DictReader((project / "plots" / "detect" / soft[0] / "loss.csv").open()))
-    assert loss[0]["pseudo_boxes_cls"] == "" and any(float(r["pseudo_boxes_cls"] or 0) > 0 for r in loss)  # after the burn-in step
+    assert loss[0]["pseudo_boxes_cls"] == "" and any(
+        float(r["pseudo_boxes_cls"] or 0) > 0 for r in loss
+    )  # after the burn-in step
     # MLflow: each teacher registered as a model, the alias on a version of this stage
     import mlflow
 
@@ -102,27 +105,46 @@ def test_a_percent_without_split_is_a_one_line_error(project):
     assert "30_fold0" in last and "prepare.detection.labeled_percents" in last
     proc = run(project, str(BIN / "python"), "-m", "pipelines.detect", "--variant", "fancy-10", check=False)
     assert proc.returncode == 1 and "not <method>-<percent>" in proc.stderr.strip().splitlines()[-1]
-    proc = run(project, str(BIN / "python"), "-m", "pipelines.detect", "--variant", "softteacher-20", "--seed", "7",
-               check=False)
+    proc = run(
+        project,
+        str(BIN / "python"),
+        "-m",
+        "pipelines.detect",
+        "--variant",
+        "softteacher-20",
+        "--seed",
+        "7",
+        check=False,
+    )
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last == "error: detect@softteacher-20-7: --seed 7: not one of detect.seeds = [0, 1]"
 
 
 def test_class_agnostic_merges_categories_and_scores_boxes_whatever_their_class():
-    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [2, 2, 20, 20], "area": 400, "iscrowd": 0},
-                            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [30, 30, 20, 20], "area": 400, "iscrowd": 0}],
-            "categories": [{"id": 3, "name": "star"}, {"id": 7, "name": "ring"}]}
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [2, 2, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [30, 30, 20, 20], "area": 400, "iscrowd": 0},
+        ],
+        "categories": [{"id": 3, "name": "star"}, {"id": 7, "name": "ring"}],
+    }
     merged = merge_categories(coco)
     assert merged["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
     assert [a["category_id"] for a in merged["annotations"]] == [1, 1] and coco["annotations"][0]["category_id"] == 3
-    swapped = [{"image_id": 1, "category_id": 10 - a["category_id"], "bbox": a["bbox"], "score": 0.9} for a in coco["annotations"]]
+    swapped = [
+        {"image_id": 1, "category_id": 10 - a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in coco["annotations"]
+    ]
     assert coco_evaluate(coco, swapped)["AP"] == 0.0  # wrong classes
     assert coco_evaluate(merged, [{**r, "category_id": 1} for r in swapped])["AP"] == 1.0  # right boxes
 
 
 def test_variant_names():
-    assert parse_variant("softteacher-10") == ("softteacher", 10.0) and parse_variant("supervised-0.5") == ("supervised", 0.5)
+    assert parse_variant("softteacher-10") == ("softteacher", 10.0) and parse_variant("supervised-0.5") == (
+        "supervised",
+        0.5,
+    )
 
 
 def test_a_pretrained_vit_detector_normalises_as_its_encoder(tmp_path):
@@ -135,8 +157,17 @@ def test_a_pretrained_vit_detector_normalises_as_its_encoder(tmp_path):
 
     params = micro_config()
     vit = ViTSpec(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
-    save_encoder(create_vit(vit), vit, tmp_path / "models" / "pretrain_mae", source="pretrain_mae", mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
-    section = params.detect.model_copy(update={"model": params.detect.model.model_copy(update={"backbone": "vit", "init": "mae"})})
+    save_encoder(
+        create_vit(vit),
+        vit,
+        tmp_path / "models" / "pretrain_mae",
+        source="pretrain_mae",
+        mean=[0.5, 0.4, 0.3],
+        std=[0.2, 0.25, 0.3],
+    )
+    section = params.detect.model_copy(
+        update={"model": params.detect.model.model_copy(update={"backbone": "vit", "init": "mae"})}
+    )
     spec, encoder_dir = detector_spec(SimpleNamespace(section=section, root=tmp_path, params=params), 1)
     assert encoder_dir == tmp_path / "models" / "pretrain_mae" and spec.vit == vit.to_dict()
     assert spec.image_mean == (0.5, 0.4, 0.3) and spec.image_std == (0.2, 0.25, 0.3)
@@ -163,7 +194,9 @@ def test_a_bn_detector_needs_the_teacher_to_copy_buffers():
     raw = micro_params()
     raw["detect"]["model"]["norm"] = "bn"
     raw["detect"]["soft_teacher"]["ema_buffers"] = False
-    with pytest.raises(ParamsError, match=r"detect.soft_teacher.ema_buffers = False: must be true with model.norm 'bn'"):
+    with pytest.raises(
+        ParamsError, match=r"detect.soft_teacher.ema_buffers = False: must be true with model.norm 'bn'"
+    ):
         validate_params(raw, "params.yaml")
     raw["detect"]["soft_teacher"]["ema_buffers"] = True
     assert validate_params(raw, "params.yaml").detect.soft_teacher.ema_buffers

@@ -1,4 +1,5 @@
 """The finetune@{scratch,mae,ibot,cnn}-<seed> matrix through `dvc repro` on the micro params, and its error path."""
+
 from __future__ import annotations
 
 import csv
@@ -71,8 +72,9 @@ def test_each_init_through_dvc_repro_writes_metrics_and_weights(project, monkeyp
     for init in INITS:
         a, b = (json.loads((project / "metrics" / "finetune" / f"{init}-{s}.json").read_text()) for s in seeds)
         assert a["split_digest"] == b["split_digest"]
-        w0, w1 = (load_safetensors(project / "models" / "finetune" / f"{init}-{s}" / "model.safetensors")
-                  for s in seeds)
+        w0, w1 = (
+            load_safetensors(project / "models" / "finetune" / f"{init}-{s}" / "model.safetensors") for s in seeds
+        )
         assert any(not torch.equal(w0[k], w1[k]) for k in w0), f"{init}: seeds {seeds} trained the same weights"
     # the MAE init's run records the pretrain_mae params it depends on; its series share one axis (epochs)
     run = client.get_run(client.get_model_version_by_alias("mimflow-finetune-mae", "best").run_id)
@@ -91,7 +93,17 @@ def test_a_labeled_percent_without_split_is_a_one_line_error(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["finetune"]["labeled_percent"] = 30
     (project / "bad.params.yaml").write_text(yaml.safe_dump(params))
-    proc = run(project, str(BIN / "python"), "-m", "pipelines.finetune", "--params", "bad.params.yaml", "--init", "cnn", check=False)
+    proc = run(
+        project,
+        str(BIN / "python"),
+        "-m",
+        "pipelines.finetune",
+        "--params",
+        "bad.params.yaml",
+        "--init",
+        "cnn",
+        check=False,
+    )
     assert proc.returncode == 2  # a split prepare does not write: caught with the params, before anything is read
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: finetune@cnn: "), last  # params fail before the seed is read

@@ -1,4 +1,5 @@
 """The Prefect flow drives the DVC stages in dvc.yaml's order and nests their MLflow runs."""
+
 from __future__ import annotations
 
 import os
@@ -68,7 +69,9 @@ def test_a_stage_stopped_by_bad_input_is_not_retried():
 
     from pipelines.flow import StageInputError, retry_unless_bad_input
 
-    assert not retry_unless_bad_input(None, None, Failed(data=StageInputError("stage prepare stopped on bad input: error: ...")))
+    assert not retry_unless_bad_input(
+        None, None, Failed(data=StageInputError("stage prepare stopped on bad input: error: ..."))
+    )
     assert retry_unless_bad_input(None, None, Failed(data=RuntimeError("stage prepare failed (exit 137)")))
 
 
@@ -82,7 +85,11 @@ def test_the_flow_command_says_what_is_wrong_in_one_line(project, case, tmp_path
     import yaml
 
     root = tmp_path / "p"
-    shutil.copytree(project, root, ignore=shutil.ignore_patterns("data", "models", "checkpoints", "mlflow.db", ".prefect", "cache", "mlruns"))
+    shutil.copytree(
+        project,
+        root,
+        ignore=shutil.ignore_patterns("data", "models", "checkpoints", "mlflow.db", ".prefect", "cache", "mlruns"),
+    )
     args = ["prepare"]
     if case == "bad params":
         params = yaml.safe_load((root / "params.yaml").read_text())
@@ -90,7 +97,14 @@ def test_the_flow_command_says_what_is_wrong_in_one_line(project, case, tmp_path
         (root / "params.yaml").write_text(yaml.safe_dump(params))
     else:
         args = ["no_such_stage"]
-    proc = subprocess.run([sys.executable, "-m", "pipelines.flow", *args], cwd=root, env=project_env(root), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.flow", *args],
+        cwd=root,
+        env=project_env(root),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == (2 if case == "bad params" else 1), proc.stderr
     assert "Traceback" not in proc.stderr and last.startswith("error: flow: "), proc.stderr

@@ -3,6 +3,7 @@ names the file and the key (or line and column); no defaults in code; the micro 
 `make repro` and `dvc repro` show for a broken file; every stage re-run by `dvc status` when the schema
 or its params change. In process where possible; the few subprocesses check exit code 2, one line on
 stderr and that nothing was written."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,13 +22,30 @@ from pipelines.config import EncoderArch, Params, ParamsError, load_params, read
 from tests.pipelines.conftest import BIN, MICRO, REPO, make_project, merge_overrides, micro_params, project_env
 
 INITS = ["scratch", "mae", "ibot", "cnn"]
-DVC_STAGES = ["prepare", "pretrain_mae", "pretrain_ibot", "baselines", *(f"finetune@{i}-0" for i in INITS),
-              "detect@supervised-10-0", "detect@softteacher-10-0", "cka", "report"]
+DVC_STAGES = [
+    "prepare",
+    "pretrain_mae",
+    "pretrain_ibot",
+    "baselines",
+    *(f"finetune@{i}-0" for i in INITS),
+    "detect@supervised-10-0",
+    "detect@softteacher-10-0",
+    "cka",
+    "report",
+]
 # the micro params: detection at 20 %, seeds 0 and 1
 MICRO_FINETUNE = {f"finetune@{i}-{s}" for i in INITS for s in (0, 1)}
 MICRO_DETECT = {f"detect@{m}-20-{s}" for m in ("supervised", "softteacher") for s in (0, 1)}
-MICRO_STAGES = ["prepare", "pretrain_mae", "pretrain_ibot", "baselines", *sorted(MICRO_FINETUNE), *sorted(MICRO_DETECT),
-                "cka", "report"]
+MICRO_STAGES = [
+    "prepare",
+    "pretrain_mae",
+    "pretrain_ibot",
+    "baselines",
+    *sorted(MICRO_FINETUNE),
+    *sorted(MICRO_DETECT),
+    "cka",
+    "report",
+]
 
 
 def _with(raw: dict, key: str, value) -> dict:
@@ -74,13 +92,19 @@ BAD_VALUES = [
     ("runtime.seed", 2**32, f"runtime.seed = {2**32}: out of range"),
     ("runtime.seed", -1, "runtime.seed = -1: Input should be greater than or equal to 0"),
     ("detect.steps", 10**20, f"detect.steps = {10**20}: out of range"),
-    ("detect.model.anchor_sizes", [8, 16, 32, 64, 10**12],
-     "detect.model.anchor_sizes = [8, 16, 32, 64, 1000000000000]: out of"),
+    (
+        "detect.model.anchor_sizes",
+        [8, 16, 32, 64, 10**12],
+        "detect.model.anchor_sizes = [8, 16, 32, 64, 1000000000000]: out of",
+    ),
     # ranges
     ("pretrain_mae.batch_size", 0, "pretrain_mae.batch_size = 0: Input should be greater than or equal to 1"),
     ("pretrain_mae.mask_ratio", 1.0, "pretrain_mae.mask_ratio = 1.0: Input should be less than 1"),
-    ("prepare.classification.labeled_percents", [150],
-     "prepare.classification.labeled_percents = 150.0: each percent must be in (0, 100]"),
+    (
+        "prepare.classification.labeled_percents",
+        [150],
+        "prepare.classification.labeled_percents = 150.0: each percent must be in (0, 100]",
+    ),
     ("finetune.eval_crop_pct", 0, "finetune.eval_crop_pct = 0: Input should be greater than 0"),
     # cross-field rules
     ("pretrain_mae.min_lr", 1.0, "pretrain_mae.min_lr = 1.0: must be <= the peak lr"),
@@ -89,17 +113,29 @@ BAD_VALUES = [
     ("pretrain_mae.warmup_epochs", 2, "pretrain_mae.warmup_epochs = 2.0: must be < epochs (2): the warm-up must end"),
     ("pretrain_ibot.warmup_epochs", 3, "pretrain_ibot.warmup_epochs = 3.0: must be < epochs (2)"),
     ("finetune.warmup_epochs", 2, "finetune.warmup_epochs = 2: must be < epochs (2)"),
-    ("finetune.linear_probe.warmup_epochs", 5,
-     "finetune.linear_probe.warmup_epochs = 5: must be < linear_probe.epochs"),
+    (
+        "finetune.linear_probe.warmup_epochs",
+        5,
+        "finetune.linear_probe.warmup_epochs = 5: must be < linear_probe.epochs",
+    ),
     ("detect.warmup_steps", 4, "detect.warmup_steps = 4: must be < steps (4)"),
-    ("pretrain_ibot.loss.warmup_teacher_temp_epochs", 2,
-     "pretrain_ibot.loss.warmup_teacher_temp_epochs = 2: must be < epochs"),
+    (
+        "pretrain_ibot.loss.warmup_teacher_temp_epochs",
+        2,
+        "pretrain_ibot.loss.warmup_teacher_temp_epochs = 2: must be < epochs",
+    ),
     ("pretrain_ibot.multicrop.local_size", 64, "pretrain_ibot.multicrop.local_size = 64: must be <= the global crop"),
-    ("pretrain_ibot.multicrop.global_scale", [0.1, 0.2],
-     "pretrain_ibot.multicrop.local_scale = [0.05, 0.25]: max must be <="),
+    (
+        "pretrain_ibot.multicrop.global_scale",
+        [0.1, 0.2],
+        "pretrain_ibot.multicrop.local_scale = [0.05, 0.25]: max must be <=",
+    ),
     ("prepare.detection.min_objects", 9, "prepare.detection.min_objects = 9: must be <= max_objects"),
-    ("finetune.labeled_percent", 30,
-     "finetune.labeled_percent = 30.0: must be one of prepare.classification.labeled_percents"),
+    (
+        "finetune.labeled_percent",
+        30,
+        "finetune.labeled_percent = 30.0: must be one of prepare.classification.labeled_percents",
+    ),
     ("pretrain_ibot.knn.fold", 1, "pretrain_ibot.knn.fold = 1: must be < prepare.classification.folds (1)"),
     ("detect.fold", 1, "detect.fold = 1: must be < prepare.detection.folds (1)"),
     # unknown and missing keys, missing sections
@@ -109,7 +145,11 @@ BAD_VALUES = [
     ("runtime", DELETE, "runtime: missing key"),
     ("cka", DELETE, "cka: missing key"),
     ("pretrain_mae", None, "pretrain_mae: empty section (every key is required)"),
-    ("detect.views.short_side_range", [400, 800, 1200], "detect.views.short_side_range = (400, 800, 1200): Tuple should have at"),
+    (
+        "detect.views.short_side_range",
+        [400, 800, 1200],
+        "detect.views.short_side_range = (400, 800, 1200): Tuple should have at",
+    ),
     ("pretrain_ibot.model.preset", DELETE, "pretrain_ibot.model.preset: missing key"),
 ]
 
@@ -126,9 +166,14 @@ def test_a_bad_value_is_one_line_naming_the_key(key, value, expected):
 def test_the_edges_of_the_ranges_are_accepted():
     """The same rules let through the values at their limits (the rules are not simply stricter)."""
     raw = micro_params()
-    for key, value in [("runtime.seed", 2**32 - 1), ("pretrain_mae.warmup_epochs", 1.5), ("pretrain_mae.base_lr", 1),
-                       ("detect.warmup_steps", 3), ("pretrain_ibot.multicrop.local_size", 32),
-                       ("pretrain_mae.min_lr", 1.5e-3 * 16 / 256)]:
+    for key, value in [
+        ("runtime.seed", 2**32 - 1),
+        ("pretrain_mae.warmup_epochs", 1.5),
+        ("pretrain_mae.base_lr", 1),
+        ("detect.warmup_steps", 3),
+        ("pretrain_ibot.multicrop.local_size", 32),
+        ("pretrain_mae.min_lr", 1.5e-3 * 16 / 256),
+    ]:
         raw = _with(raw, key, value)
     params = validate_params(raw)
     assert params.runtime.seed == 2**32 - 1 and params.pretrain_mae.base_lr == 1.0
@@ -139,11 +184,17 @@ BAD_FILES = [
     ("empty", b"", "{path}: empty file; it must hold every section (runtime, tracking, prepare"),
     ("comments only", b"# nothing\n", "{path}: empty file"),
     ("a list", b"- runtime\n", "{path}: the top level must be a mapping of sections, got list"),
-    ("duplicate key", b"runtime:\n  seed: 0\n  device: cpu\n  seed: 1\n",
-     "{path}:4:3: not valid YAML: duplicate key 'seed' (first at line 2)"),
+    (
+        "duplicate key",
+        b"runtime:\n  seed: 0\n  device: cpu\n  seed: 1\n",
+        "{path}:4:3: not valid YAML: duplicate key 'seed' (first at line 2)",
+    ),
     ("duplicate section", b"report:\n  title: a\nreport:\n  title: b\n", "{path}:3:1: not valid YAML"),
-    ("not UTF-8", "runtime:\n  seed: 0\nreport:\n  title: caf\u00e9\n".encode("latin-1"),
-     "{path}: not UTF-8 text: byte 0xe9 at offset 39 (line 4)"),
+    (
+        "not UTF-8",
+        "runtime:\n  seed: 0\nreport:\n  title: caf\u00e9\n".encode("latin-1"),
+        "{path}: not UTF-8 text: byte 0xe9 at offset 39 (line 4)",
+    ),
     ("syntax", b"runtime:\n  seed: [0\n", "{path}:3:1: not valid YAML: while parsing a flow sequence"),
     ("tab", b"runtime:\n\tseed: 0\n", "{path}:2:1: not valid YAML"),
     ("a python object", b"runtime: !!python/object:os.system {}\n", "{path}:1:10: not valid YAML"),
@@ -173,8 +224,14 @@ def _stage_exit(tmp_path: Path, data: bytes) -> subprocess.CompletedProcess:
     work.mkdir()
     (work / "bad.yaml").write_bytes(data)
     env = {**project_env(work), "PYTHONPATH": str(REPO)}
-    return subprocess.run([str(BIN / "python"), "-m", "pipelines.prepare", "--params", "bad.yaml"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(BIN / "python"), "-m", "pipelines.prepare", "--params", "bad.yaml"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _micro_bytes(**edits) -> bytes:
@@ -185,10 +242,16 @@ def _micro_bytes(**edits) -> bytes:
 
 
 STAGE_CASES = [  # the two the sweep found ending in exit 1 and a Python message; the other cases share their path
-    ("30-digit seed", lambda: _micro_bytes(runtime__seed=10**30),
-     "runtime.seed = 1000000000000000000000000000000: out of range"),
-    ("not UTF-8", lambda: _micro_bytes(report__title="x").replace(b"title: x", b"title: caf\xe9"),
-     "bad.yaml: not UTF-8 text: byte 0xe9"),
+    (
+        "30-digit seed",
+        lambda: _micro_bytes(runtime__seed=10**30),
+        "runtime.seed = 1000000000000000000000000000000: out of range",
+    ),
+    (
+        "not UTF-8",
+        lambda: _micro_bytes(report__title="x").replace(b"title: x", b"title: caf\xe9"),
+        "bad.yaml: not UTF-8 text: byte 0xe9",
+    ),
 ]
 
 
@@ -215,8 +278,11 @@ def test_the_schema_has_no_defaults_of_its_own():
     """params.yaml is the one source: every key is required, except a ViT preset's dimension overrides
     (absent: the preset's own value). Keys added to the schema later are held to the same rule."""
     defaults = {key: field.default for key, model, field in _sections(Params) if not field.is_required()}
-    optional = {key for key in defaults if key.rsplit(".", 1)[0] in
-                {"pretrain_mae.model", "pretrain_ibot.model", "finetune.vit.scratch_model"}}
+    optional = {
+        key
+        for key in defaults
+        if key.rsplit(".", 1)[0] in {"pretrain_mae.model", "pretrain_ibot.model", "finetune.vit.scratch_model"}
+    }
     assert {k: v for k, v in defaults.items() if k not in optional} == {}
     assert set(EncoderArch.model_fields) - {"preset"} == {k.rsplit(".", 1)[1] for k in optional}
     assert all(v is None for v in defaults.values())
@@ -297,8 +363,10 @@ def test_make_repro_checks_params_first_and_prints_one_line_with_line_and_column
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and not (tmp_path / "dvc-ran").exists(), proc.stderr
     ours = [line for line in proc.stderr.splitlines() if not line.startswith("make")]
-    assert ours == ["error: params.yaml:4:1: not valid YAML: while parsing a flow sequence "
-                    "expected ',' or ']', but got '<stream end>'"]
+    assert ours == [
+        "error: params.yaml:4:1: not valid YAML: while parsing a flow sequence "
+        "expected ',' or ']', but got '<stream end>'"
+    ]
     # a valid file goes on to dvc repro
     (work / "params.yaml").write_text(yaml.safe_dump(micro_params()))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -311,8 +379,9 @@ def test_dvc_repro_on_a_broken_file_stops_with_dvcs_own_parser_message(tmp_path)
     which is why `make repro` checks the file first. Nothing runs."""
     root = make_project(tmp_path / "p")
     (root / "params.yaml").write_bytes(BROKEN)
-    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=root, env=project_env(root), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "dvc"), "repro"], cwd=root, env=project_env(root), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 255
     assert "unable to read: 'params.yaml', YAML file structure is corrupted" in proc.stderr + proc.stdout
     assert not (root / "data").exists() and not (root / "metrics").exists()

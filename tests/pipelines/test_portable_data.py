@@ -1,6 +1,7 @@
 """Prepared data is portable and tracked: no absolute path in what prepare writes,
 paths relative to a declared root, a content hash per external image, and `dvc status` sees a changed
 image under datasets/."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,7 @@ from PIL import Image
 from components.data.sources import DataError, load_classification_index, load_coco
 from pipelines import prepare
 from pipelines.config import ClassificationData, DetectionData
-from tests.pipelines.conftest import BIN, dvc_repro, make_project, run
-from tests.pipelines.conftest import params_section
-
+from tests.pipelines.conftest import BIN, dvc_repro, make_project, params_section, run
 
 
 def _png(path: Path, value: int, size: int = 8) -> None:
@@ -46,7 +45,9 @@ def _no_absolute_path(obj, where: str) -> None:
 
 def test_imagefolder_index_is_relative_to_its_root_and_hashes_every_image(tmp_path):
     src = image_folder(tmp_path / "src")
-    cfg = params_section(ClassificationData, "prepare.classification", source="imagefolder", root="src", labeled_percents=[50])
+    cfg = params_section(
+        ClassificationData, "prepare.classification", source="imagefolder", root="src", labeled_percents=[50]
+    )
     out = tmp_path / "out"
     prepare.classification_dataset(cfg, 0, "error", out, project=tmp_path)
     raw = json.loads((out / "index.json").read_text())
@@ -65,8 +66,15 @@ def test_imagefolder_index_is_relative_to_its_root_and_hashes_every_image(tmp_pa
     with pytest.raises(DataError, match=r"index.json: its image paths are relative to prepare.classification.root"):
         load_classification_index(out / "index.json")
     with pytest.raises(DataError, match=r"^prepare.classification.root: .*nowhere not found"):
-        prepare.classification_dataset(params_section(ClassificationData, "prepare.classification", source="imagefolder", root=str(tmp_path / "nowhere")), 0, "error",
-                                       tmp_path / "out2", project=tmp_path)
+        prepare.classification_dataset(
+            params_section(
+                ClassificationData, "prepare.classification", source="imagefolder", root=str(tmp_path / "nowhere")
+            ),
+            0,
+            "error",
+            tmp_path / "out2",
+            project=tmp_path,
+        )
 
     # One changed image changes the index (and so every stage DVC runs after prepare); the same images do not.
     before = (out / "index.json").read_bytes()
@@ -83,23 +91,37 @@ def test_coco_files_are_relative_to_their_declared_image_roots(tmp_path):
     images = tmp_path / "coco" / "images"
     for i in range(4):
         _png(images / f"{i}.png", 30 * i, size=32)
-    coco = {"images": [{"id": i, "file_name": f"{i}.png", "width": 32, "height": 32} for i in range(4)],
-            "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [2, 2, 10, 10]} for i in range(4)],
-            "categories": [{"id": 1, "name": "x"}]}
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 32, "height": 32} for i in range(4)],
+        "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [2, 2, 10, 10]} for i in range(4)],
+        "categories": [{"id": 1, "name": "x"}],
+    }
     (tmp_path / "coco" / "ann.json").write_text(json.dumps(coco))
-    cfg = params_section(DetectionData, "prepare.detection", source="coco", train_images="coco/images", train_annotations=str(tmp_path / "coco" / "ann.json"),
-                        val_images="coco/images", val_annotations=str(tmp_path / "coco" / "ann.json"), labeled_percents=[50])
+    cfg = params_section(
+        DetectionData,
+        "prepare.detection",
+        source="coco",
+        train_images="coco/images",
+        train_annotations=str(tmp_path / "coco" / "ann.json"),
+        val_images="coco/images",
+        val_annotations=str(tmp_path / "coco" / "ann.json"),
+        labeled_percents=[50],
+    )
     out = tmp_path / "out"
     prepare.detection_dataset(cfg, 0, "error", out, project=tmp_path)
     for rel in ("train.json", "val.json", "splits/50_fold0/labeled.json", "splits/50_fold0/unlabeled.json"):
         raw = json.loads((out / rel).read_text())
         _no_absolute_path(raw, rel)
-        assert raw["info"]["root"].startswith("prepare.detection.") and all(len(im["sha256"]) == 16 for im in raw["images"])
+        assert raw["info"]["root"].startswith("prepare.detection.") and all(
+            len(im["sha256"]) == 16 for im in raw["images"]
+        )
     with pytest.raises(DataError, match=r"train.json: its image paths are relative to prepare.detection.train_images"):
         load_coco(out / "train.json")
     moved = tmp_path / "moved"
     shutil.copytree(images, moved)
-    assert load_coco(out / "splits" / "50_fold0" / "labeled.json", image_root=moved)["info"]["image_root"] == str(moved.resolve())
+    assert load_coco(out / "splits" / "50_fold0" / "labeled.json", image_root=moved)["info"]["image_root"] == str(
+        moved.resolve()
+    )
 
 
 @pytest.mark.integration  # ~35 s on 2 shared cores: four dvc calls
@@ -121,6 +143,11 @@ def test_dvc_status_reports_prepare_when_an_image_under_datasets_changes(tmp_pat
     # The data folder moves with the project: a copy elsewhere reads the same index.
     copy = tmp_path / "copy"
     shutil.copytree(root, copy, symlinks=True)
-    run(copy, str(BIN / "python"), "-c", "from pathlib import Path; from components.data.sources import load_classification_index; "
+    run(
+        copy,
+        str(BIN / "python"),
+        "-c",
+        "from pathlib import Path; from components.data.sources import load_classification_index; "
         "i = load_classification_index('data/classification/index.json', root=Path('datasets/tiny')); "
-        "assert all(str(p).startswith('datasets') and p.is_file() for p, _ in i.train)")
+        "assert all(str(p).startswith('datasets') and p.is_file() for p, _ in i.train)",
+    )

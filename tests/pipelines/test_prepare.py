@@ -1,4 +1,5 @@
 """The prepare stage through `dvc repro` on the micro params, and its error paths."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,10 @@ def test_prepare_through_dvc_repro_writes_datasets_splits_and_metrics(project):
     dvc_repro(project, "prepare")
     metrics = json.loads((project / "metrics" / "prepare.json").read_text())
     assert metrics["classification"]["train"] == 8 * 12 and metrics["classification"]["val"] == 8 * 6
-    assert metrics["detection"]["train_images"] == 20 and metrics["detection"]["splits"]["20_fold0"] == {"labeled": 4, "unlabeled": 16}
+    assert metrics["detection"]["train_images"] == 20 and metrics["detection"]["splits"]["20_fold0"] == {
+        "labeled": 4,
+        "unlabeled": 16,
+    }
     index = load_classification_index(project / "data" / "classification" / "index.json")
     assert len(index.classes) >= 6 and all(p.is_file() for p, _ in index.train)
     split = json.loads((project / "data" / "classification" / "splits" / "labeled_50_fold0.json").read_text())
@@ -25,15 +29,22 @@ def test_prepare_through_dvc_repro_writes_datasets_splits_and_metrics(project):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert "prepare" in lock["stages"]
     # Up to date now: a second repro does not run the stage again.
-    assert "didn't change" in dvc_repro(project, "prepare").stdout or "up to date" in dvc_repro(project, "prepare").stdout
+    assert (
+        "didn't change" in dvc_repro(project, "prepare").stdout or "up to date" in dvc_repro(project, "prepare").stdout
+    )
 
 
 def test_same_params_give_byte_identical_data(tmp_path, project):
     dvc_repro(project, "prepare")
     other = make_project(tmp_path / "again")
     run(other, str(BIN / "python"), "-m", "pipelines.prepare")
-    for rel in ["data/classification/index.json", "data/detection/train.json", "data/detection/splits/20_fold0/labeled.json",
-                "data/classification/images/train/star/star_00003.png", "data/detection/images/val/000002.png"]:
+    for rel in [
+        "data/classification/index.json",
+        "data/detection/train.json",
+        "data/detection/splits/20_fold0/labeled.json",
+        "data/classification/images/train/star/star_00003.png",
+        "data/detection/images/val/000002.png",
+    ]:
         assert (project / rel).read_bytes() == (other / rel).read_bytes(), rel
 
 
@@ -70,10 +81,27 @@ def test_a_broken_coco_file_is_one_line_naming_it_and_keeps_earlier_data(tmp_pat
     run(root, str(BIN / "python"), "-m", "pipelines.prepare")
     before = (root / "data" / "detection" / "train.json").read_bytes()
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 10, "height": 10}], "categories": [{"id": 1, "name": "x"}]}))
+    bad.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.png", "width": 10, "height": 10}],
+                "categories": [{"id": 1, "name": "x"}],
+            }
+        )
+    )
     detection = yaml.safe_load((root / "params.yaml").read_text())["prepare"]["detection"]
-    _set(root, "prepare.detection", {**detection, "source": "coco", "train_images": str(tmp_path), "train_annotations": str(bad),
-                                     "val_images": str(tmp_path), "val_annotations": str(bad)})
+    _set(
+        root,
+        "prepare.detection",
+        {
+            **detection,
+            "source": "coco",
+            "train_images": str(tmp_path),
+            "train_annotations": str(bad),
+            "val_images": str(tmp_path),
+            "val_annotations": str(bad),
+        },
+    )
     proc = run(root, str(BIN / "python"), "-m", "pipelines.prepare", check=False)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
@@ -97,8 +125,16 @@ def test_a_corrupt_image_is_one_line_naming_it_and_keeps_earlier_data(tmp_path):
                 Image.new("RGB", (32, 32), (40 * i, 90, 160)).save(folder / split / cls / f"{i}.png")
     bad = folder / "train" / "dog" / "2.png"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
-    _set(root, "prepare.classification", {**yaml.safe_load((root / "params.yaml").read_text())["prepare"]["classification"],
-                                          "source": "imagefolder", "root": str(folder), "labeled_percents": [50]})
+    _set(
+        root,
+        "prepare.classification",
+        {
+            **yaml.safe_load((root / "params.yaml").read_text())["prepare"]["classification"],
+            "source": "imagefolder",
+            "root": str(folder),
+            "labeled_percents": [50],
+        },
+    )
     proc = run(root, str(BIN / "python"), "-m", "pipelines.prepare", check=False)
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -132,5 +168,6 @@ def test_an_interrupted_swap_keeps_the_old_dataset(tmp_path, monkeypatch):
     assert (final / "index.json").read_text() == "v1"
     assert sorted(p.name for p in final.parent.iterdir()) == ["classification"]
     prepare.build_in_place(final, lambda tmp: (tmp / "index.json").write_text("v3"))
-    assert (final / "index.json").read_text() == "v3" and sorted(p.name for p in final.parent.iterdir()) == ["classification"]
-
+    assert (final / "index.json").read_text() == "v3" and sorted(p.name for p in final.parent.iterdir()) == [
+        "classification"
+    ]

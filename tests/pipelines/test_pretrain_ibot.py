@@ -1,5 +1,6 @@
 """The pretrain_ibot stage: through `dvc repro` on the micro params, its params and data errors,
 resuming after a kill, and DDP (centres all-reduced) against one process with the whole batch."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,16 @@ from components.models.vit import load_encoder
 from components.training.optim import param_groups
 from pipelines.config import ParamsError, validate_params
 from pipelines.pretrain_ibot import build_networks
-from tests.pipelines.conftest import (BIN, dvc_repro, kill_at_first_checkpoint, make_project, merge_overrides,
-                                     micro_config, micro_params, run)
+from tests.pipelines.conftest import (
+    BIN,
+    dvc_repro,
+    kill_at_first_checkpoint,
+    make_project,
+    merge_overrides,
+    micro_config,
+    micro_params,
+    run,
+)
 
 STAGE = "pretrain_ibot"
 
@@ -48,7 +57,11 @@ def test_the_networks_learn_their_position_embedding_and_decay_their_tokens_as_i
     cfg = micro_config().pretrain_ibot
     student, teacher = build_networks(cfg)
     pos = student.encoder.pos_embed
-    assert pos.requires_grad and not teacher.encoder.pos_embed.requires_grad and torch.equal(pos, teacher.encoder.pos_embed)
+    assert (
+        pos.requires_grad
+        and not teacher.encoder.pos_embed.requires_grad
+        and torch.equal(pos, teacher.encoder.pos_embed)
+    )
     assert float(pos.detach().std()) < 0.05  # not the sin-cos table (std ~0.5)
     decayed = {n for g in param_groups(student, cfg.weight_decay) if g["weight_decay"] > 0 for n in g["names"]}
     assert {"encoder.pos_embed", "encoder.cls_token", "masked_embed"} <= decayed
@@ -75,14 +88,19 @@ def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflo
     # the last of T steps sets final + (base - final) * 0.5 * (1 + cos(pi * (T - 1) / T))
     groups = ckpt["optimizer"]["param_groups"]
     T = cfg.epochs * (8 * 12 // cfg.batch_size)
-    last_wd = cfg.weight_decay_end + (cfg.weight_decay - cfg.weight_decay_end) * 0.5 * (1 + math.cos(math.pi * (T - 1) / T))
+    last_wd = cfg.weight_decay_end + (cfg.weight_decay - cfg.weight_decay_end) * 0.5 * (
+        1 + math.cos(math.pi * (T - 1) / T)
+    )
     assert {round(g["weight_decay"], 6) for g in groups} == {0.0, round(last_wd, 6)}
     # AdamW's step counts: the head's last layer was frozen for freeze_last_layer_epochs, the rest trained every step
     student_net, _ = build_networks(cfg)
     names = [n for g in param_groups(student_net, cfg.weight_decay) for n in g["names"]]
     updates = {names[i]: int(st["step"]) for i, st in ckpt["optimizer"]["state"].items()}
     steps = cfg.epochs * (8 * 12 // cfg.batch_size)
-    assert updates["head.last_layer.parametrizations.weight.original1"] == steps - cfg.freeze_last_layer_epochs * steps // cfg.epochs
+    assert (
+        updates["head.last_layer.parametrizations.weight.original1"]
+        == steps - cfg.freeze_last_layer_epochs * steps // cfg.epochs
+    )
     assert updates["encoder.blocks.0.attn.qkv.weight"] == updates["masked_embed"] == steps
 
     metrics = _metrics(project)
@@ -99,7 +117,9 @@ def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflo
     assert STAGE in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["mimflow"], filter_string=f"tags.stage = '{STAGE}'", output_format="list")
+    runs = mlflow.search_runs(
+        experiment_names=["mimflow"], filter_string=f"tags.stage = '{STAGE}'", output_format="list"
+    )
     assert runs, "no MLflow run for pretrain_ibot"
     last = runs[0]
     assert last.data.metrics["knn_top1"] == pytest.approx(metrics["knn_top1"])
@@ -123,7 +143,11 @@ def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflo
         ("head", {"out_dim": 32, "patch_out_dim": 64}, "pretrain_ibot.head.patch_out_dim = 64"),
         ("multicrop", {"local_size": 10}, "pretrain_ibot.multicrop.local_size = 10"),
         ("multicrop", {"local_scale": [0.3, 0.1]}, "pretrain_ibot.multicrop.local_scale = [0.3, 0.1]"),
-        ("multicrop", {"color_jitter": [0.4, 0.4, 0.2, 0.7]}, "pretrain_ibot.multicrop.color_jitter = [0.4, 0.4, 0.2, 0.7]"),
+        (
+            "multicrop",
+            {"color_jitter": [0.4, 0.4, 0.2, 0.7]},
+            "pretrain_ibot.multicrop.color_jitter = [0.4, 0.4, 0.2, 0.7]",
+        ),
         ("multicrop", {"grayscale_p": 1.5}, "pretrain_ibot.multicrop.grayscale_p = 1.5"),
         ("masking", {"ratio": [0.2, 1.0]}, "pretrain_ibot.masking.ratio = [0.2, 1.0]"),
         ("masking", {"prob": 1.5}, "pretrain_ibot.masking.prob = 1.5"),

@@ -1,6 +1,7 @@
 """The pretrain_mae stage: through `dvc repro` on the micro params, its params errors (the exit code
 and the one-line report are the shared entry point's, tested with prepare), resuming after a kill, and
 DDP + gradient accumulation against one process with the whole batch."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,15 @@ from components.io import load_safetensors, read_json
 from components.models.mae import MaskedAutoencoder
 from components.models.vit import load_encoder
 from pipelines.config import ParamsError, validate_params
-from tests.pipelines.conftest import (BIN, dvc_repro, kill_at_first_checkpoint, make_project, micro_config,
-                                     micro_params, run)
-
+from tests.pipelines.conftest import (
+    BIN,
+    dvc_repro,
+    kill_at_first_checkpoint,
+    make_project,
+    micro_config,
+    micro_params,
+    run,
+)
 
 
 def _copy_with_data(project, dest, **overrides):
@@ -60,7 +67,9 @@ def test_stage_through_dvc_repro_writes_weights_metrics_figure_and_mlflow_run(pr
     assert "pretrain_mae" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["mimflow"], filter_string="tags.stage = 'pretrain_mae'", output_format="list")
+    runs = mlflow.search_runs(
+        experiment_names=["mimflow"], filter_string="tags.stage = 'pretrain_mae'", output_format="list"
+    )
     assert runs, "no MLflow run for pretrain_mae"
     last = runs[0]
     assert last.data.metrics["val_masked_loss"] == pytest.approx(metrics["val_masked_loss"])
@@ -75,8 +84,11 @@ def test_stage_through_dvc_repro_writes_weights_metrics_figure_and_mlflow_run(pr
     assert last.info.run_name.startswith("pretrain_mae · ")
     assert last.data.params["steps"] == str(steps)
     assert "steps" not in last.data.metrics and "peak_lr" not in last.data.metrics
-    (model,) = mlflow.search_logged_models(experiment_ids=[last.info.experiment_id], output_format="list",
-                                           filter_string=f"source_run_id = '{last.info.run_id}'")
+    (model,) = mlflow.search_logged_models(
+        experiment_ids=[last.info.experiment_id],
+        output_format="list",
+        filter_string=f"source_run_id = '{last.info.run_id}'",
+    )
     signature = mlflow.models.get_model_info(model.model_uri).signature
     assert tuple(signature.inputs.inputs[0].shape) == (-1, 3, spec.img_size, spec.img_size)
     assert tuple(signature.outputs.inputs[0].shape) == (-1, spec.embed_dim)
@@ -115,7 +127,10 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, p
     reference = _encoder(project)
     resumed = _encoder(root)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
-    assert metrics["val_masked_loss"] == json.loads((project / "metrics" / "pretrain_mae.json").read_text())["val_masked_loss"]
+    assert (
+        metrics["val_masked_loss"]
+        == json.loads((project / "metrics" / "pretrain_mae.json").read_text())["val_masked_loss"]
+    )
 
 
 def test_two_processes_with_accumulation_match_one_process_with_the_whole_batch(tmp_path, project):

@@ -1,4 +1,5 @@
 """Reliability under bad input, an unreachable tracking server, concurrent runs and kills."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path):
     root = make_project(tmp_path / "p")
     env = {**project_env(root), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
     start = time.perf_counter()
-    proc = subprocess.run([str(BIN / "python"), "-m", "pipelines.prepare"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "python"), "-m", "pipelines.prepare"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert "http://127.0.0.1:9" in last and "unreachable" in last, last
@@ -39,7 +42,14 @@ def test_a_bad_params_value_anywhere_stops_the_dag_at_its_first_stage(tmp_path):
 
 def test_a_second_dvc_repro_in_the_same_workspace_is_refused(tmp_path):
     root = make_project(tmp_path / "p")
-    first = subprocess.Popen([str(BIN / "dvc"), "repro", "prepare"], cwd=root, env=project_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [str(BIN / "dvc"), "repro", "prepare"],
+        cwd=root,
+        env=project_env(root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while not (root / ".dvc" / "tmp" / "rwlock").exists() and time.time() < deadline:
@@ -72,8 +82,14 @@ def test_kill_9_mid_training_then_dvc_repro_resumes_to_the_same_result(tmp_path)
     _long_mae(killed)
     dvc_repro(killed, "prepare")
     ckpt = killed / "checkpoints" / "pretrain_mae" / "last.pt"
-    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "pretrain_mae"], cwd=killed, env=project_env(killed),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "dvc"), "repro", "pretrain_mae"],
+        cwd=killed,
+        env=project_env(killed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -116,7 +132,9 @@ def test_a_checkpoint_is_resumed_only_under_the_same_data_and_process_count(tmp_
     (data / "images" / "a.png").write_bytes(b"pixels")
 
     def fingerprint(world_size: int = 1) -> str:
-        ctx = StageContext("pretrain_mae", params, torch.device("cpu"), "fp32", DistInfo(0, world_size, 0), tracker=None, root=tmp_path)
+        ctx = StageContext(
+            "pretrain_mae", params, torch.device("cpu"), "fp32", DistInfo(0, world_size, 0), tracker=None, root=tmp_path
+        )
         return ctx.fingerprint(data)
 
     first = fingerprint()

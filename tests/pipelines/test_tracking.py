@@ -3,6 +3,7 @@ killed runs closed, constants as params, one step axis, figures as images, upstr
 moved only on a strict improvement on the same data and params, and no empty flow parent. In process,
 on a temporary SQLite store, read back through the MLflow client and through the REST API (the tracking
 server's Flask app, in process)."""
+
 from __future__ import annotations
 
 import os
@@ -22,12 +23,18 @@ def store(tmp_path_factory):
     import mlflow
 
     root = tmp_path_factory.mktemp("tracking")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     for cmd in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "init"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                            check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
     uri = f"sqlite:///{root / 'mlflow.db'}"
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -66,8 +73,9 @@ def dead_pid() -> int:
 
 
 def test_a_run_left_running_by_a_dead_process_ends_killed_when_the_stage_starts_again(store):
-    import mlflow
     import socket
+
+    import mlflow
 
     root, uri, _ = store
     client = mlflow.MlflowClient(uri)
@@ -76,6 +84,7 @@ def test_a_run_left_running_by_a_dead_process_ends_killed_when_the_stage_starts_
     first.end()  # opens the experiment; the two runs below are as a killed stage and a live one leave them
     experiment = client.get_experiment_by_name("mimflow").experiment_id
     host = socket.gethostname()
+
     def left_running(stage: str, pid: int):
         tags = {"mimflow.stage": stage, "mimflow.host": host, "mimflow.pid": str(pid)}
         return client.create_run(experiment, tags=tags)
@@ -113,15 +122,29 @@ def test_constants_are_params_results_share_the_step_axis_and_figures_are_images
 
     root, _, _ = store
     t = tracker(root)
-    t.start("pretrain_mae", {"pretrain_mae": {"epochs": 3}, "runtime": {"seed": 0}},
-            upstream={"prepare": {"classification": {"image_size": 32}}})
+    t.start(
+        "pretrain_mae",
+        {"pretrain_mae": {"epochs": 3}, "runtime": {"seed": 0}},
+        upstream={"prepare": {"classification": {"image_size": 32}}},
+    )
     for step in (2, 4, 6):
         t.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step=step)
     figure = tmp_path / "reconstructions.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(figure)
     t.log_figure(figure)
-    t.log_results({"train_loss": 0.25, "steps": 6, "epochs": 3, "peak_lr": 0.001, "effective_batch": 16,
-                   "resumed_from_step": None, "init": "mae", "wall_time_s": 1.5, "layers": ["a", "b"]})
+    t.log_results(
+        {
+            "train_loss": 0.25,
+            "steps": 6,
+            "epochs": 3,
+            "peak_lr": 0.001,
+            "effective_batch": 16,
+            "resumed_from_step": None,
+            "init": "mae",
+            "wall_time_s": 1.5,
+            "layers": ["a", "b"],
+        }
+    )
     t.end()
     run = rest.get("/api/2.0/mlflow/runs/get", query_string={"run_id": t.run_id}).get_json()["run"]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
@@ -131,6 +154,7 @@ def test_constants_are_params_results_share_the_step_axis_and_figures_are_images
     assert params["prepare.classification.image_size"] == "32" and params["pretrain_mae.epochs"] == "3"
     assert set(metrics) == {"loss", "lr", "train_loss", "wall_time_s"}
     assert {metrics[k]["step"] for k in ("train_loss", "wall_time_s")} == {6}  # the results sit at the end of the axis
+
     def listed(path: str) -> list[str]:
         query = {"run_id": t.run_id, "path": path}
         files = rest.get("/api/2.0/mlflow/artifacts/list", query_string=query).get_json()["files"]
@@ -152,8 +176,14 @@ def test_the_alias_moves_only_on_a_strict_improvement_on_the_same_data_and_param
         t = tracker(root)
         t.start("finetune@mae", params or {"finetune": {"epochs": 2}})
         t.log_metrics({"top1": top1})
-        moved = t.log_model(torch.nn.Linear(2, 2), name="classifier", registered_name=name, score=("top1", top1),
-                            data=data, serialization_format="pickle")
+        moved = t.log_model(
+            torch.nn.Linear(2, 2),
+            name="classifier",
+            registered_name=name,
+            score=("top1", top1),
+            data=data,
+            serialization_format="pickle",
+        )
         t.end()
         return moved
 
@@ -189,7 +219,11 @@ def test_the_flow_run_closes_its_killed_children_and_is_not_left_empty(store, mo
     assert run.info.status == "FAILED" and run.info.lifecycle_stage == "active"
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
     assert {k: run.data.metrics[k] for k in ("stages_selected", "stages_done", "stages_finished", "stages_killed")} == {
-        "stages_selected": 2, "stages_done": 1, "stages_finished": 1, "stages_killed": 1}
+        "stages_selected": 2,
+        "stages_done": 1,
+        "stages_finished": 1,
+        "stages_killed": 1,
+    }
 
 
 def test_a_downstream_run_records_the_params_of_the_stages_upstream_of_it(project):
