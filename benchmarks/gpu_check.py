@@ -273,10 +273,14 @@ def _text(out) -> str:
     return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
 
 
-def section_dag(device: str, limit: float, workdir: Path) -> dict:
+def section_dag(
+    device: str, limit: float, workdir: Path, only: list[str] | None = None, keep: Path | None = None
+) -> dict:
     """Every stage of dvc.yaml on the shrunk GPU profile, in a scratch copy of the project: through
     ``dvc repro`` where DVC is installed, else each stage's own command in dvc.yaml's order (the device
-    image has no DVC). On a CPU, one training stage also runs as two torchrun processes (DDP, gloo)."""
+    image has no DVC). On a CPU, one training stage also runs as two torchrun processes (DDP, gloo).
+    ``only``: run these stages (dvc.yaml's names) stage by stage; ``keep``: copy the run's metrics, plots and
+    models there afterwards (the report can then be rendered from them on another machine)."""
     project = workdir / "project"
     project.mkdir()
     for name in PROJECT_FILES:
@@ -300,8 +304,13 @@ def section_dag(device: str, limit: float, workdir: Path) -> dict:
         env["MIMFLOW_COMPILE_BACKEND"] = "aot_eager"
     dvc = shutil.which("dvc", path=env["PATH"])
     commands = stage_commands(project / "dvc.yaml", params)
+    if only:
+        unknown = set(only) - {name for name, _ in commands}
+        if unknown:
+            raise ValueError(f"--stages: unknown {', '.join(sorted(unknown))}; dvc.yaml has {[n for n, _ in commands]}")
+        commands = [(name, cmd) for name, cmd in commands if name in only]
     deadline = time.perf_counter() + limit
-    if dvc:
+    if dvc and not only:
         stages = _dag_through_dvc(dvc, project, env, commands, limit)
     else:
         stages = _dag_stage_by_stage(project, env, commands, deadline, limit)
@@ -322,6 +331,14 @@ def section_dag(device: str, limit: float, workdir: Path) -> dict:
             **_stage_speed(project, "pretrain_mae"),
         }
         stages.append(row)
+    if keep is not None:
+        for name in ("metrics", "plots", "models", "params.yaml"):
+            src = project / name
+            if src.is_dir():
+                shutil.copytree(src, keep / name, dirs_exist_ok=True)
+            elif src.exists():
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, keep / name)
     done = [s for s in stages if s.get("rc") == 0]
     return {
         "runner": "dvc repro" if dvc else "stage by stage",
@@ -499,6 +516,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--stages", default="", help="the dag section: only these stages (comma-separated), stage by stage")
+    ap.add_argument("--keep", type=Path, default=None, help="the dag section: copy metrics/, plots/, models/ here")
     ap.add_argument("--time-scale", type=float, default=1.0, help="multiply every section's time limit (slow machines)")
     args = ap.parse_args(argv)
     import torch
@@ -526,7 +545,8 @@ def main(argv=None) -> int:
             limit = LIMITS[device][name] * args.time_scale
             try:
                 if name == "dag":
-                    results[name] = section_dag(device, limit, workdir)
+                    only = [s.strip() for s in args.stages.split(",") if s.strip()] or None
+                    results[name] = section_dag(device, limit, workdir, only, args.keep)
                 else:
                     results[name] = run_bench(name, device, limit, workdir, smoke_file)
             except Exception as e:  # noqa: BLE001 (a broken section is reported, the others still run)

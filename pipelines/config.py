@@ -604,6 +604,12 @@ class DetectModel(Section):
             raise KeyValueError(
                 "norm", self.norm, f"pretrained ResNet weights need norm frozen_bn or bn (init: {self.init})"
             )
+        if self.backbone != "vit" and self.init == "scratch" and self.norm == "frozen_bn":
+            raise KeyValueError(
+                "norm",
+                self.norm,
+                "a ResNet trained from scratch needs norm gn or bn: frozen_bn keeps fresh weights' identity statistics",
+            )
         if self.init != "scratch" and self.backbone != "vit" and (self.width != 64 or self.backbone == "resnet10"):
             raise KeyValueError(
                 "width",

@@ -197,7 +197,6 @@ RECIPE = [
     "detect.soft_teacher.jitter_scale",
     "detect.soft_teacher.ema_momentum",
     "detect.model.backbone",
-    "detect.model.norm",
     "detect.views.flip_p",
     "detect.views.rotate",
     "detect.views.shear",
@@ -223,6 +222,9 @@ def test_smoke_overrides_change_sizes_only(kind):
     for key in RECIPE:
         assert _at(smoke, key) == _at(profile, key), key
     assert smoke.runtime.num_workers >= 2 and smoke.prepare.classification.source == "shapes"
+    # the one forced departure: no ImageNet weights in a smoke run, so a scratch ResNet with GroupNorm
+    assert (profile.detect.model.init, profile.detect.model.norm) == ("torchvision", "frozen_bn")
+    assert (smoke.detect.model.init, smoke.detect.model.norm) == ("scratch", "gn")
 
 
 def test_the_check_runs_dvc_yamls_stages_in_the_dags_order():

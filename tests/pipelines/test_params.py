@@ -138,6 +138,7 @@ BAD_VALUES = [
     ),
     ("pretrain_ibot.knn.fold", 1, "pretrain_ibot.knn.fold = 1: must be < prepare.classification.folds (1)"),
     ("detect.fold", 1, "detect.fold = 1: must be < prepare.detection.folds (1)"),
+    ("detect.model.norm", "frozen_bn", "detect.model.norm = 'frozen_bn': a ResNet trained from scratch needs norm gn"),
     # unknown and missing keys, missing sections
     ("pretrain_mae.model.no_such_knob", 1, "pretrain_mae.model.no_such_knob: unknown key (allowed: depth, embed_dim"),
     ("pretrain_mae.epochs", DELETE, "pretrain_mae.epochs: missing key"),
