@@ -11,7 +11,7 @@ came from and its outputs to the default DVC remote, where ``dvc exp pull`` + ``
 find it. The stages' MLflow runs are tagged ``dvc.exp_name`` (DVC passes ``DVC_EXP_NAME`` to the stages) and
 ``prefect.flow_run_id`` (``MIMFLOW_FLOW_RUN_ID``, set here).
 
-Run it through the deployment (``prefect deployment run mimflow/mimflow-experiment --params '{...}'``,
+Run it through the deployment (``prefect deployment run mimflow-experiment/mimflow-experiment --params '{...}'``,
 docs/team.md) or locally: ``python -m pipelines.experiment <name> key=value ... [--stage S ...]``.
 """
 

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipelines.config import ParamsError
 from pipelines.experiment import apply_overrides, check_overrides, parse_override
@@ -209,6 +210,11 @@ def test_experiments_as_deployment_runs(tmp_path):
     )
     worker = None
     try:
+        import mlflow
+
+        # The store's schema is created once, here: two stages creating one new SQLite file at the same moment
+        # race in its migrations (a team uses an MLflow server: docs/team.md).
+        mlflow.MlflowClient(tracking).search_experiments()
         deadline = time.time() + 120
         while (
             not port_open(port) or subprocess.run(["curl", "-sf", f"{api_url}/health"], capture_output=True).returncode
@@ -229,7 +235,7 @@ def test_experiments_as_deployment_runs(tmp_path):
                     prefect,
                     "deployment",
                     "run",
-                    "mimflow/mimflow-experiment",
+                    "mimflow-experiment/mimflow-experiment",
                     "--watch",
                     "--params",
                     json.dumps(
@@ -264,7 +270,7 @@ def test_experiments_as_deployment_runs(tmp_path):
     run_ok([dvc, "exp", "pull", "origin", *experiments], fresh, fenv)
     shown = json.loads(run_ok([dvc, "exp", "show", "--json"], fresh, fenv))
     found = {
-        exp["name"]: exp["data"]
+        exp["name"]: {**exp["data"], "rev": exp["rev"]}
         for commit in shown
         for branch in commit.get("experiments") or []
         for exp in branch.get("revs") or []
@@ -275,11 +281,11 @@ def test_experiments_as_deployment_runs(tmp_path):
         params = found[name]["params"]["params.yaml"]["data"]
         assert params["prepare"]["classification"]["train_per_class"] == n
         assert found[name]["metrics"]["metrics/prepare.json"]["data"], found[name]
-    run_ok([dvc, "exp", "apply", "exp-b"], fresh, fenv)  # its outputs come from the DVC remote
-    run_ok([dvc, "checkout"], fresh, fenv)
-    assert any((fresh / "data" / "classification").rglob("*")), "exp-b's data did not come from the DVC remote"
-
-    import mlflow
+    for name in experiments:  # the outputs came from the DVC remote with `dvc exp pull`: in this clone's cache
+        lock = yaml.safe_load(git(fresh, "show", f"{found[name]['rev']}:dvc.lock"))
+        [out] = [o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/classification"]
+        cached = fresh / ".dvc" / "cache" / "files" / "md5" / out["md5"][:2] / out["md5"][2:]
+        assert cached.is_file(), f"{name}'s data/classification ({out['md5']}) is not in the fresh clone's cache"
 
     client = mlflow.MlflowClient(tracking)
     tagged = client.search_runs(
