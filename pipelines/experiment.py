@@ -138,15 +138,16 @@ def mimflow_experiment(
     stages: list[str] | None = None,
     git_remote: str = "origin",
     push: bool = True,
-    root: str = str(ROOT),
+    root: str | None = None,
 ) -> dict:
     """Run ``stages`` (all when None) as DVC experiment ``name`` with ``overrides`` (``key=value``, as
-    ``dvc exp run -S``) and push it to ``git_remote`` and the default DVC remote."""
+    ``dvc exp run -S``) and push it to ``git_remote`` and the default DVC remote. ``root``: the project
+    (default: the checkout this module is in, decided where the flow runs, not where it was deployed)."""
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
     overrides = list(overrides or [])
-    project = Path(root)
+    project = Path(root) if root else ROOT
     check_overrides(overrides, project)  # a bad key or value: the flow run fails with one line, nothing ran
     env = {FLOW_RUN_ENV: str(flow_run.id)} if flow_run.id else {}
     sets = [arg for text in overrides for arg in ("-S", text)]

@@ -44,7 +44,9 @@ def deploy_project(dest: Path) -> Path:
     root = make_project(dest)
     for name in ("prefect.yaml", "constraints.txt"):
         shutil.copy2(REPO / name, root / name)
-    (root / ".venv").symlink_to(BIN.parent)
+    (root / ".venv").symlink_to(BIN.parent)  # a link, which .gitignore's `/.venv/` (a directory) does not match
+    with (root / ".git" / "info" / "exclude").open("a") as exclude:
+        exclude.write("/.venv\n")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "deployment files")
     return root
@@ -203,7 +205,11 @@ def test_experiments_as_deployment_runs(tmp_path):
     api_url = f"http://127.0.0.1:{port}/api"
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = clean_env(
-        origin, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=api_url, MLFLOW_TRACKING_URI=tracking
+        origin,
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_API_URL=api_url,
+        MLFLOW_TRACKING_URI=tracking,
+        MIMFLOW_WORKSPACE=str(tmp_path / "worker"),  # one checkout for both runs: `dvc exp run --temp` keeps them apart
     )
     server = start(
         [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], origin, env, tmp_path / "s.log"
