@@ -1,8 +1,9 @@
 """The Prefect deployments as a user runs them: the README's deployment block, run as written in a git copy of
-the project with the micro params, and experiments launched as deployment runs through one process work pool.
-Each worker clones the deployed commit from the repository named by the Prefect variable (prefect.yaml's pull
-steps), so these tests also show that a flow run needs nothing of the deploying checkout but its git history.
-Servers bind 127.0.0.1 on free ports and are stopped (their whole process group) by the test that started them."""
+the project with the micro params, and then experiments launched as deployment runs through the pool, worker
+and deployment that block made (one Prefect server for both tests). The worker clones the deployed commit from
+the repository named by the Prefect variable (prefect.yaml's pull steps), so a flow run needs nothing of the
+deploying checkout but its git history. The server binds 127.0.0.1 on a free port; it and the worker are
+stopped (the block's process group) when the module's tests are done."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -70,8 +72,8 @@ def clean_env(root: Path, **extra: str) -> dict[str, str]:
 
 def stop_group(proc: subprocess.Popen) -> None:
     """Stop ``proc``'s whole process group (a shell and what it started in the background, or a server and its
-    children): SIGTERM, then SIGKILL after 20 s."""
-    for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+    children): SIGTERM, then SIGKILL after 8 s."""
+    for sig, wait in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -130,16 +132,30 @@ def test_overrides_are_checked_against_the_params_schema():
         assert named in message and "\n" not in message, message
 
 
-# --- the README's deployment block, as written ---
+# --- the README's deployment block, as written, and experiments through the deployment it made ---
 
 
-@pytest.mark.integration
-def test_readme_deployment_block_runs_as_written(tmp_path):
-    """README's block in a git copy of the project: server in the background, health wait, work pool, the
-    repository variable, `prefect deploy --all`, a worker, `prefect deployment run --watch` of the micro
-    `prepare` stage (the block's RUN variable). The flow run ends Completed and the stage's metrics are in the
-    worker's checkout of the deployed commit, cloned from the repository variable."""
-    root = deploy_project(tmp_path / "repo")
+class Deployment(NamedTuple):
+    root: Path  # the deploying checkout (the repository the worker clones from)
+    api_url: str
+    returncode: int
+    output: str
+
+    @property
+    def checkout(self) -> Path:
+        """The worker's checkout (the block's MIMFLOW_WORKSPACE)."""
+        return self.root / ".prefect" / "workspace" / "mimflow"
+
+
+@pytest.fixture(scope="module")
+def readme_deployment(tmp_path_factory):
+    """The README's deployment block run as written in a git copy of the project (micro params, a local DVC
+    remote), with PORT a free port and RUN the micro `prepare` stage. Its server and worker stay up for the
+    module's tests and are stopped (the block's process group) at the end."""
+    tmp = tmp_path_factory.mktemp("deployment")
+    root = deploy_project(tmp / "repo")
+    run_ok([str(BIN / "dvc"), "remote", "add", "-d", "store", str(tmp / "dvc-store")], root, project_env(root))
+    git(root, "commit", "-qam", "the DVC remote")
     port = free_port()
     env = clean_env(root, PORT=str(port), RUN=json.dumps({"stages": STAGES}))
     shell = subprocess.Popen(
@@ -151,36 +167,37 @@ def test_readme_deployment_block_runs_as_written(tmp_path):
         text=True,
         start_new_session=True,
     )
-    api_url = f"http://127.0.0.1:{port}/api"
     try:
         try:
             out, _ = shell.communicate(timeout=420)
         except subprocess.TimeoutExpired:
             pytest.fail("the README's deployment block did not finish in 420 s", pytrace=False)
-        logs = "".join(
-            f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in (root / ".prefect").glob("*.log") if p.is_file()
-        )
-        assert shell.returncode == 0, f"the block exited {shell.returncode}\n{out[-4000:]}{logs}"
-        assert "Completed" in out, out[-3000:]
-        [run] = flow_runs(api_url, "mimflow-default")
-        assert run["state_type"] == "COMPLETED" and run["parameters"]["stages"] == STAGES, run
+        yield Deployment(root, f"http://127.0.0.1:{port}/api", shell.returncode, out)
     finally:
         stop_group(shell)
     assert not port_open(port), f"the Prefect server still listens on 127.0.0.1:{port}"
-    checkout = root / ".prefect" / "workspace" / "mimflow"
-    assert git(checkout, "rev-parse", "HEAD") == git(root, "rev-parse", "HEAD")
-    assert git(checkout, "remote", "get-url", "origin") == str(root)
-    metrics = json.loads((checkout / "metrics" / "prepare.json").read_text())
+
+
+def worker_logs(root: Path) -> str:
+    return "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in (root / ".prefect").glob("*.log"))
+
+
+@pytest.mark.integration
+def test_readme_deployment_block_runs_as_written(readme_deployment):
+    """README's block: server in the background, health wait, work pool, the repository variable,
+    `prefect deploy --all`, a worker, `prefect deployment run --watch` of the micro `prepare` stage (the
+    block's RUN variable). The flow run ends Completed and the stage's metrics are in the worker's checkout of
+    the deployed commit, cloned from the repository variable; nothing ran in the deploying checkout."""
+    d = readme_deployment
+    assert d.returncode == 0, f"the block exited {d.returncode}\n{d.output[-4000:]}{worker_logs(d.root)}"
+    assert "Completed" in d.output, d.output[-3000:]
+    [run] = flow_runs(d.api_url, "mimflow-default")
+    assert run["state_type"] == "COMPLETED" and run["parameters"]["stages"] == STAGES, run
+    assert git(d.checkout, "rev-parse", "HEAD") == git(d.root, "rev-parse", "HEAD")
+    assert git(d.checkout, "remote", "get-url", "origin") == str(d.root)
+    metrics = json.loads((d.checkout / "metrics" / "prepare.json").read_text())
     assert metrics and all(isinstance(v, (int, float)) for v in metrics.values() if not isinstance(v, dict)), metrics
-    assert not (root / "metrics" / "prepare.json").exists(), "the flow ran in the deploying checkout, not the worker's"
-
-
-# --- experiments as deployment runs ---
-
-
-def start(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("w") as out:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    assert not (d.root / "metrics" / "prepare.json").exists(), "the flow ran in the deploying checkout"
 
 
 def run_ok(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 180) -> str:
@@ -192,86 +209,49 @@ def run_ok(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 180)
 
 
 @pytest.mark.integration
-def test_experiments_as_deployment_runs(tmp_path):
-    """Two `mimflow-experiment` deployment runs with different overrides, through one process work pool whose
-    worker takes two at a time: both complete; a fresh clone sees both with `dvc exp pull` + `dvc exp show`
-    (params and metrics, outputs from the DVC remote); the MLflow store has both experiments' runs, tagged with
-    the experiment name and the flow run's id."""
-    origin = deploy_project(tmp_path / "origin")
+def test_experiments_as_deployment_runs(readme_deployment, tmp_path):
+    """Two `mimflow-experiment` deployment runs with different overrides through the README block's pool, whose
+    one worker takes two at a time in one checkout (`dvc exp run --temp` keeps them apart): both complete, and
+    overlap; a fresh clone sees both with `dvc exp pull` + `dvc exp show` (params, metrics, and outputs from the
+    DVC remote); the MLflow store has both experiments' runs, tagged with the experiment name and the id of the
+    flow run that made it."""
+    d = readme_deployment
+    assert d.returncode == 0, "the README's deployment block failed (see test_readme_deployment_block_runs_as_written)"
     prefect, dvc = str(BIN / "prefect"), str(BIN / "dvc")
-    run_ok([dvc, "remote", "add", "-d", "store", str(tmp_path / "dvc-store")], origin, project_env(origin))
-    git(origin, "commit", "-qam", "the DVC remote")
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = clean_env(
-        origin,
-        PREFECT_HOME=str(tmp_path / "prefect"),
-        PREFECT_API_URL=api_url,
-        MLFLOW_TRACKING_URI=tracking,
-        MIMFLOW_WORKSPACE=str(tmp_path / "worker"),  # one checkout for both runs: `dvc exp run --temp` keeps them apart
-    )
-    server = start(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], origin, env, tmp_path / "s.log"
-    )
-    worker = None
-    try:
-        import mlflow
-
-        # The store's schema is created once, here: two stages creating one new SQLite file at the same moment
-        # race in its migrations (a team uses an MLflow server: docs/team.md).
-        mlflow.MlflowClient(tracking).search_experiments()
-        deadline = time.time() + 120
-        while (
-            not port_open(port) or subprocess.run(["curl", "-sf", f"{api_url}/health"], capture_output=True).returncode
-        ):
-            if server.poll() is not None or time.time() > deadline:
-                pytest.fail(f"Prefect server did not answer on {api_url}: {(tmp_path / 's.log').read_text()[-2000:]}")
-            time.sleep(1)
-        run_ok([prefect, "work-pool", "create", "mimflow-process", "--type", "process", "--overwrite"], origin, env)
-        run_ok([prefect, "variable", "set", "mimflow_repository", str(origin), "--overwrite"], origin, env)
-        run_ok([prefect, "--no-prompt", "deploy", "--all"], origin, env)
-        worker = start(
-            [prefect, "worker", "start", "--pool", "mimflow-process", "--limit", "2"], tmp_path, env, tmp_path / "w.log"
-        )
-        experiments = {"exp-a": 10, "exp-b": 11}
-        runs = {
-            name: subprocess.Popen(
-                [
-                    prefect,
-                    "deployment",
-                    "run",
-                    "mimflow-experiment/mimflow-experiment",
-                    "--watch",
-                    "--params",
-                    json.dumps(
-                        {"name": name, "stages": STAGES, "overrides": [f"prepare.classification.train_per_class={n}"]}
-                    ),
-                ],
-                cwd=origin,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )  # fmt: skip
-            for name, n in experiments.items()
-        }
-        outputs = {name: proc.communicate(timeout=300)[0] for name, proc in runs.items()}
-        for name, proc in runs.items():
-            assert proc.returncode == 0, f"{name}: {outputs[name][-3000:]}\n{(tmp_path / 'w.log').read_text()[-4000:]}"
-        done = flow_runs(api_url, "mimflow-experiment")
-        assert sorted(r["state_type"] for r in done) == ["COMPLETED", "COMPLETED"], done
-        run_ids = {r["parameters"]["name"]: r["id"] for r in done}
-        starts = sorted((r["start_time"], r["end_time"]) for r in done)
-        assert starts[1][0] < starts[0][1], f"the worker (limit 2) ran them one after the other: {starts}"
-    finally:
-        for proc in (worker, server):
-            if proc is not None:
-                stop_group(proc)
-    assert not port_open(port)
+    env = clean_env(d.root, PREFECT_HOME=str(d.root / ".prefect"), PREFECT_API_URL=d.api_url)
+    experiments = {"exp-a": 10, "exp-b": 11}
+    runs = {
+        name: subprocess.Popen(
+            [
+                prefect,
+                "deployment",
+                "run",
+                "mimflow-experiment/mimflow-experiment",
+                "--watch",
+                "--params",
+                json.dumps(
+                    {"name": name, "stages": STAGES, "overrides": [f"prepare.classification.train_per_class={n}"]}
+                ),
+            ],
+            cwd=d.root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for name, n in experiments.items()
+    }
+    outputs = {name: proc.communicate(timeout=300)[0] for name, proc in runs.items()}
+    for name, proc in runs.items():
+        assert proc.returncode == 0, f"{name}: {outputs[name][-3000:]}{worker_logs(d.root)}"
+    done = flow_runs(d.api_url, "mimflow-experiment")
+    assert sorted(r["state_type"] for r in done) == ["COMPLETED", "COMPLETED"], done
+    run_ids = {r["parameters"]["name"]: r["id"] for r in done}
+    spans = sorted((r["start_time"], r["end_time"]) for r in done)
+    assert spans[1][0] < spans[0][1], f"the worker (limit 2) ran them one after the other: {spans}"
 
     fresh = tmp_path / "fresh"
-    run_ok(["git", "clone", "-q", str(origin), str(fresh)], tmp_path, project_env(origin))
+    run_ok(["git", "clone", "-q", str(d.root), str(fresh)], tmp_path, project_env(d.root))
     fenv = project_env(fresh)
     run_ok([dvc, "exp", "pull", "origin", *experiments], fresh, fenv)
     shown = json.loads(run_ok([dvc, "exp", "show", "--json"], fresh, fenv))
@@ -284,16 +264,17 @@ def test_experiments_as_deployment_runs(tmp_path):
     }
     assert set(found) == set(experiments), shown
     for name, n in experiments.items():
-        params = found[name]["params"]["params.yaml"]["data"]
-        assert params["prepare"]["classification"]["train_per_class"] == n
+        assert found[name]["params"]["params.yaml"]["data"]["prepare"]["classification"]["train_per_class"] == n
         assert found[name]["metrics"]["metrics/prepare.json"]["data"], found[name]
-    for name in experiments:  # the outputs came from the DVC remote with `dvc exp pull`: in this clone's cache
         lock = yaml.safe_load(git(fresh, "show", f"{found[name]['rev']}:dvc.lock"))
         [out] = [o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/classification"]
         cached = fresh / ".dvc" / "cache" / "files" / "md5" / out["md5"][:2] / out["md5"][2:]
-        assert cached.is_file(), f"{name}'s data/classification ({out['md5']}) is not in the fresh clone's cache"
+        assert cached.is_file(), f"{name}'s data/classification ({out['md5']}) did not come from the DVC remote"
 
-    client = mlflow.MlflowClient(tracking)
+    import mlflow
+
+    # the worker has no MLFLOW_TRACKING_URI: the stages log to its checkout's mlflow.db (DVC_ROOT, also for --temp)
+    client = mlflow.MlflowClient(f"sqlite:///{d.checkout / 'mlflow.db'}")
     tagged = client.search_runs(
         [e.experiment_id for e in client.search_experiments()], "tags.`dvc.exp_name` != ''", max_results=100
     )
