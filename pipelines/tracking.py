@@ -10,7 +10,8 @@ the run such as steps, epochs, peak_lr, effective_batch, and strings, as params)
 stage, variant, git commit, the hashes of the stage's dependencies as recorded in dvc.lock, and the host
 and process id that ran it. A run left RUNNING by a process that is gone (kill -9, a lost node) is set
 KILLED when the same stage starts again on that host. Under the Prefect flow, ``MIMFLOW_PARENT_RUN_ID``
-nests each stage's run under the flow's run.
+nests each stage's run under the flow's run; ``MIMFLOW_FLOW_RUN_ID`` (set by the experiment flow) becomes
+the tag ``prefect.flow_run_id``, and a ``dvc exp run``'s ``DVC_EXP_NAME`` the tag ``dvc.exp_name``.
 
 The experiment is created as a model-training experiment (MLflow 3's ``mlflow.experimentKind`` tag), so
 the UI opens on its runs table. A registered model's alias (``tracking.registry_alias``) moves to a new
@@ -41,6 +42,7 @@ from pipelines.config import Tracking
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "MIMFLOW_PARENT_RUN_ID"
+FLOW_RUN_ENV = "MIMFLOW_FLOW_RUN_ID"  # the Prefect flow run that started the stage (pipelines/experiment.py)
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3's UI: a training experiment
 # Results that describe the run rather than measure it: logged as params, not as (flat) metric charts.
 CONSTANTS = frozenset(
@@ -238,6 +240,9 @@ class Tracker:
         exp_name = os.environ.get("DVC_EXP_NAME")
         if exp_name:
             all_tags["dvc.exp_name"] = exp_name  # groups the stages of one `dvc exp run`
+        flow_run = os.environ.get(FLOW_RUN_ENV)
+        if flow_run:
+            all_tags["prefect.flow_run_id"] = flow_run
         commit = git_commit(self.root)
         if commit:
             all_tags["mlflow.source.git.commit"] = commit
