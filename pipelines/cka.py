@@ -27,19 +27,20 @@ from components.data.sources import DataError, ImageListDataset
 from components.io import read_json
 from components.models.classifier import CLASSIFIER_SPEC, load_classifier
 from components.models.vit import ENCODER_SPEC, load_encoder, read_normalisation
+from pipelines import layout
 from pipelines.common import StageContext, classification_index, run_stage
 
 log = logging.getLogger("mimflow.cka")
-
-DATA = Path("data/classification")
-ENCODERS = {"mae": Path("models/pretrain_mae"), "ibot": Path("models/pretrain_ibot")}
-FINETUNE = Path("models/finetune")
 
 
 def model_dirs(finetuned: str, seed: int) -> dict[str, Path]:
     """The compared models, in the order of the heatmaps: name -> weights directory. The fine-tuned
     ViT and the CNN are the runs of ``seed`` (the first of finetune.seeds)."""
-    return {**ENCODERS, "finetuned": FINETUNE / f"{finetuned}-{seed}", "cnn": FINETUNE / f"cnn-{seed}"}
+    return {
+        **layout.ENCODER_DIRS,
+        "finetuned": layout.finetuned_dir(finetuned, seed),
+        "cnn": layout.finetuned_dir("cnn", seed),
+    }
 
 
 def titles(finetuned: str, cnn_arch: str) -> dict[str, str]:
@@ -55,8 +56,8 @@ def normalisation(ctx: StageContext, name: str, meta: dict) -> tuple[list[float]
     """The input mean/std a model was trained with: its own JSON's, else (a fine-tuned ViT) its
     encoder's, else the finetune section's (what finetune falls back to)."""
     own = (meta["mean"], meta["std"]) if "mean" in meta and "std" in meta else None
-    if own is None and name == "finetuned" and ctx.section.finetuned in ENCODERS:
-        encoder_dir = ctx.root / ENCODERS[ctx.section.finetuned]
+    if own is None and name == "finetuned" and ctx.section.finetuned in layout.ENCODER_DIRS:
+        encoder_dir = ctx.root / layout.ENCODER_DIRS[ctx.section.finetuned]
         if (encoder_dir / ENCODER_SPEC).is_file():
             own = read_normalisation(encoder_dir)
     mean, std = own or (ctx.params.finetune.mean, ctx.params.finetune.std)
@@ -68,7 +69,7 @@ def load_models(ctx: StageContext, image_size: int) -> tuple[dict[str, nn.Module
     models, info = {}, {}
     for name, rel in model_dirs(ctx.section.finetuned, ctx.params.finetune.seeds[0]).items():
         path = ctx.root / rel
-        if name in ENCODERS:
+        if name in layout.ENCODER_DIRS:
             model, spec = load_encoder(path)
             meta = read_json(path / ENCODER_SPEC)
             size = spec.img_size
@@ -79,7 +80,7 @@ def load_models(ctx: StageContext, image_size: int) -> tuple[dict[str, nn.Module
         if size != image_size:
             raise ValueError(
                 f"{path}: model img_size {size} differs from the held-out images' image_size {image_size} "
-                f"({ctx.root / DATA / 'index.json'})"
+                f"({ctx.root / layout.CLASSIFICATION_INDEX})"
             )
         mean, std = normalisation(ctx, name, meta)
         models[name] = model.eval().to(ctx.device)
@@ -129,7 +130,7 @@ def cka(ctx: StageContext) -> dict:
     items = held_out_sample(index.val, cfg.max_images, ctx.seed)
     if cfg.debiased and len(items) < 4:
         raise DataError(
-            f"{ctx.root / DATA / 'index.json'}: {len(items)} held-out images; debiased CKA needs at least 4"
+            f"{ctx.root / layout.CLASSIFICATION_INDEX}: {len(items)} held-out images; debiased CKA needs at least 4"
         )
     models, info = load_models(ctx, index.image_size)
     layers = {}

@@ -34,18 +34,10 @@ from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer, compile_backend
 from components.training.optim import FINETUNE_NO_DECAY, param_groups
 from components.training.schedules import multistep
+from pipelines import layout
 from pipelines.common import StageContext, declared_root, run_stage
 
 log = logging.getLogger("mimflow.detect")
-
-METHODS = ("supervised", "softteacher")
-DATA = Path("data/detection")
-ENCODER_DIRS = {"mae": Path("models/pretrain_mae"), "ibot": Path("models/pretrain_ibot")}
-
-
-def pct_name(percent: float) -> str:
-    """10.0 -> '10', 0.5 -> '0.5': the names prepare gives its split directories."""
-    return f"{percent:g}"
 
 
 def parse_variant(variant: str) -> tuple[str, float]:
@@ -55,10 +47,10 @@ def parse_variant(variant: str) -> tuple[str, float]:
         percent = float(pct)
     except ValueError:
         percent = -1.0
-    if method not in METHODS or not 0 < percent <= 100:
+    if method not in layout.METHODS or not 0 < percent <= 100:
         raise ValueError(
-            f"detect: variant {variant!r} is not <method>-<percent> with method in {', '.join(METHODS)} and percent "
-            "in (0, 100]"
+            f"detect: variant {variant!r} is not <method>-<percent> with method in {', '.join(layout.METHODS)} "
+            "and percent in (0, 100]"
         )
     return method, percent
 
@@ -76,12 +68,12 @@ def load_split(ctx: StageContext, percent: float) -> tuple[dict, dict, dict]:
     """(labeled, unlabeled, val) COCO dicts of the split.
 
     Split files hold subsets of train.json's images, so they are read against its image directory."""
-    root = ctx.root / DATA
-    split_dir = root / "splits" / f"{pct_name(percent)}_fold{ctx.section.fold}"
+    root = ctx.root / layout.DETECTION
+    split_dir = ctx.root / layout.detection_split_dir(percent, ctx.section.fold)
     if not split_dir.is_dir():
         have = ctx.params.prepare.detection
         raise DataError(
-            f"{split_dir}: no detection split for percent {pct_name(percent)}, detect.fold = {ctx.section.fold} "
+            f"{split_dir}: no detection split for percent {layout.pct_name(percent)}, detect.fold = {ctx.section.fold} "
             f"(prepare.detection.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
         )
     have = ctx.params.prepare.detection  # an external COCO set's files are relative to its declared image roots
@@ -130,8 +122,8 @@ def detector_spec(ctx: StageContext, num_classes: int) -> tuple[DetectorSpec, Pa
     m = ctx.section.model
     encoder_dir, vit, norm = None, None, {}
     if m.backbone == "vit":
-        if m.init in ENCODER_DIRS:
-            encoder_dir = ctx.root / ENCODER_DIRS[m.init]
+        if m.init in layout.ENCODER_DIRS:
+            encoder_dir = ctx.root / layout.ENCODER_DIRS[m.init]
             vit = read_spec(encoder_dir).to_dict()
             own = read_normalisation(encoder_dir)
             if own:
@@ -216,7 +208,9 @@ def detect(ctx: StageContext) -> dict:
         ckpt_dir=ctx.checkpoint_dir,
         ckpt_every=cfg.ckpt_every,
         log_every=cfg.log_every,
-        fingerprint=ctx.fingerprint(method, percent, ctx.root / DATA, *([encoder_dir] if encoder_dir else [])),
+        fingerprint=ctx.fingerprint(
+            method, percent, ctx.root / layout.DETECTION, *([encoder_dir] if encoder_dir else [])
+        ),
         desc=ctx.stage_id,
         progress=ctx.params.runtime.progress,
     )
@@ -360,7 +354,7 @@ def register(ctx: StageContext, model: torch.nn.Module, ap: float) -> None:
         name="detector",
         registered_name=f"mimflow-detect-{ctx.item}",
         score=("AP", ap),
-        data=file_digest(ctx.root / DATA),
+        data=file_digest(ctx.root / layout.DETECTION),
         serialization_format="pickle",
     )
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from components.data.sources import DataError, ImageListDataset
+from components.data.sources import ImageListDataset
 from components.data.splits import read_labeled_indices, split_digest
 from components.evaluation.classification import confusion_figure, evaluate_classifier
 from components.evaluation.knn import knn_accuracy
@@ -43,25 +43,15 @@ from components.training.finetune import (
     finetune_transforms,
 )
 from components.training.schedules import stretch_epochs, warmup_cosine
+from pipelines import layout
 from pipelines.common import StageContext, classification_index, run_stage
 
 log = logging.getLogger("mimflow.finetune")
 
-INITS = ("scratch", "mae", "ibot", "cnn")
-ENCODER_DIRS = {"mae": Path("models/pretrain_mae"), "ibot": Path("models/pretrain_ibot")}
-DATA = Path("data/classification")
-
 
 def labeled_split(ctx: StageContext, num_train: int) -> tuple[Path, list[int]]:
     cfg = ctx.section
-    path = ctx.root / DATA / "splits" / f"labeled_{cfg.labeled_percent:g}_fold{cfg.fold}.json"
-    if not path.is_file():
-        have = ctx.params.prepare.classification
-        raise DataError(
-            f"{path}: no labeled split for finetune.labeled_percent = {cfg.labeled_percent:g}, finetune.fold = "
-            f"{cfg.fold} "
-            f"(prepare.classification.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
-        )
+    path = ctx.root / layout.existing_labeled_split(ctx, "finetune", cfg.labeled_percent, cfg.fold)
     return path, read_labeled_indices(path, num_train)
 
 
@@ -73,7 +63,7 @@ def build_model(ctx: StageContext, init: str, num_classes: int, image_size: int,
         model = build_cnn_classifier(c.arch, num_classes, image_size, c.width)
         return model, cnn_meta(c.arch, num_classes, image_size, c.width, classes), None, None, None
     v = cfg.vit
-    encoder_dir = ctx.root / ENCODER_DIRS[init] if init in ENCODER_DIRS else None
+    encoder_dir = ctx.root / layout.ENCODER_DIRS[init] if init in layout.ENCODER_DIRS else None
     if encoder_dir is not None:
         spec = read_spec(encoder_dir)
         if spec.img_size != image_size:
@@ -215,7 +205,7 @@ def finetune(ctx: StageContext) -> dict:
         ckpt_dir=ctx.checkpoint_dir,
         ckpt_every=cfg.ckpt_every,
         log_every=1,
-        fingerprint=ctx.fingerprint(ctx.root / DATA, *([encoder_dir] if encoder_dir else [])),
+        fingerprint=ctx.fingerprint(ctx.root / layout.CLASSIFICATION, *([encoder_dir] if encoder_dir else [])),
         desc=ctx.stage_id,
         progress=ctx.params.runtime.progress,
         compile=ctx.params.runtime.compile,
@@ -327,11 +317,11 @@ def register(ctx: StageContext, model: torch.nn.Module, init: str, top1: float, 
         input_example=example,
         registered_name=name,
         score=("top1", top1),
-        data=file_digest(ctx.root / DATA),
+        data=file_digest(ctx.root / layout.CLASSIFICATION),
     )
     if ctx.tracker.enabled and ctx.params.tracking.log_models:
         log.info("logged %s to MLflow in %.1f s", name, time.perf_counter() - t)
 
 
 if __name__ == "__main__":
-    run_stage("finetune", finetune, variant_arg="init", variants=INITS, seeded=True)
+    run_stage("finetune", finetune, variant_arg="init", variants=layout.INITS, seeded=True)

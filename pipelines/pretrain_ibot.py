@@ -26,7 +26,7 @@ from timm.data import create_transform
 
 from components.data.masking import BlockMaskGenerator
 from components.data.multicrop import MaskedMultiCropDataset, MultiCropAugmentation
-from components.data.sources import DataError, ImageListDataset
+from components.data.sources import ImageListDataset
 from components.data.splits import read_labeled_indices
 from components.evaluation.knn import extract_features, knn_accuracy
 from components.io import atomic_write, write_text
@@ -38,11 +38,11 @@ from components.training.ema import copy_as_teacher
 from components.training.engine import TrainConfig, Trainer
 from components.training.optim import adamw, param_groups
 from components.training.schedules import cosine, cosine_scheduler, stretch_epochs
+from pipelines import layout
 from pipelines.common import StageContext, classification_index, run_stage
 from pipelines.config import ParamsError, PretrainIBOT
 
 log = logging.getLogger("mimflow.pretrain_ibot")
-DATA = "data/classification"
 CURVE_COLUMNS = ("loss", "loss_cls", "loss_mim", "lr", "teacher_entropy", "teacher_kl", "teacher_temp")
 
 
@@ -134,14 +134,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
     cfg: PretrainIBOT = ctx.section
     spec = cfg.model.spec()
     index = classification_index(ctx)
-    split = ctx.root / DATA / "splits" / f"labeled_{cfg.knn.labeled_percent:g}_fold{cfg.knn.fold}.json"
-    if not split.is_file():
-        have = ctx.params.prepare.classification
-        raise DataError(
-            f"{split}: no labeled split for pretrain_ibot.knn.labeled_percent = {cfg.knn.labeled_percent:g}, fold = "
-            f"{cfg.knn.fold} "
-            f"(prepare.classification.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
-        )
+    split = ctx.root / layout.existing_labeled_split(ctx, "pretrain_ibot.knn", cfg.knn.labeled_percent, cfg.knn.fold)
     labeled = [index.train[i] for i in read_labeled_indices(split, len(index.train))]
 
     augment = multicrop_augmentation(cfg, spec.img_size)
@@ -221,7 +214,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
             ckpt_dir=ctx.checkpoint_dir,
             ckpt_every=cfg.ckpt_every,
             log_every=cfg.log_every,
-            fingerprint=ctx.fingerprint(ctx.root / DATA),
+            fingerprint=ctx.fingerprint(ctx.root / layout.CLASSIFICATION),
             desc="pretrain_ibot",
             progress=runtime.progress,
             compile=runtime.compile,

@@ -29,11 +29,11 @@ from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer
 from components.training.optim import adamw, param_groups
 from components.training.schedules import stretch_epochs, warmup_cosine
+from pipelines import layout
 from pipelines.common import StageContext, classification_index, run_stage
 from pipelines.config import ParamsError, PretrainMAE
 
 log = logging.getLogger("mimflow.pretrain_mae")
-INDEX = "data/classification/index.json"
 
 
 def train_transform(cfg: PretrainMAE, img_size: int) -> T.Compose:
@@ -168,7 +168,7 @@ def pretrain_mae(ctx: StageContext) -> dict:
             ckpt_dir=ctx.checkpoint_dir,
             ckpt_every=cfg.ckpt_every,
             log_every=cfg.log_every,
-            fingerprint=ctx.fingerprint(accum, (ctx.root / INDEX).parent),
+            fingerprint=ctx.fingerprint(accum, ctx.root / layout.CLASSIFICATION),
             desc="pretrain_mae",
             progress=runtime.progress,
             compile=runtime.compile,
