@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from components.analysis.cka import MinibatchCKA
 from components.analysis.features import paired_features, select_layers
-from components.analysis.heatmap import plot_cka_grid, plot_cka_heatmap, save_figure
+from components.analysis.heatmap import plot_cka_grid, plot_cka_heatmap
 from components.data.sources import DataError, ImageListDataset
 from components.io import read_json
 from components.models.classifier import CLASSIFIER_SPEC, load_classifier
@@ -202,17 +202,13 @@ def cka(ctx: StageContext) -> dict:
                 heads[b],
                 f"{'debiased' if cfg.debiased else 'biased'} {cfg.kernel} CKA, {acc.num_examples} images",
             )
-            ctx.log_figure(save_figure(fig, ctx.plots_dir / f"{key}.png"))
-    ctx.log_figure(
-        save_figure(
-            plot_cka_grid(
-                panels,
-                f"CKA between every layer ({cfg.kernel}, {'debiased' if cfg.debiased else 'biased'}, "
-                f"{acc.num_examples} held-out images)",
-            ),
-            ctx.plots_dir / "summary.png",
-        )
+            layout.write_figure(fig, ctx.plots_dir / f"{key}.png", ctx, dpi=120)
+    grid = plot_cka_grid(
+        panels,
+        f"CKA between every layer ({cfg.kernel}, {'debiased' if cfg.debiased else 'biased'}, "
+        f"{acc.num_examples} held-out images)",
     )
+    layout.write_figure(grid, ctx.plots_dir / "summary.png", ctx, dpi=120)
     return {
         "kernel": cfg.kernel,
         "debiased": cfg.debiased,

@@ -26,7 +26,7 @@ import torch
 from components.data.box_transforms import SemiSupervisedViews, ViewConfig, collate_views
 from components.data.sources import CocoDetection, DataError, load_coco
 from components.evaluation.coco import AP_KEYS, coco_evaluate, predict, prediction_figure, to_coco_results
-from components.io import atomic_write, file_digest, write_csv
+from components.io import file_digest, write_csv
 from components.models.detection import DetectorSpec, create_detector, save_detector
 from components.models.vit import read_normalisation, read_spec
 from components.semisup.soft_teacher import SoftTeacher, SoftTeacherConfig
@@ -313,9 +313,7 @@ def detect(ctx: StageContext) -> dict:
         title=f"{ctx.stage_id}: teacher AP {100 * teacher_ap['AP']:.1f} (green dashed: ground truth, red: detections "
         f">= {cfg.figure_score:g})",
     )
-    figure = plots / "predictions.png"
-    atomic_write(figure, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    ctx.log_figure(figure)
+    layout.write_figure(fig, plots / "predictions.png", ctx)
 
     # ---- weights (teacher at the top, student below) and the model registry
     meta = {"method": method, "percent": percent, "classes": [names[c] for c in categories], "category_ids": categories}

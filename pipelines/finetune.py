@@ -30,7 +30,7 @@ from components.data.splits import read_labeled_indices, split_digest
 from components.evaluation.classification import confusion_figure, evaluate_classifier
 from components.evaluation.knn import knn_accuracy
 from components.evaluation.linear_probe import extract_pooled_features, fit_probe_head, probe_head
-from components.io import atomic_write, file_digest, write_csv
+from components.io import file_digest, write_csv
 from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
 from components.models.vit import ViTSpec, create_vit, load_encoder, read_normalisation, read_spec
 from components.training.distributed import EpochLoader
@@ -249,11 +249,9 @@ def finetune(ctx: StageContext) -> dict:
     ]
     write_csv(plots / "predictions.csv", pred_rows, ["actual", "predicted"])
     fig = confusion_figure(cm, index.classes, title=f"{ctx.stage_id}: top-1 {final['top1']:.1f} %")
-    figure = plots / "confusion.png"
-    atomic_write(figure, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     for row in train_rows:  # per epoch, the axis of the val_ series (the figure and results go at the last epoch)
         ctx.log_metrics({"epoch_train_loss": row["train_loss"]}, step=row["epoch"])
-    ctx.log_figure(figure)
+    layout.write_figure(fig, plots / "confusion.png", ctx)
 
     # ---- weights for cka/report, and the model registry
     model = model.cpu().eval()

@@ -29,7 +29,7 @@ from components.data.multicrop import MaskedMultiCropDataset, MultiCropAugmentat
 from components.data.sources import ImageListDataset
 from components.data.splits import read_labeled_indices
 from components.evaluation.knn import extract_features, knn_accuracy
-from components.io import atomic_write, write_text
+from components.io import write_text
 from components.models.attention import attention_figure, cls_attention_maps
 from components.models.ibot import IBOTHead, IBOTLoss, IBOTTraining, IBOTViT
 from components.models.vit import create_vit, save_encoder
@@ -261,7 +261,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
         f"(k-NN top-1 {knn:.1f} %, chance {100 / len(index.classes):.1f} %)"
     )
     fig = attention_figure(images, maps, cfg.mean, cfg.std, title)
-    ctx.log_figure(atomic_write(ctx.plots_dir / "attention.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
+    layout.write_figure(fig, ctx.plots_dir / "attention.png", ctx)
     ctx.log_encoder(teacher.encoder, images)
 
     curve = [r for r in history if "loss" in r]

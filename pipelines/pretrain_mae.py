@@ -23,7 +23,7 @@ from torchvision import transforms as T
 from components.data.sources import ImageListDataset
 from components.io import save_safetensors, write_json, write_text
 from components.models.mae import MaskedAutoencoder
-from components.models.reconstruction import plot_reconstructions, reconstruct, save_figure
+from components.models.reconstruction import plot_reconstructions, reconstruct
 from components.models.vit import save_encoder
 from components.training.distributed import EpochLoader
 from components.training.engine import TrainConfig, Trainer
@@ -224,8 +224,9 @@ def pretrain_mae(ctx: StageContext) -> dict:
     noise = torch.rand(figure_imgs.shape[0], spec.num_patches, generator=torch.Generator().manual_seed(ctx.seed))
     panels = reconstruct(mae.float().cpu(), figure_imgs, cfg.mask_ratio, noise)
     title = f"MAE on held-out images: mask ratio {cfg.mask_ratio:g}, masked-patch loss {float(panels['loss']):.3f}"
-    figure = save_figure(plot_reconstructions(panels, cfg.mean, cfg.std, title), ctx.plots_dir / "reconstructions.png")
-    ctx.log_figure(figure)
+    layout.write_figure(
+        plot_reconstructions(panels, cfg.mean, cfg.std, title), ctx.plots_dir / "reconstructions.png", ctx
+    )
     ctx.log_encoder(mae.encoder, figure_imgs)
 
     speeds = [r["images_per_s"] for r in curve if trainer.resumed_from is None or r["step"] > trainer.resumed_from]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from components.evaluation.stats import mean_se
-from components.io import atomic_write, write_json, write_text
+from components.io import write_json, write_text
 from pipelines import layout
 from pipelines.claims import build_claims, claims_metrics
 from pipelines.common import StageContext, run_stage
@@ -160,7 +160,7 @@ def claims_table(judged: list[dict]) -> Table:
     return t
 
 
-def claims_figure(judged: list[dict], path: Path) -> None:
+def claims_figure(judged: list[dict], path: Path, ctx: StageContext | None = None) -> None:
     """Per claim, one row: each seed's difference A − B as a dot, the mean and its 95 % interval as a bar,
     and 0 as a dashed line (a dot plot per claim; each row has its own scale)."""
     import matplotlib
@@ -192,8 +192,7 @@ def claims_figure(judged: list[dict], path: Path) -> None:
         for side in ("top", "right", "left"):
             ax.spines[side].set_visible(False)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    layout.write_figure(fig, path, ctx)
 
 
 def pretraining_table(stages: list[StageOutputs]) -> Table:
@@ -396,7 +395,7 @@ def report(ctx: StageContext) -> dict:
     if figures_dir.exists():
         shutil.rmtree(figures_dir)
     claims_png = figures_dir / "claims.png"
-    claims_figure(judged, claims_png)
+    claims_figure(judged, claims_png, ctx)
     summary = (
         f"# {title}\n\n"
         + tables[0].markdown()
