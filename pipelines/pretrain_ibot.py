@@ -4,7 +4,7 @@ The recipe of ``main_ibot.py``: two global crops (the encoder's image size) and 
 crops with DINO's augmentations; block-wise masks on the global crops; the student (drop path) sees
 the masked global crops and the local crops, the EMA teacher only the unmasked global crops; loss =
 [CLS] self-distillation over cross-view pairs + MIM distillation over same-view pairs; AdamW with
-lr = base_lr x batch / 256, linear warmup then cosine to ``min_lr``, weight decay cosine
+lr = blr x batch / 256, linear warmup then cosine to ``min_lr``, weight decay cosine
 ``weight_decay`` -> ``weight_decay_end``, per-parameter gradient clipping, the head's last layer frozen
 for ``freeze_last_layer_epochs``, teacher momentum cosine to 1 (lr, weight decay and momentum per
 iteration as ``utils.cosine_scheduler``), teacher temperature warm-up, and the centres all-reduced
@@ -154,7 +154,7 @@ def pretrain_ibot(ctx: StageContext) -> dict:
     epochs, warmup_epochs = stretch_epochs(cfg.epochs, cfg.warmup_epochs, steps_per_epoch, cfg.min_steps)
     total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     batch = cfg.batch_size * ctx.info.world_size
-    lr = cfg.base_lr * batch / 256
+    lr = cfg.blr * batch / 256
 
     student, teacher = build_networks(cfg)
     teacher.to(ctx.device)

@@ -2,7 +2,7 @@
 
 The recipe of the paper (``main_pretrain.py``): RandomResizedCrop(scale 0.2-1, bicubic) + flip; AdamW
 betas (0.9, 0.95), weight decay 0.05 with norms and biases exempt (the cls and mask tokens are
-decayed, the position embeddings are fixed); lr = base_lr x effective_batch / 256, linear warmup then
+decayed, the position embeddings are fixed); lr = blr x effective_batch / 256, linear warmup then
 half-cosine, set per iteration; gradient accumulation up to ``effective_batch``. Inputs are normalised
 with ``mean``/``std`` (ImageNet's by default, recorded in encoder.json for the stages that load the
 encoder).
@@ -130,7 +130,7 @@ def pretrain_mae(ctx: StageContext) -> dict:
         )
     epochs, warmup_epochs = stretch_epochs(cfg.epochs, cfg.warmup_epochs, steps_per_epoch, cfg.min_steps)
     total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
-    lr = cfg.base_lr * eff_batch / 256
+    lr = cfg.blr * eff_batch / 256
 
     mae = MaskedAutoencoder(
         spec,
