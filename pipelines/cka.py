@@ -123,16 +123,9 @@ def pair_summary(m: torch.Tensor, a: str, b: str) -> dict:
     return out
 
 
-def cka(ctx: StageContext) -> dict:
-    """CKA between every layer of the MAE, iBOT, fine-tuned ViTs and the CNN on the held-out images."""
+def select_model_layers(ctx: StageContext, models: dict[str, nn.Module], info: dict) -> dict[str, list[str]]:
+    """Each model's compared layers (``cka.vit_layers`` / ``cka.cnn_layers`` patterns), recorded in ``info``."""
     cfg = ctx.section
-    index = classification_index(ctx)
-    items = held_out_sample(index.val, cfg.max_images, ctx.seed)
-    if cfg.debiased and len(items) < 4:
-        raise DataError(
-            f"{ctx.root / layout.CLASSIFICATION_INDEX}: {len(items)} held-out images; debiased CKA needs at least 4"
-        )
-    models, info = load_models(ctx, index.image_size)
     layers = {}
     for name, model in models.items():
         patterns = cfg.cnn_layers if name == "cnn" else cfg.vit_layers
@@ -141,9 +134,16 @@ def cka(ctx: StageContext) -> dict:
         except ValueError as e:
             raise ValueError(f"cka.{'cnn' if name == 'cnn' else 'vit'}_layers: {e}") from None
         info[name]["layers"] = layers[name]
-    names = [f"{m}/{layer}" for m in models for layer in layers[m]]
+    return layers
 
-    size = index.image_size
+
+def accumulate(
+    ctx: StageContext, models: dict[str, nn.Module], layers: dict, info: dict, items: list, size: int
+) -> tuple[MinibatchCKA, torch.Tensor, float]:
+    """One pass over ``items`` in equal batches, every model fed each batch (normalised its own way), one
+    minibatch CKA accumulator over every layer of every model (Nguyen et al. 2021)."""
+    cfg = ctx.section
+    names = [f"{m}/{layer}" for m in models for layer in layers[m]]
     # [3, H, W] in [0, 1]: bicubic Resize(size / crop_pct), CenterCrop(size); each model normalises its own way
     to_tensor = create_transform(
         size, is_training=False, crop_pct=cfg.crop_pct, interpolation="bicubic", mean=(0.0,) * 3, std=(1.0,) * 3
@@ -164,14 +164,16 @@ def cka(ctx: StageContext) -> dict:
     log.info(
         "CKA of %d layers over %d images in %d batches: %.1f s", len(names), acc.num_examples, acc.num_batches, seconds
     )
-    degenerate = acc.degenerate()
-    if degenerate:
-        log.warning("layers without any variation on these images (CKA 0 with everything): %s", ", ".join(degenerate))
-    if not ctx.is_main:
-        return {}
+    return acc, matrix, seconds
 
+
+def write_pairs(
+    ctx: StageContext, order: list[str], layers: dict, info: dict, acc: MinibatchCKA, matrix: torch.Tensor
+) -> tuple[dict, dict]:
+    """Per pair of models (a model with itself included): the CKA block, its summary and heatmap; then the
+    grid of every heatmap. Returns (pairs, summary) for the metrics."""
+    cfg = ctx.section
     heads = titles(cfg.finetuned, info["cnn"]["arch"])
-    order = list(models)
     pairs, summary, panels = {}, {}, []
     for i, a in enumerate(order):
         for b in order[i:]:
@@ -209,6 +211,31 @@ def cka(ctx: StageContext) -> dict:
         f"{acc.num_examples} held-out images)",
     )
     layout.write_figure(grid, ctx.plots_dir / "summary.png", ctx, dpi=120)
+    return pairs, summary
+
+
+def cka(ctx: StageContext) -> dict:
+    """CKA between every layer of the MAE, iBOT, fine-tuned ViTs and the CNN on the held-out images."""
+    cfg = ctx.section
+    # ---- data: a seeded sample of the held-out images
+    index = classification_index(ctx)
+    items = held_out_sample(index.val, cfg.max_images, ctx.seed)
+    if cfg.debiased and len(items) < 4:
+        raise DataError(
+            f"{ctx.root / layout.CLASSIFICATION_INDEX}: {len(items)} held-out images; debiased CKA needs at least 4"
+        )
+    # ---- models and their layers
+    models, info = load_models(ctx, index.image_size)
+    layers = select_model_layers(ctx, models, info)
+    # ---- the accumulation over minibatches
+    acc, matrix, seconds = accumulate(ctx, models, layers, info, items, index.image_size)
+    degenerate = acc.degenerate()
+    if degenerate:
+        log.warning("layers without any variation on these images (CKA 0 with everything): %s", ", ".join(degenerate))
+    if not ctx.is_main:
+        return {}
+    # ---- outputs
+    pairs, summary = write_pairs(ctx, list(models), layers, info, acc, matrix)
     return {
         "kernel": cfg.kernel,
         "debiased": cfg.debiased,

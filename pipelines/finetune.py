@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from components.data.sources import ImageListDataset
+from components.data.sources import ClassificationIndex, ImageListDataset
 from components.data.splits import read_labeled_indices, split_digest
 from components.evaluation.classification import confusion_figure, evaluate_classifier
 from components.evaluation.knn import knn_accuracy
@@ -139,22 +140,22 @@ def frozen_evaluation(ctx: StageContext, init: str, spec_or_dir, train_loader, v
     return out
 
 
-def finetune(ctx: StageContext) -> dict:
-    """Fine-tune one initialisation on the labeled split and evaluate it on the held-out set."""
-    cfg, init = ctx.section, ctx.item
-    index = classification_index(ctx)
-    split_path, labeled = labeled_split(ctx, len(index.train))
-    num_classes, size = len(index.classes), index.image_size
-    world = ctx.info.world_size
-    if cfg.batch_size * world > len(labeled):
-        raise ValueError(
-            f"finetune.batch_size = {cfg.batch_size}: larger than the {len(labeled)} labeled images ({world} "
-            "process(es))"
-        )
+@dataclass
+class Data:
+    """The labeled split (training) and the held-out images, with the views of the model's normalisation."""
 
-    model, meta, depth, layer_decay, encoder_dir = build_model(ctx, init, num_classes, size, index.classes)
-    mean, std = normalisation(cfg, encoder_dir)
-    train_tf, eval_tf = transforms(cfg, size, mean, std)
+    index: ClassificationIndex
+    split_path: Path
+    labeled: list[int]
+    train_items: list
+    loader: EpochLoader  # augmented (RandAugment, random erasing; Mixup/CutMix in the step)
+    train_eval: DataLoader  # the labeled images in the evaluation view (frozen probe and k-NN)
+    val: DataLoader
+
+
+def load_data(ctx: StageContext, index: ClassificationIndex, split_path: Path, labeled: list[int], mean, std) -> Data:
+    cfg = ctx.section
+    train_tf, eval_tf = transforms(cfg, index.image_size, mean, std)
     train_items = [index.train[i] for i in labeled]
     loader = EpochLoader(
         ImageListDataset(train_items, train_tf),
@@ -167,32 +168,27 @@ def finetune(ctx: StageContext) -> dict:
     def eval_loader(items):
         return DataLoader(ImageListDataset(items, eval_tf), batch_size=cfg.eval_batch_size, num_workers=ctx.num_workers)
 
-    val_loader = eval_loader(index.val)
+    return Data(index, split_path, labeled, train_items, loader, eval_loader(train_items), eval_loader(index.val))
 
-    metrics: dict = {
-        "init": init,
-        "seed": ctx.seed,
-        "split": str(split_path.relative_to(ctx.root)),
-        "split_digest": split_digest(labeled),
-        "labeled_images": len(labeled),
-        "val_images": len(index.val),
-        "classes": num_classes,
-    }
-    if init != "cnn" and ctx.is_main and (cfg.linear_probe.enabled or cfg.knn.enabled):
-        t = time.perf_counter()
-        metrics.update(
-            frozen_evaluation(
-                ctx, init, encoder_dir or read_meta_spec(meta), eval_loader(train_items), val_loader, num_classes
-            )
-        )
-        metrics["frozen_eval_s"] = round(time.perf_counter() - t, 2)
 
+def build_trainer(
+    ctx: StageContext,
+    model: torch.nn.Module,
+    depth: int | None,
+    layer_decay: float | None,
+    encoder_dir: Path | None,
+    data: Data,
+) -> tuple[Trainer, FinetuneStep, int, int]:
+    """AdamW with layer-wise lr decay (pretrained ViTs), lr = blr x batch / 256 warmed up then cosine, Mixup/CutMix
+    with label smoothing (MAE Sec. A.1). Returns the trainer, the step, the epochs and the steps per epoch."""
+    cfg, init = ctx.section, ctx.item
+    num_classes = len(data.index.classes)
     blr = cfg.cnn.blr if init == "cnn" else cfg.vit.blr
     wd = cfg.cnn.weight_decay if init == "cnn" else cfg.vit.weight_decay
-    steps_per_epoch = len(loader) // cfg.accum_steps
+    steps_per_epoch = len(data.loader) // cfg.accum_steps
     epochs, warmup_epochs = stretch_epochs(cfg.epochs, cfg.warmup_epochs, steps_per_epoch, cfg.min_steps)
     total = epochs * steps_per_epoch
-    lr = blr * cfg.batch_size * cfg.accum_steps * world / 256
+    lr = blr * cfg.batch_size * cfg.accum_steps * ctx.info.world_size / 256
     optimizer = finetune_optimizer(model, wd, layer_decay, depth, ctx.device)
     mixup = build_mixup(num_classes, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
     step_fn = FinetuneStep(finetune_criterion(mixup, cfg.label_smoothing), mixup, seed=ctx.seed, rank=ctx.info.rank)
@@ -219,17 +215,17 @@ def finetune(ctx: StageContext) -> dict:
         lr_fn=lambda s: warmup_cosine(s, total, round(warmup_epochs * steps_per_epoch), lr, cfg.min_lr),
         on_log=lambda step, rec: log_val_epoch(ctx, rec, step // steps_per_epoch),
     )
+    return trainer, step_fn, epochs, steps_per_epoch
 
-    def on_epoch_end(epoch: int) -> dict | None:
-        if (epoch + 1) % cfg.eval_every or epoch + 1 == epochs:  # the last epoch is evaluated after fit
-            return None
-        res = evaluate_classifier(model, val_loader, num_classes, ctx.device)
-        return {"val_top1": res["top1"], "val_top5": res["top5"], "val_loss": res["loss"]}
 
-    t = time.perf_counter()
-    history = trainer.fit(loader, step_fn, on_epoch_end)
-    train_s = time.perf_counter() - t
-    final = evaluate_classifier(model, val_loader, num_classes, ctx.device)
+def write_outputs(
+    ctx: StageContext, model: torch.nn.Module, meta: dict, data: Data, trainer: Trainer, epochs: int, train_s: float
+) -> dict:
+    """The held-out evaluation, per-epoch curves, predictions and the confusion figure, the classifier's weights
+    and its registration; the metrics of the fine-tuned model."""
+    index, num_classes = data.index, len(data.index.classes)
+    history = trainer.history
+    final = evaluate_classifier(model, data.val, num_classes, ctx.device)
     if not ctx.is_main:
         return {}
 
@@ -257,22 +253,70 @@ def finetune(ctx: StageContext) -> dict:
     model = model.cpu().eval()
     save_classifier(model, ctx.models_dir, meta)
     steps_done = [r for r in history if "images_per_s" in r]
-    metrics.update(
-        {
-            "top1": final["top1"],
-            "top5": final["top5"],
-            "val_loss": final["loss"],
-            "best_top1": best["val_top1"],
-            "best_epoch": int(best["epoch"]),
-            "epochs": epochs,
-            "steps": total,
-            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-            "train_s": round(train_s, 2),
-            "train_images_per_s": round(sum(r["images_per_s"] for r in steps_done) / max(len(steps_done), 1), 1),
-        }
-    )
-    register(ctx, model, init, final["top1"], val_loader)
+    metrics = {
+        "top1": final["top1"],
+        "top5": final["top5"],
+        "val_loss": final["loss"],
+        "best_top1": best["val_top1"],
+        "best_epoch": int(best["epoch"]),
+        "epochs": epochs,
+        "steps": trainer.cfg.total_steps,
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "train_s": round(train_s, 2),
+        "train_images_per_s": round(sum(r["images_per_s"] for r in steps_done) / max(len(steps_done), 1), 1),
+    }
+    register(ctx, model, ctx.item, final["top1"], data.val)
     return metrics
+
+
+def finetune(ctx: StageContext) -> dict:
+    """Fine-tune one initialisation on the labeled split and evaluate it on the held-out set."""
+    cfg, init = ctx.section, ctx.item
+    # ---- data: the labeled split
+    index = classification_index(ctx)
+    split_path, labeled = labeled_split(ctx, len(index.train))
+    num_classes = len(index.classes)
+    world = ctx.info.world_size
+    if cfg.batch_size * world > len(labeled):
+        raise ValueError(
+            f"finetune.batch_size = {cfg.batch_size}: larger than the {len(labeled)} labeled images ({world} "
+            "process(es))"
+        )
+    # ---- model, then the views of its input normalisation
+    model, meta, depth, layer_decay, encoder_dir = build_model(ctx, init, num_classes, index.image_size, index.classes)
+    data = load_data(ctx, index, split_path, labeled, *normalisation(cfg, encoder_dir))
+
+    metrics: dict = {
+        "init": init,
+        "seed": ctx.seed,
+        "split": str(split_path.relative_to(ctx.root)),
+        "split_digest": split_digest(labeled),
+        "labeled_images": len(labeled),
+        "val_images": len(index.val),
+        "classes": num_classes,
+    }
+    if init != "cnn" and ctx.is_main and (cfg.linear_probe.enabled or cfg.knn.enabled):
+        t = time.perf_counter()
+        metrics.update(
+            frozen_evaluation(ctx, init, encoder_dir or read_meta_spec(meta), data.train_eval, data.val, num_classes)
+        )
+        metrics["frozen_eval_s"] = round(time.perf_counter() - t, 2)
+
+    # ---- optimisation
+    trainer, step_fn, epochs, steps_per_epoch = build_trainer(ctx, model, depth, layer_decay, encoder_dir, data)
+
+    def on_epoch_end(epoch: int) -> dict | None:
+        if (epoch + 1) % cfg.eval_every or epoch + 1 == epochs:  # the last epoch is evaluated after fit
+            return None
+        res = evaluate_classifier(model, data.val, num_classes, ctx.device)
+        return {"val_top1": res["top1"], "val_top5": res["top5"], "val_loss": res["loss"]}
+
+    t = time.perf_counter()
+    trainer.fit(data.loader, step_fn, on_epoch_end)
+    train_s = time.perf_counter() - t
+    # ---- outputs
+    out = write_outputs(ctx, model, meta, data, trainer, epochs, train_s)
+    return {**metrics, **out} if out else {}
 
 
 def log_val_epoch(ctx: StageContext, record: dict, epochs_done: int) -> None:
