@@ -289,19 +289,9 @@ def soft_teacher_step(model: SoftTeacher):
     return step_fn
 
 
-def write_outputs(
-    ctx: StageContext, d: Data, model: SoftTeacher, spec: DetectorSpec, history: list[dict], train_s: float
-) -> dict:
-    """COCO AP of teacher and student, the AP and loss curves, the teacher's predictions figure, both
-    detectors' weights, the registered teacher; the metrics."""
+def write_curves(ctx: StageContext, history: list[dict], teacher_ap: dict, student_ap: dict) -> None:
+    """``ap.csv`` (teacher and student AP at each evaluation, the final one last) and ``loss.csv`` for dvc plots."""
     cfg = ctx.section
-    labeled, unlabeled, val, categories, names = d.labeled, d.unlabeled, d.val, d.categories, d.names
-    t = time.perf_counter()
-    teacher_ap, teacher_dets = evaluate(model.teacher, val, d.val_set, categories, ctx)
-    student_ap, _ = evaluate(model.student, val, d.val_set, categories, ctx)
-    eval_s = time.perf_counter() - t
-
-    # ---- curves for dvc plots
     plots = ctx.plots_dir
     ap_rows = [
         {"step": r["step"], **{k: r[k] for k in r if k.startswith(("teacher_", "student_"))}}
@@ -319,7 +309,10 @@ def write_outputs(
     loss_rows = [r for r in history if "loss" in r]
     write_csv(plots / "loss.csv", loss_rows, ["step", *(k for k in LOSS_KEYS if any(k in r for r in loss_rows))])
 
-    # ---- predictions of the teacher against ground truth on held-out scenes
+
+def write_predictions(ctx: StageContext, d: Data, teacher_ap: dict, teacher_dets: list[dict]) -> None:
+    """The teacher's detections against the ground truth on the first held-out scenes."""
+    cfg, plots, names, categories = ctx.section, ctx.plots_dir, d.names, d.categories
     n = min(cfg.figure_images, len(d.val_set))
     samples = [d.val_set[i] for i in range(n)]
     category_to_label = d.category_to_label
@@ -340,6 +333,21 @@ def write_outputs(
         f">= {cfg.figure_score:g})",
     )
     layout.write_figure(fig, plots / "predictions.png", ctx)
+
+
+def write_outputs(
+    ctx: StageContext, d: Data, model: SoftTeacher, spec: DetectorSpec, history: list[dict], train_s: float
+) -> dict:
+    """COCO AP of teacher and student, the AP and loss curves, the teacher's predictions figure, both
+    detectors' weights, the registered teacher; the metrics."""
+    cfg = ctx.section
+    labeled, unlabeled, val, categories, names = d.labeled, d.unlabeled, d.val, d.categories, d.names
+    t = time.perf_counter()
+    teacher_ap, teacher_dets = evaluate(model.teacher, val, d.val_set, categories, ctx)
+    student_ap, _ = evaluate(model.student, val, d.val_set, categories, ctx)
+    eval_s = time.perf_counter() - t
+    write_curves(ctx, history, teacher_ap, student_ap)
+    write_predictions(ctx, d, teacher_ap, teacher_dets)
 
     # ---- weights (teacher at the top, student below) and the model registry
     meta = {
