@@ -32,6 +32,7 @@ def test_the_matrix_lists_are_dvc_yamls(stages):
 
 
 def test_stage_paths_are_the_outs_dvc_yaml_declares(stages):
+    assert all("pipelines/layout.py" in stage["deps"] for stage in stages.values())  # a changed path re-runs them
     assert {str(layout.CLASSIFICATION), str(layout.DETECTION)} <= outs(stages["prepare"])
     assert str(layout.SOURCES) in stages["prepare"]["deps"]
     for stage in ("pretrain_mae", "pretrain_ibot"):
