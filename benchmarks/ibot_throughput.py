@@ -37,10 +37,10 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from components.data.masking import BlockMaskGenerator  # noqa: E402
 from components.data.multicrop import MultiCropAugmentation  # noqa: E402
-from components.models.ibot import IBOTHead, IBOTLoss, IBOTTraining, IBOTViT  # noqa: E402
-from components.models.vit import PRESETS, ViTSpec, create_vit  # noqa: E402
-from components.training.ema import copy_as_teacher  # noqa: E402
+from components.models.ibot import IBOTLoss, create_ibot_pair  # noqa: E402
+from components.models.vit import PRESETS, ViTSpec  # noqa: E402
 from components.training.engine import clip_per_param  # noqa: E402
+from components.training.ibot import IBOTTraining  # noqa: E402
 from components.training.optim import adamw, param_groups  # noqa: E402
 
 # Dense tensor-core peaks (TFLOP/s) from the vendors' datasheets, by device-name fragment.
@@ -85,12 +85,8 @@ def measure_training(args, device: torch.device) -> dict:
     baseline_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch.manual_seed(0)
 
-    def network(drop_path: float) -> IBOTViT:
-        head = IBOTHead(spec.embed_dim, args.out_dim, args.out_dim, args.hidden_dim, args.bottleneck_dim)
-        return IBOTViT(create_vit(spec, drop_path_rate=drop_path, pos_embed="learned"), head).to(device)
-
-    student = network(0.1)
-    teacher = copy_as_teacher(network(0.0), student)
+    student, teacher = create_ibot_pair(spec, args.out_dim, args.out_dim, args.hidden_dim, args.bottleneck_dim)
+    student, teacher = student.to(device), teacher.to(device)
     loss = IBOTLoss(args.out_dim, args.out_dim, 2, args.num_local).to(device)
     total = args.warmup + args.steps + 1
     ibot = IBOTTraining(student, teacher, loss, steps_per_epoch=total, total_steps=total, freeze_last_layer_epochs=0)

@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from components.data.sources import DataError, ImageListDataset
+from components.data.sources import ImageListDataset
 from components.data.splits import read_labeled_indices, split_digest
 from components.evaluation.baselines import flatten_pixels, pixel_baselines
 from components.training.finetune import finetune_transforms
+from pipelines import layout
 from pipelines.common import StageContext, classification_index, run_stage
 
 log = logging.getLogger("mimflow.baselines")
-
-DATA = Path("data/classification")
 
 
 def pixels(items: list, transform, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,14 +38,7 @@ def baselines(ctx: StageContext) -> dict:
     """Logistic regression and k-NN on raw pixels: finetune's labeled split -> the held-out images."""
     ft = ctx.params.finetune
     index = classification_index(ctx)
-    split = DATA / "splits" / f"labeled_{ft.labeled_percent:g}_fold{ft.fold}.json"
-    if not (ctx.root / split).is_file():
-        have = ctx.params.prepare.classification
-        raise DataError(
-            f"{ctx.root / split}: no labeled split for finetune.labeled_percent = {ft.labeled_percent:g}, "
-            f"finetune.fold = {ft.fold} "
-            f"(prepare.classification.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
-        )
+    split = layout.existing_labeled_split(ctx, "finetune", ft.labeled_percent, ft.fold)
     labeled = read_labeled_indices(ctx.root / split, len(index.train))
     _, eval_tf = finetune_transforms(
         index.image_size, None, 0.0, tuple(ft.crop_scale), tuple(ft.mean), tuple(ft.std), eval_crop_pct=ft.eval_crop_pct

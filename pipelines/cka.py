@@ -22,24 +22,25 @@ from torch.utils.data import DataLoader
 
 from components.analysis.cka import MinibatchCKA
 from components.analysis.features import paired_features, select_layers
-from components.analysis.heatmap import plot_cka_grid, plot_cka_heatmap, save_figure
+from components.analysis.heatmap import plot_cka_grid, plot_cka_heatmap
 from components.data.sources import DataError, ImageListDataset
 from components.io import read_json
 from components.models.classifier import CLASSIFIER_SPEC, load_classifier
 from components.models.vit import ENCODER_SPEC, load_encoder, read_normalisation
+from pipelines import layout
 from pipelines.common import StageContext, classification_index, run_stage
 
 log = logging.getLogger("mimflow.cka")
-
-DATA = Path("data/classification")
-ENCODERS = {"mae": Path("models/pretrain_mae"), "ibot": Path("models/pretrain_ibot")}
-FINETUNE = Path("models/finetune")
 
 
 def model_dirs(finetuned: str, seed: int) -> dict[str, Path]:
     """The compared models, in the order of the heatmaps: name -> weights directory. The fine-tuned
     ViT and the CNN are the runs of ``seed`` (the first of finetune.seeds)."""
-    return {**ENCODERS, "finetuned": FINETUNE / f"{finetuned}-{seed}", "cnn": FINETUNE / f"cnn-{seed}"}
+    return {
+        **layout.ENCODER_DIRS,
+        "finetuned": layout.finetuned_dir(finetuned, seed),
+        "cnn": layout.finetuned_dir("cnn", seed),
+    }
 
 
 def titles(finetuned: str, cnn_arch: str) -> dict[str, str]:
@@ -55,8 +56,8 @@ def normalisation(ctx: StageContext, name: str, meta: dict) -> tuple[list[float]
     """The input mean/std a model was trained with: its own JSON's, else (a fine-tuned ViT) its
     encoder's, else the finetune section's (what finetune falls back to)."""
     own = (meta["mean"], meta["std"]) if "mean" in meta and "std" in meta else None
-    if own is None and name == "finetuned" and ctx.section.finetuned in ENCODERS:
-        encoder_dir = ctx.root / ENCODERS[ctx.section.finetuned]
+    if own is None and name == "finetuned" and ctx.section.finetuned in layout.ENCODER_DIRS:
+        encoder_dir = ctx.root / layout.ENCODER_DIRS[ctx.section.finetuned]
         if (encoder_dir / ENCODER_SPEC).is_file():
             own = read_normalisation(encoder_dir)
     mean, std = own or (ctx.params.finetune.mean, ctx.params.finetune.std)
@@ -68,7 +69,7 @@ def load_models(ctx: StageContext, image_size: int) -> tuple[dict[str, nn.Module
     models, info = {}, {}
     for name, rel in model_dirs(ctx.section.finetuned, ctx.params.finetune.seeds[0]).items():
         path = ctx.root / rel
-        if name in ENCODERS:
+        if name in layout.ENCODER_DIRS:
             model, spec = load_encoder(path)
             meta = read_json(path / ENCODER_SPEC)
             size = spec.img_size
@@ -79,7 +80,7 @@ def load_models(ctx: StageContext, image_size: int) -> tuple[dict[str, nn.Module
         if size != image_size:
             raise ValueError(
                 f"{path}: model img_size {size} differs from the held-out images' image_size {image_size} "
-                f"({ctx.root / DATA / 'index.json'})"
+                f"({ctx.root / layout.CLASSIFICATION_INDEX})"
             )
         mean, std = normalisation(ctx, name, meta)
         models[name] = model.eval().to(ctx.device)
@@ -122,16 +123,9 @@ def pair_summary(m: torch.Tensor, a: str, b: str) -> dict:
     return out
 
 
-def cka(ctx: StageContext) -> dict:
-    """CKA between every layer of the MAE, iBOT, fine-tuned ViTs and the CNN on the held-out images."""
+def select_model_layers(ctx: StageContext, models: dict[str, nn.Module], info: dict) -> dict[str, list[str]]:
+    """Each model's compared layers (``cka.vit_layers`` / ``cka.cnn_layers`` patterns), recorded in ``info``."""
     cfg = ctx.section
-    index = classification_index(ctx)
-    items = held_out_sample(index.val, cfg.max_images, ctx.seed)
-    if cfg.debiased and len(items) < 4:
-        raise DataError(
-            f"{ctx.root / DATA / 'index.json'}: {len(items)} held-out images; debiased CKA needs at least 4"
-        )
-    models, info = load_models(ctx, index.image_size)
     layers = {}
     for name, model in models.items():
         patterns = cfg.cnn_layers if name == "cnn" else cfg.vit_layers
@@ -140,9 +134,16 @@ def cka(ctx: StageContext) -> dict:
         except ValueError as e:
             raise ValueError(f"cka.{'cnn' if name == 'cnn' else 'vit'}_layers: {e}") from None
         info[name]["layers"] = layers[name]
-    names = [f"{m}/{layer}" for m in models for layer in layers[m]]
+    return layers
 
-    size = index.image_size
+
+def accumulate(
+    ctx: StageContext, models: dict[str, nn.Module], layers: dict, info: dict, items: list, size: int
+) -> tuple[MinibatchCKA, torch.Tensor, float]:
+    """One pass over ``items`` in equal batches, every model fed each batch (normalised its own way), one
+    minibatch CKA accumulator over every layer of every model (Nguyen et al. 2021)."""
+    cfg = ctx.section
+    names = [f"{m}/{layer}" for m in models for layer in layers[m]]
     # [3, H, W] in [0, 1]: bicubic Resize(size / crop_pct), CenterCrop(size); each model normalises its own way
     to_tensor = create_transform(
         size, is_training=False, crop_pct=cfg.crop_pct, interpolation="bicubic", mean=(0.0,) * 3, std=(1.0,) * 3
@@ -163,14 +164,16 @@ def cka(ctx: StageContext) -> dict:
     log.info(
         "CKA of %d layers over %d images in %d batches: %.1f s", len(names), acc.num_examples, acc.num_batches, seconds
     )
-    degenerate = acc.degenerate()
-    if degenerate:
-        log.warning("layers without any variation on these images (CKA 0 with everything): %s", ", ".join(degenerate))
-    if not ctx.is_main:
-        return {}
+    return acc, matrix, seconds
 
+
+def write_pairs(
+    ctx: StageContext, order: list[str], layers: dict, info: dict, acc: MinibatchCKA, matrix: torch.Tensor
+) -> tuple[dict, dict]:
+    """Per pair of models (a model with itself included): the CKA block, its summary and heatmap; then the
+    grid of every heatmap. Returns (pairs, summary) for the metrics."""
+    cfg = ctx.section
     heads = titles(cfg.finetuned, info["cnn"]["arch"])
-    order = list(models)
     pairs, summary, panels = {}, {}, []
     for i, a in enumerate(order):
         for b in order[i:]:
@@ -201,17 +204,38 @@ def cka(ctx: StageContext) -> dict:
                 heads[b],
                 f"{'debiased' if cfg.debiased else 'biased'} {cfg.kernel} CKA, {acc.num_examples} images",
             )
-            ctx.log_figure(save_figure(fig, ctx.plots_dir / f"{key}.png"))
-    ctx.log_figure(
-        save_figure(
-            plot_cka_grid(
-                panels,
-                f"CKA between every layer ({cfg.kernel}, {'debiased' if cfg.debiased else 'biased'}, "
-                f"{acc.num_examples} held-out images)",
-            ),
-            ctx.plots_dir / "summary.png",
-        )
+            layout.write_figure(fig, ctx.plots_dir / f"{key}.png", ctx, dpi=120)
+    grid = plot_cka_grid(
+        panels,
+        f"CKA between every layer ({cfg.kernel}, {'debiased' if cfg.debiased else 'biased'}, "
+        f"{acc.num_examples} held-out images)",
     )
+    layout.write_figure(grid, ctx.plots_dir / "summary.png", ctx, dpi=120)
+    return pairs, summary
+
+
+def cka(ctx: StageContext) -> dict:
+    """CKA between every layer of the MAE, iBOT, fine-tuned ViTs and the CNN on the held-out images."""
+    cfg = ctx.section
+    # ---- data: a seeded sample of the held-out images
+    index = classification_index(ctx)
+    items = held_out_sample(index.val, cfg.max_images, ctx.seed)
+    if cfg.debiased and len(items) < 4:
+        raise DataError(
+            f"{ctx.root / layout.CLASSIFICATION_INDEX}: {len(items)} held-out images; debiased CKA needs at least 4"
+        )
+    # ---- models and their layers
+    models, info = load_models(ctx, index.image_size)
+    layers = select_model_layers(ctx, models, info)
+    # ---- the accumulation over minibatches
+    acc, matrix, seconds = accumulate(ctx, models, layers, info, items, index.image_size)
+    degenerate = acc.degenerate()
+    if degenerate:
+        log.warning("layers without any variation on these images (CKA 0 with everything): %s", ", ".join(degenerate))
+    if not ctx.is_main:
+        return {}
+    # ---- outputs
+    pairs, summary = write_pairs(ctx, list(models), layers, info, acc, matrix)
     return {
         "kernel": cfg.kernel,
         "debiased": cfg.debiased,

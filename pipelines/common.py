@@ -28,6 +28,7 @@ import torch
 from components.io import file_digest, write_json
 from components.training.distributed import DistInfo, cleanup_distributed, init_distributed
 from components.training.engine import NonFiniteLossError, mark_finished
+from pipelines import layout
 from pipelines.config import Params, ParamsError, load_params
 from pipelines.tracking import Tracker, TrackingError, upstream_params
 
@@ -84,26 +85,21 @@ class StageContext:
         """DVC's name for this stage: ``finetune@mae`` for a matrix item."""
         return f"{self.name}@{self.variant}" if self.variant else self.name
 
-    def _dir(self, kind: str) -> Path:
-        d = self.root / kind / self.name
-        return d / self.variant if self.variant else d
-
     @property
     def models_dir(self) -> Path:
-        return self._dir("models")
+        return self.root / layout.stage_dir(layout.MODELS, self.name, self.variant)
 
     @property
     def plots_dir(self) -> Path:
-        return self._dir("plots")
+        return self.root / layout.stage_dir(layout.PLOTS, self.name, self.variant)
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self._dir("checkpoints")
+        return self.root / layout.stage_dir(layout.CHECKPOINTS, self.name, self.variant)
 
     @property
     def metrics_path(self) -> Path:
-        base = self.root / "metrics"
-        return base / self.name / f"{self.variant}.json" if self.variant else base / f"{self.name}.json"
+        return self.root / layout.metrics_file(self.name, self.variant)
 
     def fingerprint(self, *inputs: Any) -> str:
         """Hash of everything that decides this stage's result: its section, the runtime seed, precision
@@ -147,10 +143,6 @@ class StageContext:
             log.info("%s: logged the encoder to MLflow in %.1f s", self.stage_id, time.perf_counter() - t)
 
 
-SOURCES = "datasets"  # external datasets put here (`dvc add datasets/<name>`) are a dependency of prepare in dvc.yaml
-CLASSIFICATION_INDEX = "data/classification/index.json"
-
-
 def declared_root(project: Path, value: str | None) -> Path | None:
     """A data root as params declare it (``prepare.classification.root``, ``prepare.detection.*_images``):
     ``~`` expanded, a relative path taken from the project's root."""
@@ -166,7 +158,7 @@ def classification_index(ctx: StageContext):
     from components.data.sources import load_classification_index
 
     return load_classification_index(
-        ctx.root / CLASSIFICATION_INDEX, root=declared_root(ctx.root, ctx.params.prepare.classification.root)
+        ctx.root / layout.CLASSIFICATION_INDEX, root=declared_root(ctx.root, ctx.params.prepare.classification.root)
     )
 
 

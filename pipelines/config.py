@@ -261,7 +261,7 @@ class PretrainMAE(Section):
     warmup_epochs: float = Field(ge=0)
     batch_size: int = Field(ge=1)  # per process, per micro-batch
     effective_batch: int | None = Field(ge=1)  # batch_size x accumulation x processes; null: no accumulation
-    base_lr: float = Field(gt=0)  # lr = base_lr * effective_batch / 256
+    blr: float = Field(gt=0)  # lr = blr * effective_batch / 256
     min_lr: float = Field(ge=0)
     weight_decay: float = Field(ge=0)
     betas: tuple[float, float]
@@ -290,7 +290,7 @@ class PretrainMAE(Section):
             )
         check_warmup("warmup_epochs", self.warmup_epochs, self.epochs, "epochs")
         batch = self.effective_batch or self.batch_size
-        check_peak_lr(self.min_lr, self.base_lr * batch / 256, f"base_lr x {batch} / 256")
+        check_peak_lr(self.min_lr, self.blr * batch / 256, f"blr x {batch} / 256")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise KeyValueError("crop_scale", list(self.crop_scale), "must be [min, max] with 0 < min <= max <= 1")
         if not all(0 <= b < 1 for b in self.betas):
@@ -422,7 +422,7 @@ class PretrainIBOT(Section):
     warmup_epochs: float = Field(ge=0)
     min_steps: int = Field(ge=0)  # epochs (and warmup) stretch to at least this many optimizer steps
     batch_size: int = Field(ge=1)  # per process
-    base_lr: float = Field(gt=0)  # lr = base_lr * batch_size * processes / 256
+    blr: float = Field(gt=0)  # lr = blr * batch_size * processes / 256
     min_lr: float = Field(ge=0)
     weight_decay: float = Field(ge=0)  # cosine schedule weight_decay -> weight_decay_end
     weight_decay_end: float = Field(ge=0)
@@ -445,7 +445,7 @@ class PretrainIBOT(Section):
             raise KeyValueError(
                 "freeze_last_layer_epochs", self.freeze_last_layer_epochs, f"must be <= epochs ({self.epochs})"
             )
-        check_peak_lr(self.min_lr, self.base_lr * self.batch_size / 256, f"base_lr x {self.batch_size} / 256")
+        check_peak_lr(self.min_lr, self.blr * self.batch_size / 256, f"blr x {self.batch_size} / 256")
         if not all(0 <= b < 1 for b in self.betas):
             raise KeyValueError("betas", list(self.betas), "each beta must be in [0, 1)")
         if not all(s > 0 for s in self.std):
@@ -805,12 +805,34 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
+# Keys that were renamed: old key path -> new key path. A params file with an old name fails with one line naming
+# the new key (rather than "extra inputs are not permitted"). The base learning rate is ``blr`` in every section
+# (MAE's name: lr = blr x effective batch / 256); detect.lr stays: it is an absolute lr, as in torchvision's
+# detection references and Soft Teacher's configs, not scaled by the batch.
+RENAMED = {
+    "pretrain_mae.base_lr": "pretrain_mae.blr",
+    "pretrain_ibot.base_lr": "pretrain_ibot.blr",
+}
+
+
+def check_renamed(raw: dict, source: str) -> None:
+    """A one-line ``ParamsError`` naming the new key when ``raw`` uses a key's old name (``RENAMED``)."""
+    for old, new in RENAMED.items():
+        *parents, key = old.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node:
+            raise ParamsError(f"{source}: {old}: renamed to {new}")
+
+
 def validate_params(raw: Any, source: str = "params.yaml") -> Params:
     """Validate a parsed params file; any error is a ``ParamsError`` whose message is one line."""
     if raw is None:
         raise ParamsError(f"{source}: empty file; it must hold every section ({', '.join(Params.model_fields)})")
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    check_renamed(raw, source)
     try:
         return Params.model_validate(raw)
     except ValidationError as e:

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from components.data.sources import DataError, ImageListDataset
+from components.data.sources import ClassificationIndex, ImageListDataset
 from components.data.splits import read_labeled_indices, split_digest
 from components.evaluation.classification import confusion_figure, evaluate_classifier
 from components.evaluation.knn import knn_accuracy
 from components.evaluation.linear_probe import extract_pooled_features, fit_probe_head, probe_head
-from components.io import atomic_write, file_digest, write_csv
+from components.io import file_digest, write_csv
 from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
 from components.models.vit import ViTSpec, create_vit, load_encoder, read_normalisation, read_spec
 from components.training.distributed import EpochLoader
@@ -43,25 +44,15 @@ from components.training.finetune import (
     finetune_transforms,
 )
 from components.training.schedules import stretch_epochs, warmup_cosine
+from pipelines import layout
 from pipelines.common import StageContext, classification_index, run_stage
 
 log = logging.getLogger("mimflow.finetune")
 
-INITS = ("scratch", "mae", "ibot", "cnn")
-ENCODER_DIRS = {"mae": Path("models/pretrain_mae"), "ibot": Path("models/pretrain_ibot")}
-DATA = Path("data/classification")
-
 
 def labeled_split(ctx: StageContext, num_train: int) -> tuple[Path, list[int]]:
     cfg = ctx.section
-    path = ctx.root / DATA / "splits" / f"labeled_{cfg.labeled_percent:g}_fold{cfg.fold}.json"
-    if not path.is_file():
-        have = ctx.params.prepare.classification
-        raise DataError(
-            f"{path}: no labeled split for finetune.labeled_percent = {cfg.labeled_percent:g}, finetune.fold = "
-            f"{cfg.fold} "
-            f"(prepare.classification.labeled_percents = {have.labeled_percents}, folds = {have.folds})"
-        )
+    path = ctx.root / layout.existing_labeled_split(ctx, "finetune", cfg.labeled_percent, cfg.fold)
     return path, read_labeled_indices(path, num_train)
 
 
@@ -73,7 +64,7 @@ def build_model(ctx: StageContext, init: str, num_classes: int, image_size: int,
         model = build_cnn_classifier(c.arch, num_classes, image_size, c.width)
         return model, cnn_meta(c.arch, num_classes, image_size, c.width, classes), None, None, None
     v = cfg.vit
-    encoder_dir = ctx.root / ENCODER_DIRS[init] if init in ENCODER_DIRS else None
+    encoder_dir = ctx.root / layout.ENCODER_DIRS[init] if init in layout.ENCODER_DIRS else None
     if encoder_dir is not None:
         spec = read_spec(encoder_dir)
         if spec.img_size != image_size:
@@ -149,22 +140,22 @@ def frozen_evaluation(ctx: StageContext, init: str, spec_or_dir, train_loader, v
     return out
 
 
-def finetune(ctx: StageContext) -> dict:
-    """Fine-tune one initialisation on the labeled split and evaluate it on the held-out set."""
-    cfg, init = ctx.section, ctx.item
-    index = classification_index(ctx)
-    split_path, labeled = labeled_split(ctx, len(index.train))
-    num_classes, size = len(index.classes), index.image_size
-    world = ctx.info.world_size
-    if cfg.batch_size * world > len(labeled):
-        raise ValueError(
-            f"finetune.batch_size = {cfg.batch_size}: larger than the {len(labeled)} labeled images ({world} "
-            "process(es))"
-        )
+@dataclass
+class Data:
+    """The labeled split (training) and the held-out images, with the views of the model's normalisation."""
 
-    model, meta, depth, layer_decay, encoder_dir = build_model(ctx, init, num_classes, size, index.classes)
-    mean, std = normalisation(cfg, encoder_dir)
-    train_tf, eval_tf = transforms(cfg, size, mean, std)
+    index: ClassificationIndex
+    split_path: Path
+    labeled: list[int]
+    train_items: list
+    loader: EpochLoader  # augmented (RandAugment, random erasing; Mixup/CutMix in the step)
+    train_eval: DataLoader  # the labeled images in the evaluation view (frozen probe and k-NN)
+    val: DataLoader
+
+
+def load_data(ctx: StageContext, index: ClassificationIndex, split_path: Path, labeled: list[int], mean, std) -> Data:
+    cfg = ctx.section
+    train_tf, eval_tf = transforms(cfg, index.image_size, mean, std)
     train_items = [index.train[i] for i in labeled]
     loader = EpochLoader(
         ImageListDataset(train_items, train_tf),
@@ -177,32 +168,27 @@ def finetune(ctx: StageContext) -> dict:
     def eval_loader(items):
         return DataLoader(ImageListDataset(items, eval_tf), batch_size=cfg.eval_batch_size, num_workers=ctx.num_workers)
 
-    val_loader = eval_loader(index.val)
+    return Data(index, split_path, labeled, train_items, loader, eval_loader(train_items), eval_loader(index.val))
 
-    metrics: dict = {
-        "init": init,
-        "seed": ctx.seed,
-        "split": str(split_path.relative_to(ctx.root)),
-        "split_digest": split_digest(labeled),
-        "labeled_images": len(labeled),
-        "val_images": len(index.val),
-        "classes": num_classes,
-    }
-    if init != "cnn" and ctx.is_main and (cfg.linear_probe.enabled or cfg.knn.enabled):
-        t = time.perf_counter()
-        metrics.update(
-            frozen_evaluation(
-                ctx, init, encoder_dir or read_meta_spec(meta), eval_loader(train_items), val_loader, num_classes
-            )
-        )
-        metrics["frozen_eval_s"] = round(time.perf_counter() - t, 2)
 
+def build_trainer(
+    ctx: StageContext,
+    model: torch.nn.Module,
+    depth: int | None,
+    layer_decay: float | None,
+    encoder_dir: Path | None,
+    data: Data,
+) -> tuple[Trainer, FinetuneStep, int, int]:
+    """AdamW with layer-wise lr decay (pretrained ViTs), lr = blr x batch / 256 warmed up then cosine, Mixup/CutMix
+    with label smoothing (MAE Sec. A.1). Returns the trainer, the step, the epochs and the steps per epoch."""
+    cfg, init = ctx.section, ctx.item
+    num_classes = len(data.index.classes)
     blr = cfg.cnn.blr if init == "cnn" else cfg.vit.blr
     wd = cfg.cnn.weight_decay if init == "cnn" else cfg.vit.weight_decay
-    steps_per_epoch = len(loader) // cfg.accum_steps
+    steps_per_epoch = len(data.loader) // cfg.accum_steps
     epochs, warmup_epochs = stretch_epochs(cfg.epochs, cfg.warmup_epochs, steps_per_epoch, cfg.min_steps)
     total = epochs * steps_per_epoch
-    lr = blr * cfg.batch_size * cfg.accum_steps * world / 256
+    lr = blr * cfg.batch_size * cfg.accum_steps * ctx.info.world_size / 256
     optimizer = finetune_optimizer(model, wd, layer_decay, depth, ctx.device)
     mixup = build_mixup(num_classes, cfg.mixup, cfg.cutmix, cfg.label_smoothing)
     step_fn = FinetuneStep(finetune_criterion(mixup, cfg.label_smoothing), mixup, seed=ctx.seed, rank=ctx.info.rank)
@@ -215,7 +201,7 @@ def finetune(ctx: StageContext) -> dict:
         ckpt_dir=ctx.checkpoint_dir,
         ckpt_every=cfg.ckpt_every,
         log_every=1,
-        fingerprint=ctx.fingerprint(ctx.root / DATA, *([encoder_dir] if encoder_dir else [])),
+        fingerprint=ctx.fingerprint(ctx.root / layout.CLASSIFICATION, *([encoder_dir] if encoder_dir else [])),
         desc=ctx.stage_id,
         progress=ctx.params.runtime.progress,
         compile=ctx.params.runtime.compile,
@@ -229,17 +215,17 @@ def finetune(ctx: StageContext) -> dict:
         lr_fn=lambda s: warmup_cosine(s, total, round(warmup_epochs * steps_per_epoch), lr, cfg.min_lr),
         on_log=lambda step, rec: log_val_epoch(ctx, rec, step // steps_per_epoch),
     )
+    return trainer, step_fn, epochs, steps_per_epoch
 
-    def on_epoch_end(epoch: int) -> dict | None:
-        if (epoch + 1) % cfg.eval_every or epoch + 1 == epochs:  # the last epoch is evaluated after fit
-            return None
-        res = evaluate_classifier(model, val_loader, num_classes, ctx.device)
-        return {"val_top1": res["top1"], "val_top5": res["top5"], "val_loss": res["loss"]}
 
-    t = time.perf_counter()
-    history = trainer.fit(loader, step_fn, on_epoch_end)
-    train_s = time.perf_counter() - t
-    final = evaluate_classifier(model, val_loader, num_classes, ctx.device)
+def write_outputs(
+    ctx: StageContext, model: torch.nn.Module, meta: dict, data: Data, trainer: Trainer, epochs: int, train_s: float
+) -> dict:
+    """The held-out evaluation, per-epoch curves, predictions and the confusion figure, the classifier's weights
+    and its registration; the metrics of the fine-tuned model."""
+    index, num_classes = data.index, len(data.index.classes)
+    history = trainer.history
+    final = evaluate_classifier(model, data.val, num_classes, ctx.device)
     if not ctx.is_main:
         return {}
 
@@ -259,32 +245,78 @@ def finetune(ctx: StageContext) -> dict:
     ]
     write_csv(plots / "predictions.csv", pred_rows, ["actual", "predicted"])
     fig = confusion_figure(cm, index.classes, title=f"{ctx.stage_id}: top-1 {final['top1']:.1f} %")
-    figure = plots / "confusion.png"
-    atomic_write(figure, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     for row in train_rows:  # per epoch, the axis of the val_ series (the figure and results go at the last epoch)
         ctx.log_metrics({"epoch_train_loss": row["train_loss"]}, step=row["epoch"])
-    ctx.log_figure(figure)
+    layout.write_figure(fig, plots / "confusion.png", ctx)
 
     # ---- weights for cka/report, and the model registry
     model = model.cpu().eval()
     save_classifier(model, ctx.models_dir, meta)
     steps_done = [r for r in history if "images_per_s" in r]
-    metrics.update(
-        {
-            "top1": final["top1"],
-            "top5": final["top5"],
-            "val_loss": final["loss"],
-            "best_top1": best["val_top1"],
-            "best_epoch": int(best["epoch"]),
-            "epochs": epochs,
-            "steps": total,
-            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-            "train_s": round(train_s, 2),
-            "train_images_per_s": round(sum(r["images_per_s"] for r in steps_done) / max(len(steps_done), 1), 1),
-        }
-    )
-    register(ctx, model, init, final["top1"], val_loader)
+    metrics = {
+        "top1": final["top1"],
+        "top5": final["top5"],
+        "val_loss": final["loss"],
+        "best_top1": best["val_top1"],
+        "best_epoch": int(best["epoch"]),
+        "epochs": epochs,
+        "steps": trainer.cfg.total_steps,
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "train_s": round(train_s, 2),
+        "train_images_per_s": round(sum(r["images_per_s"] for r in steps_done) / max(len(steps_done), 1), 1),
+    }
+    register(ctx, model, ctx.item, final["top1"], data.val)
     return metrics
+
+
+def finetune(ctx: StageContext) -> dict:
+    """Fine-tune one initialisation on the labeled split and evaluate it on the held-out set."""
+    cfg, init = ctx.section, ctx.item
+    # ---- data: the labeled split
+    index = classification_index(ctx)
+    split_path, labeled = labeled_split(ctx, len(index.train))
+    num_classes = len(index.classes)
+    world = ctx.info.world_size
+    if cfg.batch_size * world > len(labeled):
+        raise ValueError(
+            f"finetune.batch_size = {cfg.batch_size}: larger than the {len(labeled)} labeled images ({world} "
+            "process(es))"
+        )
+    # ---- model, then the views of its input normalisation
+    model, meta, depth, layer_decay, encoder_dir = build_model(ctx, init, num_classes, index.image_size, index.classes)
+    data = load_data(ctx, index, split_path, labeled, *normalisation(cfg, encoder_dir))
+
+    metrics: dict = {
+        "init": init,
+        "seed": ctx.seed,
+        "split": str(split_path.relative_to(ctx.root)),
+        "split_digest": split_digest(labeled),
+        "labeled_images": len(labeled),
+        "val_images": len(index.val),
+        "classes": num_classes,
+    }
+    if init != "cnn" and ctx.is_main and (cfg.linear_probe.enabled or cfg.knn.enabled):
+        t = time.perf_counter()
+        metrics.update(
+            frozen_evaluation(ctx, init, encoder_dir or read_meta_spec(meta), data.train_eval, data.val, num_classes)
+        )
+        metrics["frozen_eval_s"] = round(time.perf_counter() - t, 2)
+
+    # ---- optimisation
+    trainer, step_fn, epochs, steps_per_epoch = build_trainer(ctx, model, depth, layer_decay, encoder_dir, data)
+
+    def on_epoch_end(epoch: int) -> dict | None:
+        if (epoch + 1) % cfg.eval_every or epoch + 1 == epochs:  # the last epoch is evaluated after fit
+            return None
+        res = evaluate_classifier(model, data.val, num_classes, ctx.device)
+        return {"val_top1": res["top1"], "val_top5": res["top5"], "val_loss": res["loss"]}
+
+    t = time.perf_counter()
+    trainer.fit(data.loader, step_fn, on_epoch_end)
+    train_s = time.perf_counter() - t
+    # ---- outputs
+    out = write_outputs(ctx, model, meta, data, trainer, epochs, train_s)
+    return {**metrics, **out} if out else {}
 
 
 def log_val_epoch(ctx: StageContext, record: dict, epochs_done: int) -> None:
@@ -327,11 +359,11 @@ def register(ctx: StageContext, model: torch.nn.Module, init: str, top1: float, 
         input_example=example,
         registered_name=name,
         score=("top1", top1),
-        data=file_digest(ctx.root / DATA),
+        data=file_digest(ctx.root / layout.CLASSIFICATION),
     )
     if ctx.tracker.enabled and ctx.params.tracking.log_models:
         log.info("logged %s to MLflow in %.1f s", name, time.perf_counter() - t)
 
 
 if __name__ == "__main__":
-    run_stage("finetune", finetune, variant_arg="init", variants=INITS, seeded=True)
+    run_stage("finetune", finetune, variant_arg="init", variants=layout.INITS, seeded=True)

@@ -20,17 +20,13 @@ import tempfile
 from pathlib import Path
 
 from components.data import shapes, sources, splits
-from components.data.visualize import classification_sheet, coco_sheet, save_image
+from components.data.visualize import classification_sheet, coco_sheet
 from components.io import DIR_MODE, write_json
-from pipelines.common import SOURCES, StageContext, classification_index, declared_root, run_stage
+from pipelines import layout
+from pipelines.common import StageContext, classification_index, declared_root, run_stage
 from pipelines.config import ClassificationData, DetectionData
 
 log = logging.getLogger("mimflow.prepare")
-
-
-def pct_name(percent: float) -> str:
-    """10.0 -> '10', 0.5 -> '0.5' (the names in split files)."""
-    return f"{percent:g}"
 
 
 def build_in_place(final: Path, build) -> dict:
@@ -74,14 +70,14 @@ def relative_entries(items: list[tuple[str, int]], root: Path) -> list[list]:
 def warn_untracked(project: Path, key: str, path: Path) -> None:
     """DVC sees changes to external images only under ``datasets/`` (a dependency of this stage)."""
     try:
-        path.resolve().relative_to((project / SOURCES).resolve())
+        path.resolve().relative_to((project / layout.SOURCES).resolve())
     except ValueError:
         log.warning(
             "%s = %s is outside %s/: the index records each image's content hash, but `dvc status` will not "
             "see its images change until prepare re-runs (README: your own data)",
             key,
             path,
-            SOURCES,
+            layout.SOURCES,
         )
 
 
@@ -124,7 +120,7 @@ def classification_dataset(
         for fold in range(cfg.folds):
             labeled, _ = splits.labeled_split(range(n_train), percent, fold, seed)
             write_json(
-                out / "splits" / f"labeled_{pct_name(percent)}_fold{fold}.json",
+                out / layout.labeled_split_name(percent, fold),
                 {"percent": percent, "fold": fold, "labeled": labeled},
                 indent=None,
             )
@@ -167,7 +163,7 @@ def detection_dataset(cfg: DetectionData, seed: int, on_error: str, out: Path, p
         for fold in range(cfg.folds):
             labeled_ids, _ = splits.labeled_split(ids, percent, fold, seed)
             labeled, unlabeled = splits.split_coco(train, labeled_ids)
-            d = out / "splits" / f"{pct_name(percent)}_fold{fold}"
+            d = out / layout.detection_split_name(percent, fold)
             for part in (labeled, unlabeled):  # image_root stays valid from the split's own directory
                 if "image_root" in train["info"]:
                     part["info"] = {
@@ -176,7 +172,7 @@ def detection_dataset(cfg: DetectionData, seed: int, on_error: str, out: Path, p
                     }
             write_json(d / "labeled.json", labeled, indent=None)
             write_json(d / "unlabeled.json", unlabeled, indent=None)
-            split_sizes[f"{pct_name(percent)}_fold{fold}"] = {
+            split_sizes[layout.detection_split_key(percent, fold)] = {
                 "labeled": len(labeled["images"]),
                 "unlabeled": len(unlabeled["images"]),
             }
@@ -194,14 +190,13 @@ def detection_dataset(cfg: DetectionData, seed: int, on_error: str, out: Path, p
 def prepare(ctx: StageContext) -> dict:
     """Write the classification and detection datasets, their splits, and a contact sheet."""
     cfg = ctx.section
-    data = ctx.root / "data"
     cls_counts = build_in_place(
-        data / "classification",
+        ctx.root / layout.CLASSIFICATION,
         lambda tmp: classification_dataset(cfg.classification, ctx.seed, cfg.on_error, tmp, ctx.root),
     )
     log.info("classification: %s", cls_counts)
     det_counts = build_in_place(
-        data / "detection", lambda tmp: detection_dataset(cfg.detection, ctx.seed, cfg.on_error, tmp, ctx.root)
+        ctx.root / layout.DETECTION, lambda tmp: detection_dataset(cfg.detection, ctx.seed, cfg.on_error, tmp, ctx.root)
     )
     log.info("detection: %s", det_counts)
     external = [(CLS_ROOT, cfg.classification.root)] if cfg.classification.source == "imagefolder" else []
@@ -215,15 +210,11 @@ def prepare(ctx: StageContext) -> dict:
 
     n = cfg.contact_sheet_samples
     index = classification_index(ctx)
-    cls_sheet = ctx.plots_dir / "classification_samples.png"
-    save_image(cls_sheet, classification_sheet(index.train, index.classes, per_class=max(1, n // 2)))
-    det_sheet = ctx.plots_dir / "detection_samples.png"
+    cls_sheet = classification_sheet(index.train, index.classes, per_class=max(1, n // 2))
+    layout.write_figure(cls_sheet, ctx.plots_dir / "classification_samples.png", ctx)
     train_root = declared_root(ctx.root, cfg.detection.train_images) if cfg.detection.source == "coco" else None
-    save_image(
-        det_sheet, coco_sheet(sources.load_coco(data / "detection" / "train.json", image_root=train_root), num_images=n)
-    )
-    for fig in (cls_sheet, det_sheet):
-        ctx.log_figure(fig)
+    det_train = sources.load_coco(ctx.root / layout.DETECTION / "train.json", image_root=train_root)
+    layout.write_figure(coco_sheet(det_train, num_images=n), ctx.plots_dir / "detection_samples.png", ctx)
     return {"classification": cls_counts, "detection": det_counts}
 
 

@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from components.evaluation.stats import mean_se
-from components.io import atomic_write, write_json, write_text
+from components.io import write_json, write_text
+from pipelines import layout
 from pipelines.claims import build_claims, claims_metrics
 from pipelines.common import StageContext, run_stage
 
 log = logging.getLogger("mimflow.report")
 
-FINETUNE_INITS = ("scratch", "mae", "ibot", "cnn")
-DETECT_METHODS = ("supervised", "softteacher")
 README_BEGIN, README_END = "<!-- claims:begin -->", "<!-- claims:end -->"
 
 
@@ -161,7 +160,7 @@ def claims_table(judged: list[dict]) -> Table:
     return t
 
 
-def claims_figure(judged: list[dict], path: Path) -> None:
+def claims_figure(judged: list[dict], path: Path, ctx: StageContext | None = None) -> None:
     """Per claim, one row: each seed's difference A − B as a dot, the mean and its 95 % interval as a bar,
     and 0 as a dashed line (a dot plot per claim; each row has its own scale)."""
     import matplotlib
@@ -193,8 +192,7 @@ def claims_figure(judged: list[dict], path: Path) -> None:
         for side in ("top", "right", "left"):
             ax.spines[side].set_visible(False)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    layout.write_figure(fig, path, ctx)
 
 
 def pretraining_table(stages: list[StageOutputs]) -> Table:
@@ -225,7 +223,7 @@ def finetune_table(stages: list[StageOutputs]) -> Table:
         ),
     )
     runs = stage_metrics(stages, "finetune")
-    for init in FINETUNE_INITS:
+    for init in layout.INITS:
         rows = [m for m in runs if m.get("init") == init]
         if rows:
 
@@ -250,7 +248,7 @@ def detection_table(stages: list[StageOutputs]) -> Table:
     )
     runs = stage_metrics(stages, "detect")
     for pct in sorted({float(m["percent"]) for m in runs}):
-        for method in DETECT_METHODS:
+        for method in layout.METHODS:
             rows = [m for m in runs if m.get("method") == method and float(m["percent"]) == pct]
             if rows:
 
@@ -326,7 +324,7 @@ def collect_figures(
         for png in s.figures:
             if not png.is_file():
                 raise FileNotFoundError(f"{png}: figure of stage {s.name} not found (run the stage)")
-            rel = png.relative_to(root / "plots") if png.is_relative_to(root / "plots") else Path(png.name)
+            rel = png.relative_to(root / layout.PLOTS) if png.is_relative_to(root / layout.PLOTS) else Path(png.name)
             dest = out / "__".join(rel.parts)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(png, dest)
@@ -383,11 +381,11 @@ def judge_claims(stages: list[StageOutputs]) -> list[dict]:
 
 def report(ctx: StageContext) -> dict:
     """Write the claims, reports/summary.md and reports/index.html from the current stages' metrics and figures."""
-    out = ctx.root / "reports"
+    out = ctx.root / layout.REPORTS
     stages = current_stages(ctx.root)
     judged = judge_claims(stages)
     write_json(out / "claims.json", {"level": 0.95, "claims": judged})
-    write_json(ctx.root / "metrics" / "claims.json", claims_metrics(judged))
+    write_json(ctx.root / layout.metrics_file("claims"), claims_metrics(judged))
     claims = claims_table(judged)
     write_text(out / "claims.md", claims.markdown(heading=False))
     tables = [claims, pretraining_table(stages), finetune_table(stages), detection_table(stages)]
@@ -397,7 +395,7 @@ def report(ctx: StageContext) -> dict:
     if figures_dir.exists():
         shutil.rmtree(figures_dir)
     claims_png = figures_dir / "claims.png"
-    claims_figure(judged, claims_png)
+    claims_figure(judged, claims_png, ctx)
     summary = (
         f"# {title}\n\n"
         + tables[0].markdown()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import matplotlib
 
@@ -17,8 +16,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from components.io import atomic_write  # noqa: E402
 
 
 def _color_range(m: np.ndarray) -> tuple[float, float]:
@@ -95,11 +92,3 @@ def plot_cka_grid(panels: Sequence[dict], title: str = "CKA"):
     fig.colorbar(im, ax=axes, label="CKA", shrink=0.6)
     fig.suptitle(title)
     return fig
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Write a figure as PNG atomically and close it."""
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    finally:
-        plt.close(fig)

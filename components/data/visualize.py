@@ -14,8 +14,6 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from components.io import atomic_write
-
 
 def class_colour(name: str, index: int | None = None) -> tuple[int, int, int]:
     """A bright, stable colour per class (golden-ratio hue steps by index, or by a hash of the name)."""
@@ -124,8 +122,3 @@ def coco_sheet(
     return contact_sheet(
         images, boxes, labels, titles=titles, cols=cols, tile=tile, class_names=[c["name"] for c in coco["categories"]]
     )
-
-
-def save_image(path: str | os.PathLike, image: Image.Image) -> Path:
-    """Write a PNG atomically (temporary name, then rename)."""
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -11,13 +11,11 @@ brightness of the original patch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from components.io import atomic_write
 from components.models.mae import NORM_PIX_EPS, MaskedAutoencoder
 
 PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
@@ -91,8 +89,3 @@ def plot_reconstructions(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
-
-
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG atomically."""
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

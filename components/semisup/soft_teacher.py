@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import boxes as box_ops
 
 from components.data.box_transforms import between_views, clip_boxes, larger_than, transform_boxes
+from components.models.detection import DetectorSpec, create_detector
 from components.training.ema import ema_update
 
 Targets = list[dict[str, torch.Tensor]]
@@ -354,3 +356,18 @@ class SoftTeacher(nn.Module):
             "pseudo_boxes_reg": torch.tensor(sum(len(x["boxes"]) for x in reg_targets) / n),
             "bg_weight_mean": weights[labels == 0].mean().detach() if bool((labels == 0).any()) else torch.tensor(0.0),
         }
+
+
+def build_soft_teacher(
+    spec: DetectorSpec,
+    cfg: SoftTeacherConfig | None = None,
+    pretrained: str = "none",
+    encoder_dir: str | Path | None = None,
+) -> SoftTeacher:
+    """The detector of ``spec`` with Soft Teacher in one call: the student (a ResNet backbone's ``pretrained``
+    weights, or a ViT backbone's encoder from ``encoder_dir``), the teacher (the same architecture, a copy of
+    the student) and the method's loss (``cfg``, the official defaults when None). Called without unlabeled
+    images, its ``forward`` is the supervised baseline, still with its EMA teacher (Sec. 3.1)."""
+    student = create_detector(spec, pretrained=pretrained, encoder_dir=encoder_dir)
+    teacher = create_detector(spec)
+    return SoftTeacher(student, teacher, cfg or SoftTeacherConfig())

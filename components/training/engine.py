@@ -157,6 +157,27 @@ class Trainer:
 
     ``step_fn(model, batch, step) -> (loss, logs)`` gets the (DDP-wrapped) model and a batch already on
     the device, runs under autocast, and returns the loss to minimise and floats to log.
+
+    The order of one optimizer step ``step`` (counted from 0; ``fit`` and ``_optimizer_step``):
+
+    1. schedules: ``lr_fn(step)`` x each group's ``lr_scale`` (layer decay) and ``wd_fn(step)`` on the
+       groups that decay, written into the optimizer;
+    2. ``accum_steps`` micro-batches: moved to the device, ``step_fn`` under autocast, backward of
+       ``loss / accum_steps`` (DDP synchronises the gradients on the last micro-batch only);
+    3. the loss and logs averaged over micro-batches and processes; a non-finite loss stops the run here,
+       before the optimizer touches the weights;
+    4. gradients unscaled (fp16), then ``grad_hook(step)`` (iBOT: the head's last layer frozen), then
+       clipping (global norm, or each tensor's norm with ``clip_mode="per_param"``);
+    5. the optimizer step, the scaler update, gradients zeroed;
+    6. ``after_step(step)``: the EMA teacher update (iBOT, Soft Teacher);
+    7. ``step += 1``; every ``log_every`` steps (and at the last) a record (loss, lr, images/s, logs) is
+       appended to ``history`` and passed to ``on_log(step, record)``;
+    8. at the end of an epoch, ``on_epoch_end(epoch)`` (evaluation; the model is put back in train mode),
+       its results appended to ``history`` and passed to ``on_log``;
+    9. a checkpoint every ``ckpt_every`` steps, at the end of an epoch (with ``on_epoch_end``) and at the
+       last step.
+
+    Before the first step, ``fit`` resumes from the last checkpoint of an interrupted run (see the module).
     """
 
     def __init__(

@@ -211,7 +211,8 @@ def test_accumulator_input_errors_name_the_problem():
 
 
 def test_heatmap_labels_axes_with_layer_names_and_has_a_colour_bar(tmp_path):
-    from components.analysis.heatmap import plot_cka_grid, plot_cka_heatmap, save_figure
+    from components.analysis.heatmap import plot_cka_grid, plot_cka_heatmap
+    from pipelines.layout import write_figure
 
     m = torch.tensor([[1.0, 0.5, -0.02], [0.5, 1.0, 0.3]])
     fig = plot_cka_heatmap(m, ["blocks.0", "blocks.1"], ["layer1.0", "layer2.0", "layer3.0"], "ViT", "CNN")
@@ -220,7 +221,7 @@ def test_heatmap_labels_axes_with_layer_names_and_has_a_colour_bar(tmp_path):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["layer1.0", "layer2.0", "layer3.0"]
     assert ax.get_xlabel() == "CNN" and cbar_ax.get_ylabel() == "CKA"
     assert ax.images[0].get_clim()[0] < -0.019  # values are drawn as they are, not clamped to [0, 1]
-    path = save_figure(fig, tmp_path / "h.png")
+    path = write_figure(fig, tmp_path / "h.png", dpi=120)
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="does not match 2 row and 2 column names"):
         plot_cka_heatmap(m, ["a", "b"], ["c", "d"])
@@ -231,7 +232,7 @@ def test_heatmap_labels_axes_with_layer_names_and_has_a_colour_bar(tmp_path):
         ]
     )
     assert sum(ax.axison for ax in grid.axes[:-1]) == 2  # the unused grid cells are blank
-    save_figure(grid, tmp_path / "g.png")
+    write_figure(grid, tmp_path / "g.png", dpi=120)
 
 
 def test_low_precision_features_with_small_variation_are_not_mistaken_for_constant():

@@ -13,7 +13,6 @@ from components.models.attention import attention_figure, cls_attention_maps, la
 from components.models.ibot import (
     IBOTHead,
     IBOTLoss,
-    IBOTTraining,
     IBOTViT,
     cancel_gradients_last_layer,
     last_layer_parameters,
@@ -26,6 +25,7 @@ from components.models.vit import ViTSpec, create_vit
 from components.training.distributed import EpochLoader
 from components.training.ema import copy_as_teacher, ema_update
 from components.training.engine import TrainConfig, Trainer
+from components.training.ibot import IBOTTraining
 from components.training.optim import adamw, param_groups
 from components.training.schedules import cosine, warmup_cosine
 
@@ -225,6 +225,27 @@ def test_centres_follow_their_ema_formula_and_the_teacher_is_sharpened():
 
 
 # ------------------------------------------------------------------------------------------- teacher
+def test_create_ibot_pair_is_a_student_with_drop_path_and_its_frozen_exact_copy():
+    """One call gives what the stage trains: the student (drop path) and the teacher (no drop path), equal
+    weights at step 0, the teacher without gradients; the head is IBOTHead's with the given dimensions."""
+    from components.models.ibot import create_ibot_pair
+
+    torch.manual_seed(0)
+    student, teacher = create_ibot_pair(SPEC, K, K, hidden_dim=48, bottleneck_dim=16, drop_path=0.2)
+    assert student.state_dict().keys() == teacher.state_dict().keys()
+    for (n, ps), pt in zip(student.state_dict().items(), teacher.state_dict().values()):
+        assert torch.equal(ps, pt), n
+    assert student.encoder.pos_embed.requires_grad and student.head.mlp[0].weight.requires_grad
+    assert not any(p.requires_grad for p in teacher.parameters())
+    rates = lambda net: [b.drop_path1.drop_prob for b in net.encoder.blocks if hasattr(b.drop_path1, "drop_prob")]  # noqa: E731
+    assert rates(student) and max(rates(student)) == pytest.approx(0.2) and not rates(teacher)
+    torch.manual_seed(0)  # the same draws as building the student by hand: head first, then the ViT
+    head = IBOTHead(SPEC.embed_dim, K, K, hidden_dim=48, bottleneck_dim=16)
+    by_hand = IBOTViT(create_vit(SPEC, drop_path_rate=0.2, pos_embed="learned"), head)
+    for (n, ps), pt in zip(student.state_dict().items(), by_hand.state_dict().values()):
+        assert torch.equal(ps, pt), n
+
+
 def test_teacher_gets_no_gradients_and_follows_the_ema_formula():
     student = _net(0)
     teacher = copy_as_teacher(_net(1), student)

@@ -10,8 +10,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from components.models.mae import MaskedAutoencoder, mae_flops_per_image, normalize_patches
-from components.models.reconstruction import PANELS, plot_reconstructions, reconstruct, save_figure
+from components.models.reconstruction import PANELS, plot_reconstructions, reconstruct
 from components.models.vit import ViTSpec, create_vit, load_encoder, save_encoder
+from pipelines.layout import write_figure
 
 torch.set_num_threads(1)
 SPEC = ViTSpec(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)  # L = 16 patches
@@ -223,7 +224,7 @@ def test_reconstruction_panels_and_figure(tmp_path):
     assert torch.allclose((shown - mean) / (var + 1e-6) ** 0.5, pred, atol=1e-5)
     fig = plot_reconstructions(panels, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), title="t")
     assert len(fig.axes) == 2 * len(PANELS)
-    path = save_figure(fig, tmp_path / "rec.png")
+    path = write_figure(fig, tmp_path / "rec.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -204,7 +204,8 @@ def test_rotation_range_sets_each_shapes_angle_and_only_that(tmp_path, monkeypat
 
 
 def test_contact_sheet_draws_boxes_in_class_colours_and_titles(tmp_path):
-    from components.data.visualize import class_colour, coco_sheet, contact_sheet, save_image
+    from components.data.visualize import class_colour, coco_sheet, contact_sheet
+    from pipelines.layout import write_figure
 
     images = [Image.new("RGB", (32, 32), (0, 0, 0)) for _ in range(5)]
     boxes = [[[8, 8, 24, 24]]] + [[] for _ in range(4)]
@@ -227,6 +228,6 @@ def test_contact_sheet_draws_boxes_in_class_colours_and_titles(tmp_path):
         contact_sheet(images, titles=["a", "b"])
 
     train, _ = write_shapes_detection(tmp_path, 64, 2, 0, 1, 3, seed=0)
-    out = save_image(tmp_path / "sheet.png", coco_sheet(train, tmp_path / "images" / "train", cols=2, tile=96))
+    out = write_figure(coco_sheet(train, tmp_path / "images" / "train", cols=2, tile=96), tmp_path / "sheet.png")
     with Image.open(out) as im:
         assert im.size[0] == 2 * (96 + 6) + 6

@@ -105,6 +105,35 @@ def test_soft_teacher_starts_as_a_frozen_copy_in_eval_mode():
     assert all(torch.equal(a, b) for a, b in zip(st.teacher.state_dict().values(), st.student.state_dict().values()))
 
 
+def test_build_soft_teacher_is_the_detector_pair_and_the_method_in_one_call():
+    """One call gives what detect trains: a student built first (the same draws as building it by hand), a
+    teacher of the same architecture that starts as its frozen copy, and the method's config."""
+    from components.semisup.soft_teacher import build_soft_teacher
+
+    spec = DetectorSpec(
+        backbone="resnet10",
+        width=8,
+        num_classes=2,
+        min_size=64,
+        max_size=64,
+        fpn_channels=16,
+        representation_size=16,
+        anchor_sizes=(8, 16, 32, 64, 128),
+    )
+    cfg = SoftTeacherConfig(unsup_weight=2.0, burn_in_steps=1)
+    torch.manual_seed(0)
+    st = build_soft_teacher(spec, cfg)
+    assert st.cfg is cfg and not st.teacher.training
+    assert not any(p.requires_grad for p in st.teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(st.teacher.state_dict().values(), st.student.state_dict().values()))
+    torch.manual_seed(0)
+    by_hand = create_detector(spec)
+    assert all(torch.equal(a, b) for a, b in zip(st.student.state_dict().values(), by_hand.state_dict().values()))
+    assert build_soft_teacher(spec).cfg == SoftTeacherConfig()  # the official defaults
+    with pytest.raises(ValueError, match="encoder_dir is for the ViT backbone"):
+        build_soft_teacher(spec, cfg, encoder_dir="models/pretrain_mae")
+
+
 # --------------------------------------------------------------------------- pseudo boxes
 def test_pseudo_label_filtering_respects_each_threshold():
     boxes = torch.tensor([[0.0, 0, 10, 10], [10, 10, 30, 30], [5, 5, 25, 25], [40, 40, 60, 60], [1, 1, 9, 9]])

@@ -45,7 +45,7 @@ def test_gpu_profile_is_the_papers_vit_b16_recipe():
     spec = mae.model.spec()
     assert (spec.img_size, spec.patch_size, spec.embed_dim, spec.depth, spec.num_heads) == (224, 16, 768, 12, 12)
     assert (mae.decoder_embed_dim, mae.decoder_depth, mae.decoder_num_heads) == (512, 8, 16)
-    assert mae.effective_batch == 4096 and mae.base_lr * mae.effective_batch / 256 == pytest.approx(2.4e-3)
+    assert mae.effective_batch == 4096 and mae.blr * mae.effective_batch / 256 == pytest.approx(2.4e-3)
     assert (mae.epochs, mae.warmup_epochs, mae.mask_ratio, mae.betas, mae.weight_decay) == (
         800,
         40,
@@ -88,7 +88,7 @@ def test_gpu_profile_is_the_papers_vit_b16_recipe():
     )
     assert crops.blur_sigma == (0.1, 2.0) and crops.grayscale_p == 0.2 and crops.color_jitter_p == 0.8
     assert (masking.prob, masking.ratio) == (0.5, (0.1, 0.5))
-    assert ibot.base_lr * ibot.batch_size * 8 / 256 == pytest.approx(2e-3) and ibot.min_lr == 1e-6
+    assert ibot.blr * ibot.batch_size * 8 / 256 == pytest.approx(2e-3) and ibot.min_lr == 1e-6
     assert (ibot.epochs, ibot.warmup_epochs, ibot.weight_decay, ibot.weight_decay_end) == (400, 10, 0.04, 0.4)
     assert (ibot.clip_grad, ibot.drop_path, ibot.momentum_teacher, ibot.freeze_last_layer_epochs) == (
         3.0,
@@ -146,7 +146,7 @@ RECIPE = [
     "prepare.on_error",
     "pretrain_mae.mask_ratio",
     "pretrain_mae.norm_pix_loss",
-    "pretrain_mae.base_lr",
+    "pretrain_mae.blr",
     "pretrain_mae.weight_decay",
     "pretrain_mae.betas",
     "pretrain_mae.crop_scale",
@@ -165,7 +165,7 @@ RECIPE = [
     "pretrain_ibot.multicrop.color_jitter",
     "pretrain_ibot.multicrop.grayscale_p",
     "pretrain_ibot.head.shared_head",
-    "pretrain_ibot.base_lr",
+    "pretrain_ibot.blr",
     "pretrain_ibot.weight_decay",
     "pretrain_ibot.weight_decay_end",
     "pretrain_ibot.clip_grad",

@@ -81,8 +81,8 @@ BAD_VALUES = [
     ("tracking.enabled", 1, "tracking.enabled = 1: Input should be a valid boolean"),
     ("report.title", 5, "report.title = 5: Input should be a valid string"),
     # every float finite
-    ("pretrain_mae.base_lr", math.inf, "pretrain_mae.base_lr = inf: Input should be a finite number"),
-    ("pretrain_ibot.base_lr", math.nan, "pretrain_ibot.base_lr = nan: Input should be a finite number"),
+    ("pretrain_mae.blr", math.inf, "pretrain_mae.blr = inf: Input should be a finite number"),
+    ("pretrain_ibot.blr", math.nan, "pretrain_ibot.blr = nan: Input should be a finite number"),
     ("detect.lr", math.inf, "detect.lr = inf: Input should be a finite number"),
     ("pretrain_mae.weight_decay", math.inf, "pretrain_mae.weight_decay = inf: Input should be a finite number"),
     ("finetune.min_lr", -math.inf, "finetune.min_lr = -inf: Input should be a finite number"),
@@ -164,20 +164,53 @@ def test_a_bad_value_is_one_line_naming_the_key(key, value, expected):
     assert expected in message, message
 
 
+@pytest.mark.parametrize("old", ["pretrain_mae.base_lr", "pretrain_ibot.base_lr"])
+def test_an_old_name_of_the_base_learning_rate_is_one_line_naming_the_new_key(old, tmp_path):
+    """The base learning rate is ``blr`` in every section (MAE's name): a params file still using an old name
+    fails with one line that names the new key, not pydantic's "extra inputs are not permitted"."""
+    section = old.split(".")[0]
+    raw = _with(_with(micro_params(), f"{section}.blr", DELETE), old, 1.0e-3)
+    with pytest.raises(ParamsError) as e:
+        validate_params(raw, "params.yaml")
+    assert str(e.value) == f"params.yaml: {old}: renamed to {section}.blr"
+    path = tmp_path / "params.yaml"  # and as `python -m pipelines.config` reports it: exit 2, one line
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.config", str(path)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and proc.stderr == f"error: {path}: {old}: renamed to {section}.blr\n"
+
+
+def test_every_base_learning_rate_is_named_blr():
+    """No section names a base learning rate otherwise; the one ``lr`` left is detect's absolute lr."""
+
+    def fields(model: type[BaseModel], where: str = ""):
+        for name, info in model.model_fields.items():
+            ann = info.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from fields(ann, f"{where}{name}.")
+            else:
+                yield f"{where}{name}"
+
+    names = list(fields(Params))
+    assert {n for n in names if n.split(".")[-1] in ("base_lr", "lr")} == {"detect.lr"}
+    assert {"pretrain_mae.blr", "pretrain_ibot.blr", "finetune.vit.blr", "finetune.cnn.blr"} <= set(names)
+
+
 def test_the_edges_of_the_ranges_are_accepted():
     """The same rules let through the values at their limits (the rules are not simply stricter)."""
     raw = micro_params()
     for key, value in [
         ("runtime.seed", 2**32 - 1),
         ("pretrain_mae.warmup_epochs", 1.5),
-        ("pretrain_mae.base_lr", 1),
+        ("pretrain_mae.blr", 1),
         ("detect.warmup_steps", 3),
         ("pretrain_ibot.multicrop.local_size", 32),
         ("pretrain_mae.min_lr", 1.5e-3 * 16 / 256),
     ]:
         raw = _with(raw, key, value)
     params = validate_params(raw)
-    assert params.runtime.seed == 2**32 - 1 and params.pretrain_mae.base_lr == 1.0
+    assert params.runtime.seed == 2**32 - 1 and params.pretrain_mae.blr == 1.0
 
 
 BAD_FILES = [

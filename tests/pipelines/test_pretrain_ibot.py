@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from components.io import load_safetensors, read_json, torch_load
+from components.models.ibot import create_ibot_pair
 from components.models.vit import load_encoder
 from components.training.optim import param_groups
 from pipelines.config import ParamsError, validate_params
-from pipelines.pretrain_ibot import build_networks
 from tests.pipelines.conftest import (
     BIN,
     dvc_repro,
@@ -46,6 +46,11 @@ def _encoder(root):
     return load_safetensors(root / "models" / STAGE / "encoder.safetensors")
 
 
+def _networks(cfg):
+    """The stage's student and teacher: the one-call builder with pretrain_ibot's head and drop path."""
+    return create_ibot_pair(cfg.model.spec(), **cfg.head.model_dump(), drop_path=cfg.drop_path)
+
+
 def _metrics(root):
     return json.loads((root / "metrics" / f"{STAGE}.json").read_text())
 
@@ -55,7 +60,7 @@ def test_the_networks_learn_their_position_embedding_and_decay_their_tokens_as_i
     init (std 0.02), and ``utils.get_params_groups`` exempts only biases and 1-D tensors from weight decay:
     the [CLS] token, the position embedding and the mask embedding are decayed."""
     cfg = micro_config().pretrain_ibot
-    student, teacher = build_networks(cfg)
+    student, teacher = _networks(cfg)
     pos = student.encoder.pos_embed
     assert (
         pos.requires_grad
@@ -93,7 +98,7 @@ def test_stage_through_dvc_repro_writes_teacher_weights_metrics_figure_and_mlflo
     )
     assert {round(g["weight_decay"], 6) for g in groups} == {0.0, round(last_wd, 6)}
     # AdamW's step counts: the head's last layer was frozen for freeze_last_layer_epochs, the rest trained every step
-    student_net, _ = build_networks(cfg)
+    student_net, _ = _networks(cfg)
     names = [n for g in param_groups(student_net, cfg.weight_decay) for n in g["names"]]
     updates = {names[i]: int(st["step"]) for i, st in ckpt["optimizer"]["state"].items()}
     steps = cfg.epochs * (8 * 12 // cfg.batch_size)
