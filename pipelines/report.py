@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import logging
 import re
 import shutil
@@ -30,6 +29,7 @@ from components.evaluation.stats import mean_se
 from components.io import atomic_write, write_json, write_text
 from pipelines.claims import build_claims, claims_metrics
 from pipelines.common import StageContext, run_stage
+from pipelines.results import read_results
 
 log = logging.getLogger("mimflow.report")
 
@@ -75,12 +75,8 @@ def current_stages(root: Path) -> list[StageOutputs]:
 
 
 def read_metrics(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: metrics file not found (run the stage that writes it)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    """A stage's metrics file merged with its run info (timings, strings: ``runs/``)."""
+    return read_results(path)
 
 
 def stage_metrics(stages: list[StageOutputs], base: str) -> list[dict]:

@@ -3,7 +3,6 @@ resuming after a kill, and DDP (centres all-reduced) against one process with th
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
@@ -17,6 +16,7 @@ from components.models.vit import load_encoder
 from components.training.optim import param_groups
 from pipelines.config import ParamsError, validate_params
 from pipelines.pretrain_ibot import build_networks
+from pipelines.results import read_results
 from tests.pipelines.conftest import (
     BIN,
     dvc_repro,
@@ -47,7 +47,7 @@ def _encoder(root):
 
 
 def _metrics(root):
-    return json.loads((root / "metrics" / f"{STAGE}.json").read_text())
+    return read_results(root / "metrics" / f"{STAGE}.json")
 
 
 def test_the_networks_learn_their_position_embedding_and_decay_their_tokens_as_ibot_does():

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 import yaml
 
+from pipelines.results import read_results
 from tests.pipelines.conftest import BIN, dvc_repro, run
 
 
@@ -131,10 +132,10 @@ def test_claims_over_two_seeds_and_the_baselines_on_the_models_split(full_run):
     assert summary.index("## Claims") < summary.index("## Pretraining") and "figures/claims.png" in summary
     assert (full_run / "reports" / "claims.md").read_text().count("\n| ") == len(claims) + 1
     # the baselines: the labeled split and held-out set of every fine-tuned model
-    base = json.loads((full_run / "metrics" / "baselines.json").read_text())
+    base = read_results(full_run / "metrics" / "baselines.json")
     for seed in params["finetune"]["seeds"]:
         for init in ("scratch", "mae", "ibot", "cnn"):
-            m = json.loads((full_run / "metrics" / "finetune" / f"{init}-{seed}.json").read_text())
+            m = read_results(full_run / "metrics" / "finetune" / f"{init}-{seed}.json")
             assert (m["split"], m["split_digest"], m["labeled_images"], m["val_images"]) == (
                 base["split"],
                 base["split_digest"],
