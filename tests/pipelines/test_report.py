@@ -232,3 +232,20 @@ def test_readme_claims_block_is_filled_from_claims_md(tmp_path):
     (tmp_path / "bare.md").write_text("# no markers\n")
     with pytest.raises(ValueError, match="claims:begin"):
         fill_readme(tmp_path / "bare.md", claims)
+
+
+def test_a_figure_over_twice_a_grid_cell_wide_gets_a_row_of_its_own(tmp_path):
+    """Issue 28, item 5: the CKA summary (a 4 x 4 grid of heatmaps) is shown at the page's width, the
+    heatmaps beside each other in the grid."""
+    from PIL import Image
+
+    from pipelines.report import GRID_CELL_PX, figure_tag, png_width
+
+    summary, pair = tmp_path / "cka__summary.png", tmp_path / "cka__mae__ibot.png"
+    Image.new("RGB", (1848, 1632)).save(summary)
+    Image.new("RGB", (677, 533)).save(pair)
+    assert png_width(summary) == 1848 and png_width(pair) == 677 > GRID_CELL_PX
+    assert figure_tag("cka/summary", summary, tmp_path).startswith("<figure class='full'><img src='cka__summary.png'")
+    assert figure_tag("cka/mae__ibot", pair, tmp_path).startswith("<figure><img src='cka__mae__ibot.png'")
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    assert png_width(tmp_path / "x.png") == 0
