@@ -99,7 +99,8 @@ def test_kill_9_mid_training_then_dvc_repro_resumes_to_the_same_result(tmp_path)
     assert 0 < step < total, f"killed at step {step} of {total}"
     assert not (killed / "metrics" / "pretrain_mae.json").exists()
 
-    dvc_repro(killed, "pretrain_mae")
+    resumed = dvc_repro(killed, "pretrain_mae").stderr  # checkpoints/ is no DVC out: DVC leaves it in place
+    assert "resumed pretrain_mae from " in resumed and f"last.pt at step {step}" in resumed, resumed[-2000:]
     a = read_results(straight / "metrics" / "pretrain_mae.json")
     b = read_results(killed / "metrics" / "pretrain_mae.json")
     for key in ("train_loss", "val_masked_loss"):
