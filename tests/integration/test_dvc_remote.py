@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -22,7 +23,7 @@ COMMITTED = re.compile(r"^(dvc\.lock|params\.yaml|(metrics|runs|plots)/.+)$")  #
 
 
 def sh(root, *cmd: str) -> str:
-    proc = subprocess.run(list(cmd), cwd=root, env=project_env(root), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(list(cmd), cwd=root, env=project_env(root), capture_output=True, text=True, timeout=900)
     out = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{out}"
     return proc.stdout + proc.stderr
@@ -48,6 +49,7 @@ def git_changes(root) -> dict[str, str]:
     return {line[3:]: line[:2] for line in lines if line.strip()}
 
 
+@pytest.mark.timeout(1200)  # the micro fixture's training and the experiment's, on a loaded 2-core machine
 def test_a_fresh_clone_pulls_what_another_trained(tmp_path, micro):
     a, remote, b = micro, tmp_path / "remote", tmp_path / "b"
     dvc = str(BIN / "dvc")
@@ -77,7 +79,9 @@ def test_a_fresh_clone_pulls_what_another_trained(tmp_path, micro):
 
     # an experiment on one pretrain_mae param: pretrain_mae and its descendants run, prepare and iBOT do not
     mask = yaml.safe_load((b / "params.yaml").read_text())["pretrain_mae"]["mask_ratio"]
+    started = time.perf_counter()
     out = sh(b, dvc, "exp", "run", "-S", f"pretrain_mae.mask_ratio={0.5 if mask != 0.5 else 0.6}", target)
+    print(f"dvc exp run {target}: {time.perf_counter() - started:.0f} s")
     executed = set(re.findall(r"Running stage '([^']+)'", out))
     assert executed == {"pretrain_mae", target}, out[-3000:]
     assert "Running stage 'prepare'" not in out and "Running stage 'pretrain_ibot'" not in out
