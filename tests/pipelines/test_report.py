@@ -19,6 +19,18 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def _leaves(d):
+    for v in d.values():
+        yield from _leaves(v) if isinstance(v, dict) else [v]
+
+
+def _keys(d):
+    for k, v in d.items():
+        yield k
+        if isinstance(v, dict):
+            yield from _keys(v)
+
+
 @pytest.fixture(scope="module")
 def full_run(project):
     """The whole DAG, as `dvc repro` runs it."""
@@ -47,6 +59,13 @@ def test_whole_dag_through_dvc_repro(full_run):
     ]:
         assert expected in names, sorted(names)
     assert any(n.startswith("metrics/detect/") for n in names)
+    # numbers only (issue 30): timings, strings and flags are each stage's runs/<stage>.json, no DVC metric
+    leaves = [v for f in files.values() for v in _leaves(f["data"])]
+    assert leaves and all(v is None or type(v) in (int, float) for v in leaves), [
+        v for v in leaves if v is not None and type(v) not in (int, float)
+    ][:10]
+    assert not any(k.endswith("_s") for f in files.values() for k in _keys(f["data"]))
+    assert (full_run / "runs" / "finetune" / "mae-0.json").is_file() and (full_run / "runs" / "cka.json").is_file()
     summary = (full_run / "reports" / "summary.md").read_text()
     for section in ("Claims", "Pretraining", "Classification", "Detection", "CKA", "Wall time"):
         assert f"## {section}" in summary
