@@ -408,7 +408,11 @@ def _stage_speed(project: Path, stage: str) -> dict:
     path = project / "metrics" / (f"{name}/{variant}.json" if variant else f"{name}.json")
     if not path.exists():
         return {}
-    metrics = json.loads(path.read_text())
+    if str(ROOT) not in sys.path:  # run as a script: benchmarks/ is on the path, the project is not
+        sys.path.insert(0, str(ROOT))
+    from pipelines.results import read_results
+
+    metrics = read_results(path)  # the numbers and the run info (images/s, seconds: runs/)
     numbers = [v for v in _leaves(metrics) if isinstance(v, (int, float)) and not isinstance(v, bool)]
     speed = metrics.get("images_per_s") or metrics.get("train_images_per_s")
     return {

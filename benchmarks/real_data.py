@@ -36,6 +36,7 @@ from PIL import Image  # noqa: E402
 
 from components.data.sources import load_classification_index, open_image  # noqa: E402
 from components.io import write_json, write_text  # noqa: E402
+from pipelines.results import read_results  # noqa: E402
 
 BIN = Path(sys.executable).parent
 COPY = ["components", "pipelines", "datasets", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml"]
@@ -240,18 +241,14 @@ def main() -> int:
             "train_s",
         )
         models = {
-            i: {
-                k: v
-                for k, v in json.loads((project / "metrics/finetune" / f"{i}-0.json").read_text()).items()
-                if k in keys
-            }
+            i: {k: v for k, v in read_results(project / "metrics/finetune" / f"{i}-0.json").items() if k in keys}
             for i in INITS
             if (project / "metrics/finetune" / f"{i}-0.json").is_file()
         }
         pre = {
             s: {
                 k: v
-                for k, v in json.loads((project / f"metrics/{s}.json").read_text()).items()
+                for k, v in read_results(project / f"metrics/{s}.json").items()
                 if k in ("steps", "epochs", "val_masked_loss", "knn_top1", "wall_time_s")
             }
             for s in ("pretrain_mae", "pretrain_ibot")

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.claims import build_claims  # noqa: E402
+from pipelines.results import read_results  # noqa: E402
 
 START = time.perf_counter()
 BUDGET_S = [float("inf")]
@@ -69,6 +70,7 @@ def main() -> int:
         "data",
         "models",
         "metrics",
+        "runs",
         "plots",
         "checkpoints",
         "reports",
@@ -116,9 +118,9 @@ def main() -> int:
         records += list(pool.map(lambda c: run(c, work, logs / ("_".join(c[4:]) + ".log")), matrix))
     (args.out / "runs.json").write_text(json.dumps(records, indent=1))
 
-    ft = [json.loads(f.read_text()) for f in sorted((work / "metrics" / "finetune").glob("*.json"))]
-    det = [json.loads(f.read_text()) for f in sorted((work / "metrics" / "detect").glob("*.json"))]
-    base = json.loads((work / "metrics" / "baselines.json").read_text())
+    ft = [read_results(f) for f in sorted((work / "metrics" / "finetune").glob("*.json"))]
+    det = [read_results(f) for f in sorted((work / "metrics" / "detect").glob("*.json"))]
+    base = read_results(work / "metrics" / "baselines.json")
     judged = {}
     done = [s for s in args.seeds if all(r["rc"] == 0 for r in records if r["cmd"].endswith(f"--seed {s}"))]
     for n in range(2, len(done) + 1):

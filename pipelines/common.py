@@ -2,7 +2,8 @@
 
 ``run_stage(name, body)`` parses ``--params`` (and the matrix item), validates params.yaml, sets up
 logging, seeds, threads, device and torchrun/DDP, opens the stage's MLflow run, calls ``body(ctx)``,
-writes the returned metrics to ``metrics/<stage>.json`` atomically and logs them. Bad input ends in
+writes the returned metrics atomically (the numbers to ``metrics/<stage>.json``, timings and strings to
+``runs/<stage>.json``: pipelines/results.py) and logs them. Bad input ends in
 one line on stderr naming the file or key and a non-zero exit (set ``MIMFLOW_DEBUG=1`` for the traceback).
 """
 
@@ -25,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.io import file_digest, write_json
+from components.io import file_digest
 from components.training.distributed import DistInfo, cleanup_distributed, init_distributed
 from components.training.engine import NonFiniteLossError, mark_finished
 from pipelines import layout
 from pipelines.config import Params, ParamsError, load_params
+from pipelines.results import write_results
 from pipelines.tracking import Tracker, TrackingError, upstream_params
 
 log = logging.getLogger("mimflow")
@@ -293,7 +295,7 @@ def main(
         metrics = body(ctx) or {}
         if info.is_main:
             metrics = {**metrics, "wall_time_s": round(time.perf_counter() - ctx.started, 2)}
-            write_json(ctx.metrics_path, metrics)
+            write_results(ctx.metrics_path, metrics)  # numbers to metrics/, timings and strings to runs/
             tracker.log_results(metrics)
             if mark_finished(ctx.checkpoint_dir):  # its results are written: the next run trains afresh
                 log.info("%s: checkpoint marked finished (a re-run, dvc repro --force, trains afresh)", stage_id)

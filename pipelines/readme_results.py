@@ -9,13 +9,14 @@ when the README is out of date. The machine and date of the run are not in the m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import stat
 import sys
 import tempfile
 from pathlib import Path
+
+from pipelines.results import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -34,15 +35,13 @@ class ResultsError(ValueError):
 
 
 def _read(path: Path) -> dict:
+    """A metrics file merged with its run info (timings, strings: ``runs/``, pipelines/results.py)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_results(path)
     except FileNotFoundError:
         raise ResultsError(f"{path}: metrics file not found (run `dvc repro` first)") from None
     except ValueError as e:
-        raise ResultsError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ResultsError(f"{path}: expected a JSON object")
-    return data
+        raise ResultsError(str(e)) from None
 
 
 def _get(data: dict, path: Path, *keys: str):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import logging
 import re
 import shutil
@@ -31,6 +30,7 @@ from components.io import write_json, write_text
 from pipelines import layout
 from pipelines.claims import build_claims, claims_metrics
 from pipelines.common import StageContext, run_stage
+from pipelines.results import read_results
 
 log = logging.getLogger("mimflow.report")
 
@@ -74,12 +74,8 @@ def current_stages(root: Path) -> list[StageOutputs]:
 
 
 def read_metrics(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: metrics file not found (run the stage that writes it)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    """A stage's metrics file merged with its run info (timings, strings: ``runs/``)."""
+    return read_results(path)
 
 
 def stage_metrics(stages: list[StageOutputs], base: str) -> list[dict]:
@@ -332,6 +328,26 @@ def collect_figures(
     return figures
 
 
+GRID_CELL_PX = 560  # a figure's width in the page's grid (PAGE's CSS)
+
+
+def png_width(path: Path) -> int:
+    """A PNG's width in pixels, from its IHDR chunk (0 when the file is not a PNG)."""
+    head = path.read_bytes()[:24]
+    return int.from_bytes(head[16:20], "big") if head[:8] == b"\x89PNG\r\n\x1a\n" else 0
+
+
+def figure_tag(caption: str, path: Path, out: Path) -> str:
+    """One figure of the page: in the grid, or, when it is over twice a grid cell wide (the CKA summary's
+    grid of heatmaps), in a row of its own at the page's width, so that its labels stay readable."""
+    attrs = " class='full'" if png_width(path) > 2 * GRID_CELL_PX else ""
+    return (
+        f"<figure{attrs}>"
+        f"<img src='{html.escape(str(path.relative_to(out)))}' alt='{html.escape(caption)}'>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
@@ -342,6 +358,7 @@ th:first-child, td:first-child {{ text-align: left; }}
 thead {{ background: #f3f3f3; }}
 figure {{ display: inline-block; margin: .5rem; vertical-align: top; max-width: 560px; }}
 figure.wide {{ display: block; max-width: 820px; }}
+figure.full {{ display: block; max-width: 100%; }}
 figure img {{ max-width: 100%; border: 1px solid #ddd; }}
 figcaption {{ font-size: .85rem; color: #555; }}
 .note {{ color: #555; font-size: .9rem; }}
@@ -404,11 +421,7 @@ def report(ctx: StageContext) -> dict:
     )
     firsts = {"finetune": ctx.params.finetune.seeds[0], "detect": ctx.params.detect.seeds[0]}
     figures = collect_figures(stages, firsts, figures_dir, ctx.root)
-    figure_html = "\n".join(
-        f"<figure><img src='{html.escape(str(p.relative_to(out)))}' alt='{html.escape(c)}'>"
-        f"<figcaption>{html.escape(c)}</figcaption></figure>"
-        for c, p in figures
-    )
+    figure_html = "\n".join(figure_tag(c, p, out) for c, p in figures)
     claims_html = (
         tables[0].html() + "<figure class='wide'><img src='figures/claims.png' alt='claims: per-seed differences'>"
         "<figcaption>Per claim: each seed's difference A − B (dots), the mean (tick) and its 95 % interval (bar); "

@@ -9,12 +9,12 @@ is ln 10 = 2.30; label smoothing 0.1 keeps it above about 0.5)."""
 from __future__ import annotations
 
 import csv
-import json
 
 import pytest
 import yaml
 
 from benchmarks.real_data import digits_params, export_digits
+from pipelines.results import read_results
 from tests.pipelines.conftest import BIN, REPO, make_project, run
 
 pytest.importorskip("sklearn", reason="scikit-learn is a dev dependency (pyproject [dev])")
@@ -31,10 +31,10 @@ def test_on_digits_scratch_vit_reaches_its_own_probe_and_the_cnn_converges(tmp_p
     for init in ("scratch", "cnn"):
         run(root, str(BIN / "python"), "-m", "pipelines.finetune", "--init", init)
 
-    scratch = json.loads((root / "metrics" / "finetune" / "scratch-0.json").read_text())
+    scratch = read_results(root / "metrics" / "finetune" / "scratch-0.json")
     assert scratch["labeled_images"] == 144 and scratch["steps"] == 500 and scratch["epochs"] == 125
     assert scratch["top1"] >= scratch["linear_probe_top1"], scratch
-    cnn = json.loads((root / "metrics" / "finetune" / "cnn-0.json").read_text())
+    cnn = read_results(root / "metrics" / "finetune" / "cnn-0.json")
     train = list(csv.DictReader((root / "plots" / "finetune" / "cnn-0" / "train.csv").open()))
     assert len(train) == 125 and float(train[-1]["train_loss"]) < 1.0, train[-1]
     assert cnn["top1"] > 50.0, cnn

@@ -17,6 +17,7 @@ from components.analysis.cka import MinibatchCKA, cka
 from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
 from components.models.vit import ViTSpec, create_vit, save_encoder
 from pipelines.cka import equal_batches, held_out_sample
+from pipelines.results import read_results
 from tests.pipelines.conftest import BIN, make_project, run
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -46,7 +47,7 @@ def cka_project(tmp_path_factory):
 def test_cka_through_dvc_repro_writes_matrices_and_heatmaps(cka_project):
     root = cka_project
     run(root, str(BIN / "dvc"), "repro", "--single-item", "cka")
-    m = json.loads((root / "metrics" / "cka.json").read_text())
+    m = read_results(root / "metrics" / "cka.json")
     val = len(json.loads((root / "data" / "classification" / "index.json").read_text())["val"])
     assert m["images"] == val and m["batches"] == -(-val // 16) and m["debiased"] and m["kernel"] == "linear"
     vit_layers = ["blocks.0", "blocks.1"]

@@ -4,7 +4,6 @@ and errors."""
 from __future__ import annotations
 
 import csv
-import json
 
 import torch
 import yaml
@@ -12,6 +11,7 @@ import yaml
 from components.evaluation.coco import coco_evaluate
 from components.models.detection import load_detector
 from pipelines.detect import merge_categories, parse_variant
+from pipelines.results import read_results
 from tests.pipelines.conftest import BIN, dvc_repro, run
 
 AP_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
@@ -29,7 +29,7 @@ def test_each_method_through_dvc_repro_writes_metrics_plots_and_weights(project)
     params = yaml.safe_load((project / "params.yaml").read_text())["detect"]
     for variant in variants(project):
         method, _, seed = variant.split("-")
-        m = json.loads((project / "metrics" / "detect" / f"{variant}.json").read_text())
+        m = read_results(project / "metrics" / "detect" / f"{variant}.json")
         assert m["method"] == method and m["seed"] == int(seed)
         assert m["steps"] == params["steps"] and m["labeled_images"] > 0 and m["val_images"] > 0
         assert m["class_agnostic"] == params.get("class_agnostic", False)
@@ -87,10 +87,10 @@ def test_dvc_repro_force_trains_again_to_the_same_teacher_and_keeps_the_alias_on
     item = variant.rsplit("-", 1)[0]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     holder = client.get_model_version_by_alias(f"mimflow-detect-{item}", "best")
-    before = json.loads((project / "metrics" / "detect" / f"{variant}.json").read_text())
+    before = read_results(project / "metrics" / "detect" / f"{variant}.json")
     proc = run(project, str(BIN / "dvc"), "repro", "--force", "--single-item", f"detect@{variant}")
     assert "resumed" not in proc.stderr and "the checkpoint of a finished run; training" in proc.stderr
-    after = json.loads((project / "metrics" / "detect" / f"{variant}.json").read_text())
+    after = read_results(project / "metrics" / "detect" / f"{variant}.json")
     assert after["teacher"] == before["teacher"] and after["student"] == before["student"]
     assert after["train_s"] > 0 and after["train_images_per_s"] > 0
     assert client.get_model_version_by_alias(f"mimflow-detect-{item}", "best").version == holder.version

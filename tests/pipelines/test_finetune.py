@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import yaml
 from components.data.sources import load_classification_index
 from components.io import load_safetensors
 from components.models.classifier import load_classifier, read_classifier_meta
+from pipelines.results import read_results
 from tests.pipelines.conftest import BIN, dvc_repro, micro_config, run
 
 INITS = ("scratch", "mae", "ibot", "cnn")
@@ -27,7 +27,7 @@ def test_each_init_through_dvc_repro_writes_metrics_and_weights(project, monkeyp
     runs = [f"{init}-{seed}" for init in INITS for seed in seeds]
     for run_name in runs:
         init, seed = run_name.rsplit("-", 1)
-        m = json.loads((project / "metrics" / "finetune" / f"{run_name}.json").read_text())
+        m = read_results(project / "metrics" / "finetune" / f"{run_name}.json")
         assert m["init"] == init and m["seed"] == int(seed)
         assert m["labeled_images"] == 48 and m["val_images"] == len(index.val)
         assert 0 <= m["top1"] <= m["top5"] <= 100 and 1 <= m["best_epoch"] <= params["epochs"]
@@ -70,7 +70,7 @@ def test_each_init_through_dvc_repro_writes_metrics_and_weights(project, monkeyp
         assert tuple(signature.outputs.inputs[0].shape) == (-1, len(index.classes)), signature
     # one run per seed: the seed changes the run (head init, data order), the labeled split stays prepare's
     for init in INITS:
-        a, b = (json.loads((project / "metrics" / "finetune" / f"{init}-{s}.json").read_text()) for s in seeds)
+        a, b = (read_results(project / "metrics" / "finetune" / f"{init}-{s}.json") for s in seeds)
         assert a["split_digest"] == b["split_digest"]
         w0, w1 = (
             load_safetensors(project / "models" / "finetune" / f"{init}-{s}" / "model.safetensors") for s in seeds

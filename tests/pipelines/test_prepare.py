@@ -8,12 +8,13 @@ import yaml
 
 from components.data.sources import load_classification_index, load_coco
 from components.io import DIR_MODE
+from pipelines.results import read_results
 from tests.pipelines.conftest import BIN, dvc_repro, make_project, run
 
 
 def test_prepare_through_dvc_repro_writes_datasets_splits_and_metrics(project):
     dvc_repro(project, "prepare")
-    metrics = json.loads((project / "metrics" / "prepare.json").read_text())
+    metrics = read_results(project / "metrics" / "prepare.json")
     assert metrics["classification"]["train"] == 8 * 12 and metrics["classification"]["val"] == 8 * 6
     assert metrics["detection"]["train_images"] == 20 and metrics["detection"]["splits"]["20_fold0"] == {
         "labeled": 4,

@@ -3,7 +3,6 @@ resuming after a kill, and DDP (centres all-reduced) against one process with th
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
@@ -17,6 +16,7 @@ from components.models.ibot import create_ibot_pair
 from components.models.vit import load_encoder
 from components.training.optim import param_groups
 from pipelines.config import ParamsError, validate_params
+from pipelines.results import read_results
 from tests.pipelines.conftest import (
     BIN,
     dvc_repro,
@@ -52,7 +52,7 @@ def _networks(cfg):
 
 
 def _metrics(root):
-    return json.loads((root / "metrics" / f"{STAGE}.json").read_text())
+    return read_results(root / "metrics" / f"{STAGE}.json")
 
 
 def test_the_networks_learn_their_position_embedding_and_decay_their_tokens_as_ibot_does():

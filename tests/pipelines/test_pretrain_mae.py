@@ -4,7 +4,6 @@ DDP + gradient accumulation against one process with the whole batch."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import mlflow
@@ -16,6 +15,7 @@ from components.io import load_safetensors, read_json
 from components.models.mae import MaskedAutoencoder
 from components.models.vit import load_encoder
 from pipelines.config import ParamsError, validate_params
+from pipelines.results import read_results
 from tests.pipelines.conftest import (
     BIN,
     dvc_repro,
@@ -56,7 +56,7 @@ def test_stage_through_dvc_repro_writes_weights_metrics_figure_and_mlflow_run(pr
     mae.load_state_dict(load_safetensors(out / "mae.safetensors"))
     assert torch.equal(mae.encoder.blocks[0].attn.qkv.weight, encoder.blocks[0].attn.qkv.weight)
 
-    metrics = json.loads((project / "metrics" / "pretrain_mae.json").read_text())
+    metrics = read_results(project / "metrics" / "pretrain_mae.json")
     steps = cfg.epochs * (8 * 12 // cfg.batch_size)
     assert metrics["steps"] == steps and metrics["effective_batch"] == cfg.batch_size
     assert 0 < metrics["val_masked_loss"] < 10 and 0 < metrics["train_loss"] < 10 and metrics["images_per_s"] > 0
@@ -122,15 +122,12 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, p
     kill_at_first_checkpoint(root, "pretrain_mae")
     assert not (root / "metrics" / "pretrain_mae.json").exists(), "the run ended before it could be killed"
     run(root, str(BIN / "python"), "-m", "pipelines.pretrain_mae")
-    metrics = json.loads((root / "metrics" / "pretrain_mae.json").read_text())
+    metrics = read_results(root / "metrics" / "pretrain_mae.json")
     assert metrics["resumed_from_step"] is not None and 0 < metrics["resumed_from_step"] < metrics["steps"]
     reference = _encoder(project)
     resumed = _encoder(root)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
-    assert (
-        metrics["val_masked_loss"]
-        == json.loads((project / "metrics" / "pretrain_mae.json").read_text())["val_masked_loss"]
-    )
+    assert metrics["val_masked_loss"] == read_results(project / "metrics" / "pretrain_mae.json")["val_masked_loss"]
 
 
 def test_two_processes_with_accumulation_match_one_process_with_the_whole_batch(tmp_path, project):
@@ -140,8 +137,8 @@ def test_two_processes_with_accumulation_match_one_process_with_the_whole_batch(
     batch = micro_config().pretrain_mae.batch_size
     root = _copy_with_data(project, tmp_path / "ddp", batch_size=batch // 4, effective_batch=batch)
     run(root, str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "pipelines.pretrain_mae")
-    metrics = json.loads((root / "metrics" / "pretrain_mae.json").read_text())
-    reference = json.loads((project / "metrics" / "pretrain_mae.json").read_text())
+    metrics = read_results(root / "metrics" / "pretrain_mae.json")
+    reference = read_results(project / "metrics" / "pretrain_mae.json")
     assert metrics["effective_batch"] == reference["effective_batch"] and metrics["steps"] == reference["steps"]
     assert metrics["val_masked_loss"] == pytest.approx(reference["val_masked_loss"], abs=1e-4)
     ref, ddp = _encoder(project), _encoder(root)

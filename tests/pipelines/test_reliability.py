@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from components.io import torch_load
+from pipelines.results import read_results
 from tests.pipelines.conftest import BIN, dvc_repro, make_project, project_env, run
 
 
@@ -61,7 +61,7 @@ def test_a_second_dvc_repro_in_the_same_workspace_is_refused(tmp_path):
     finally:
         out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out
-    assert json.loads((root / "metrics" / "prepare.json").read_text())["classification"]["train"] > 0
+    assert read_results(root / "metrics" / "prepare.json")["classification"]["train"] > 0
 
 
 def _long_mae(root) -> int:
@@ -99,9 +99,10 @@ def test_kill_9_mid_training_then_dvc_repro_resumes_to_the_same_result(tmp_path)
     assert 0 < step < total, f"killed at step {step} of {total}"
     assert not (killed / "metrics" / "pretrain_mae.json").exists()
 
-    dvc_repro(killed, "pretrain_mae")
-    a = json.loads((straight / "metrics" / "pretrain_mae.json").read_text())
-    b = json.loads((killed / "metrics" / "pretrain_mae.json").read_text())
+    resumed = dvc_repro(killed, "pretrain_mae").stderr  # checkpoints/ is no DVC out: DVC leaves it in place
+    assert "resumed pretrain_mae from " in resumed and f"last.pt at step {step}" in resumed, resumed[-2000:]
+    a = read_results(straight / "metrics" / "pretrain_mae.json")
+    b = read_results(killed / "metrics" / "pretrain_mae.json")
     for key in ("train_loss", "val_masked_loss"):
         assert a[key] == b[key], key
     weights = "models/pretrain_mae/encoder.safetensors"

@@ -11,11 +11,24 @@ import subprocess
 import pytest
 import yaml
 
+from pipelines.results import read_results
 from tests.pipelines.conftest import BIN, dvc_repro, run
 
 
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _leaves(d):
+    for v in d.values():
+        yield from _leaves(v) if isinstance(v, dict) else [v]
+
+
+def _keys(d):
+    for k, v in d.items():
+        yield k
+        if isinstance(v, dict):
+            yield from _keys(v)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +59,13 @@ def test_whole_dag_through_dvc_repro(full_run):
     ]:
         assert expected in names, sorted(names)
     assert any(n.startswith("metrics/detect/") for n in names)
+    # numbers only (issue 30): timings, strings and flags are each stage's runs/<stage>.json, no DVC metric
+    leaves = [v for f in files.values() for v in _leaves(f["data"])]
+    assert leaves and all(v is None or type(v) in (int, float) for v in leaves), [
+        v for v in leaves if v is not None and type(v) not in (int, float)
+    ][:10]
+    assert not any(k.endswith("_s") for f in files.values() for k in _keys(f["data"]))
+    assert (full_run / "runs" / "finetune" / "mae-0.json").is_file() and (full_run / "runs" / "cka.json").is_file()
     summary = (full_run / "reports" / "summary.md").read_text()
     for section in ("Claims", "Pretraining", "Classification", "Detection", "CKA", "Wall time"):
         assert f"## {section}" in summary
@@ -131,10 +151,10 @@ def test_claims_over_two_seeds_and_the_baselines_on_the_models_split(full_run):
     assert summary.index("## Claims") < summary.index("## Pretraining") and "figures/claims.png" in summary
     assert (full_run / "reports" / "claims.md").read_text().count("\n| ") == len(claims) + 1
     # the baselines: the labeled split and held-out set of every fine-tuned model
-    base = json.loads((full_run / "metrics" / "baselines.json").read_text())
+    base = read_results(full_run / "metrics" / "baselines.json")
     for seed in params["finetune"]["seeds"]:
         for init in ("scratch", "mae", "ibot", "cnn"):
-            m = json.loads((full_run / "metrics" / "finetune" / f"{init}-{seed}.json").read_text())
+            m = read_results(full_run / "metrics" / "finetune" / f"{init}-{seed}.json")
             assert (m["split"], m["split_digest"], m["labeled_images"], m["val_images"]) == (
                 base["split"],
                 base["split_digest"],
@@ -231,3 +251,20 @@ def test_readme_claims_block_is_filled_from_claims_md(tmp_path):
     (tmp_path / "bare.md").write_text("# no markers\n")
     with pytest.raises(ValueError, match="claims:begin"):
         fill_readme(tmp_path / "bare.md", claims)
+
+
+def test_a_figure_over_twice_a_grid_cell_wide_gets_a_row_of_its_own(tmp_path):
+    """Issue 28, item 5: the CKA summary (a 4 x 4 grid of heatmaps) is shown at the page's width, the
+    heatmaps beside each other in the grid."""
+    from PIL import Image
+
+    from pipelines.report import GRID_CELL_PX, figure_tag, png_width
+
+    summary, pair = tmp_path / "cka__summary.png", tmp_path / "cka__mae__ibot.png"
+    Image.new("RGB", (1848, 1632)).save(summary)
+    Image.new("RGB", (677, 533)).save(pair)
+    assert png_width(summary) == 1848 and png_width(pair) == 677 > GRID_CELL_PX
+    assert figure_tag("cka/summary", summary, tmp_path).startswith("<figure class='full'><img src='cka__summary.png'")
+    assert figure_tag("cka/mae__ibot", pair, tmp_path).startswith("<figure><img src='cka__mae__ibot.png'")
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    assert png_width(tmp_path / "x.png") == 0
