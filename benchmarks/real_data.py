@@ -5,7 +5,8 @@ package. This script exports them as an ImageFolder (upsampled to 32 px, a fixed
 train/held-out split), puts it under ``datasets/digits`` of a temporary copy of the project, points
 ``prepare.classification`` at it, and runs the real stages with ``dvc repro``: prepare ->
 pretrain_mae, pretrain_ibot -> finetune@{scratch,mae,ibot,cnn}. Everything else is params.yaml's
-CPU default, except that flips are off (a mirrored digit is another glyph) and the
+CPU default, except that flips are off (a mirrored digit is another glyph), fine-tuning stops early on a
+held-out fifth of the labels (``finetune.early_stop``, off in the default) and the
 detection data, which these stages do not read, is shrunk. On the same labeled split and held-out
 set it fits two raw-pixel baselines: logistic regression on standardised pixels and a 5-NN.
 
@@ -75,12 +76,13 @@ def make_project(dest: Path) -> None:
     (dest / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
 
 
-def digits_params(flips: bool, threads: int | None) -> dict:
+def digits_params(flips: bool, threads: int | None, holdout: float) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["runtime"].update(progress=False, threads=threads)
     params["tracking"]["enabled"] = False
     params["prepare"]["classification"].update(source="imagefolder", root="datasets/digits", image_size=32)
     params["prepare"]["detection"].update(num_train=20, num_val=6)  # not read by the classification stages
+    params["finetune"]["early_stop"]["holdout_fraction"] = holdout
     if not flips:
         params["pretrain_mae"]["hflip"] = 0.0
         params["pretrain_ibot"]["multicrop"]["hflip"] = 0.0
@@ -199,6 +201,12 @@ def main() -> int:
     )
     ap.add_argument("--flips", action="store_true", help="keep the default horizontal flips")
     ap.add_argument("--threads", type=int, default=None, help="runtime.threads of the stages")
+    ap.add_argument(
+        "--holdout",
+        type=float,
+        default=0.2,
+        help="finetune.early_stop.holdout_fraction: labels set aside for early stopping (0: off, as the default)",
+    )
     ap.add_argument("--no-write", action="store_true", help="print the results only")
     ap.add_argument("--note", default="", help="a sentence for real_data.md on how this run was made")
     ap.add_argument(
@@ -213,7 +221,7 @@ def main() -> int:
     args = ap.parse_args()
     project = args.keep or Path(tempfile.mkdtemp(prefix="mimflow-digits-"))
     try:
-        params = digits_params(args.flips, args.threads)
+        params = digits_params(args.flips, args.threads, args.holdout)
         if args.resume and args.keep and (project / "dvc.lock").is_file():
             for name in ("components", "pipelines"):
                 shutil.rmtree(project / name)
@@ -237,6 +245,8 @@ def main() -> int:
             "linear_probe_top1",
             "knn_top1",
             "labeled_images",
+            "holdout_images",
+            "early_stop",
             "train_s",
         )
         models = {
@@ -269,6 +279,7 @@ def main() -> int:
             "flips": args.flips,
             "seed": params["runtime"]["seed"],
             "labeled_percent": params["finetune"]["labeled_percent"],
+            "early_stop": params["finetune"]["early_stop"],
         },
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads or 'default'}",
         "missing": missing,

@@ -34,6 +34,7 @@ from components.io import atomic_write, file_digest, write_csv
 from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
 from components.models.vit import ViTSpec, create_vit, load_encoder, read_normalisation, read_spec
 from components.training.distributed import EpochLoader
+from components.training.early_stop import EarlyStopping, holdout_split
 from components.training.engine import TrainConfig, Trainer
 from components.training.finetune import (
     FinetuneStep,
@@ -165,7 +166,10 @@ def finetune(ctx: StageContext) -> dict:
     model, meta, depth, layer_decay, encoder_dir = build_model(ctx, init, num_classes, size, index.classes)
     mean, std = normalisation(cfg, encoder_dir)
     train_tf, eval_tf = transforms(cfg, size, mean, std)
-    train_items = [index.train[i] for i in labeled]
+    fit_ids, held_ids = holdout_split(  # early stopping's held-out part (empty when off): never trained on
+        labeled, [index.train[i][1] for i in labeled], cfg.early_stop.holdout_fraction, ctx.seed
+    )
+    train_items = [index.train[i] for i in fit_ids]
     loader = EpochLoader(
         ImageListDataset(train_items, train_tf),
         cfg.batch_size,
@@ -178,6 +182,8 @@ def finetune(ctx: StageContext) -> dict:
         return DataLoader(ImageListDataset(items, eval_tf), batch_size=cfg.eval_batch_size, num_workers=ctx.num_workers)
 
     val_loader = eval_loader(index.val)
+    held_loader = eval_loader([index.train[i] for i in held_ids]) if held_ids else None
+    early = EarlyStopping(cfg.early_stop.patience)
 
     metrics: dict = {
         "init": init,
@@ -185,6 +191,7 @@ def finetune(ctx: StageContext) -> dict:
         "split": str(split_path.relative_to(ctx.root)),
         "split_digest": split_digest(labeled),
         "labeled_images": len(labeled),
+        "holdout_images": len(held_ids),
         "val_images": len(index.val),
         "classes": num_classes,
     }
@@ -228,24 +235,47 @@ def finetune(ctx: StageContext) -> dict:
         ctx.info,
         lr_fn=lambda s: warmup_cosine(s, total, round(warmup_epochs * steps_per_epoch), lr, cfg.min_lr),
         on_log=lambda step, rec: log_val_epoch(ctx, rec, step // steps_per_epoch),
+        extra_state={"early_stop": early} if held_loader else None,
+        stop_when=lambda: early.stopped,
     )
+
+    def score_holdout(epoch: int) -> None:  # top-1 on the held-out labels, ties broken by the lower loss
+        res = evaluate_classifier(model, held_loader, num_classes, ctx.device)
+        early.update(
+            (res["top1"], -res["loss"]),
+            epoch + 1,
+            lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
+        )
 
     def on_epoch_end(epoch: int) -> dict | None:
         if (epoch + 1) % cfg.eval_every or epoch + 1 == epochs:  # the last epoch is evaluated after fit
             return None
+        if held_loader:
+            score_holdout(epoch)
         res = evaluate_classifier(model, val_loader, num_classes, ctx.device)
         return {"val_top1": res["top1"], "val_top5": res["top5"], "val_loss": res["loss"]}
 
     t = time.perf_counter()
     history = trainer.fit(loader, step_fn, on_epoch_end)
     train_s = time.perf_counter() - t
+    if held_loader:  # the last epoch's score, then the best state back
+        if not early.stopped:
+            score_holdout(epochs - 1)
+        model.load_state_dict(early.best_state)
+        metrics["early_stop"] = {
+            "best_epoch": early.best_epoch,
+            "stopped": early.stopped,
+            "holdout_top1": early.best_score[0],
+        }
     final = evaluate_classifier(model, val_loader, num_classes, ctx.device)
     if not ctx.is_main:
         return {}
 
     # ---- per-epoch curves, best epoch
     train_rows, val_rows = epoch_curves(history)
-    val_rows.append({"epoch": epochs, "val_top1": final["top1"], "val_top5": final["top5"], "val_loss": final["loss"]})
+    final_epoch = early.best_epoch if held_loader else epochs  # early stopping restored its best epoch's state
+    if all(r["epoch"] != final_epoch for r in val_rows):
+        val_rows.append({"epoch": final_epoch, **{f"val_{k}": final[k] for k in ("top1", "top5", "loss")}})
     best = max(val_rows, key=lambda r: r["val_top1"])
     plots = ctx.plots_dir
     write_csv(plots / "train.csv", train_rows, ["epoch", "train_loss", "lr"])
@@ -276,8 +306,8 @@ def finetune(ctx: StageContext) -> dict:
             "val_loss": final["loss"],
             "best_top1": best["val_top1"],
             "best_epoch": int(best["epoch"]),
-            "epochs": epochs,
-            "steps": total,
+            "epochs": trainer.step // steps_per_epoch,  # fewer than the schedule's when early stopping ended it
+            "steps": trainer.step,
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
             "train_s": round(train_s, 2),
             "train_images_per_s": round(sum(r["images_per_s"] for r in steps_done) / max(len(steps_done), 1), 1),
