@@ -9,6 +9,7 @@ The statistics are ``components.evaluation.stats``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from components.evaluation.stats import mean_se, paired_t_interval, welch_t_interval
@@ -187,3 +188,54 @@ def claims_metrics(judged: list[dict]) -> dict:
         }
         for c in judged
     }
+
+
+# ---------------------------------------------------------------- the README's claims block
+
+README_NAMES = {"scratch": "scratch", "mae": "MAE", "ibot": "iBOT", "cnn": "CNN", "random": "random init"}
+README_METRICS = {"finetune": "fine-tune top-1", "probe": "linear probe", "knn": "k-NN"}
+
+
+def readme_claim_name(claim_id: str) -> str:
+    """A short name for a claim of :func:`build_claims`, from its id (an id it does not know: the id itself)."""
+    if m := re.fullmatch(r"(finetune|probe|knn)_([a-z]+)_vs_([a-z]+)", claim_id):
+        kind, a, b = m.groups()
+        b = "random" if kind != "finetune" and b == "scratch" else b  # frozen, the scratch ViT is its random init
+        return f"{README_METRICS[kind]}: {README_NAMES.get(a, a)} > {README_NAMES.get(b, b)}"
+    if m := re.fullmatch(r"detect_softteacher_vs_supervised_(teacher|student)_ap_([0-9.]+)", claim_id):
+        return f"{m.group(1)} AP, {m.group(2)} % labels: Soft Teacher > supervised"
+    if claim_id == "best_model_vs_pixels":
+        return "top-1: best model > raw-pixel logistic regression"
+    return f"`{claim_id}`"
+
+
+def readme_verdict(entry: dict) -> str:
+    """The verdict word of a metrics/claims.json entry (its code 0 is 'inside noise' or, without an interval,
+    'too few seeds')."""
+    if entry["ci_low"] is None:
+        return "too few seeds"
+    return {1: "**holds**", 0: "inside noise", -1: "reversed"}[entry["verdict"]]
+
+
+def readme_block(metrics_claims: dict) -> str:
+    """The README's claims table: every entry of the committed ``metrics/claims.json``, in its order."""
+
+    def num(x: float | None) -> str:
+        return "—" if x is None else f"{x:+.3g}"
+
+    rows = [
+        f"| {readme_claim_name(cid)} | {readme_verdict(e)} | {num(e['diff'])} | "
+        + ("—" if e["ci_low"] is None else f"[{num(e['ci_low'])}, {num(e['ci_high'])}]")
+        + f" | {e['n']} |"
+        for cid, e in metrics_claims.items()
+    ]
+    return "\n".join(
+        [
+            "The default run's claims over its seeds (`metrics/claims.json`; `python -m pipelines.report --readme` "
+            "writes this table):",
+            "",
+            "| claim (A > B) | verdict | A − B | 95 % CI | n |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )

@@ -510,6 +510,13 @@ class FinetuneKNN(Section):
     temperature: float = Field(gt=0)
 
 
+class FinetuneEarlyStop(Section):
+    """Early stopping on a held-out part of the labeled split, fixed by the run's seed (holdout_fraction 0: off)."""
+
+    holdout_fraction: float = Field(ge=0, lt=1)  # of each class's labeled images, scored every eval_every epochs
+    patience: int = Field(ge=1)  # evaluations without a better held-out top-1 before training stops
+
+
 class Finetune(Section):
     """Fine-tuning of every init (scratch, mae, ibot, cnn) on one labeled split; shared data and schedule."""
 
@@ -537,6 +544,7 @@ class Finetune(Section):
     eval_crop_pct: float = Field(gt=0, le=1)
     eval_batch_size: int = Field(ge=1)
     ckpt_every: int = Field(ge=1)  # optimizer steps between checkpoints
+    early_stop: FinetuneEarlyStop
     vit: FinetuneViT
     cnn: FinetuneCNN
     linear_probe: FinetuneProbe

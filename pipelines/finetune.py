@@ -35,6 +35,7 @@ from components.io import file_digest, write_csv
 from components.models.classifier import build_cnn_classifier, build_vit_classifier, cnn_meta, save_classifier, vit_meta
 from components.models.vit import ViTSpec, create_vit, load_encoder, read_normalisation, read_spec
 from components.training.distributed import EpochLoader
+from components.training.early_stop import EarlyStopping, holdout_split
 from components.training.engine import TrainConfig, Trainer
 from components.training.finetune import (
     FinetuneStep,
@@ -147,16 +148,20 @@ class Data:
     index: ClassificationIndex
     split_path: Path
     labeled: list[int]
-    train_items: list
+    train_items: list  # the labeled images trained on (all but early stopping's held-out part)
     loader: EpochLoader  # augmented (RandAugment, random erasing; Mixup/CutMix in the step)
-    train_eval: DataLoader  # the labeled images in the evaluation view (frozen probe and k-NN)
+    train_eval: DataLoader  # the trained-on images in the evaluation view (frozen probe and k-NN)
     val: DataLoader
+    held: DataLoader | None  # early stopping's held-out labels (None when off): never trained on
 
 
 def load_data(ctx: StageContext, index: ClassificationIndex, split_path: Path, labeled: list[int], mean, std) -> Data:
     cfg = ctx.section
     train_tf, eval_tf = transforms(cfg, index.image_size, mean, std)
-    train_items = [index.train[i] for i in labeled]
+    fit_ids, held_ids = holdout_split(
+        labeled, [index.train[i][1] for i in labeled], cfg.early_stop.holdout_fraction, ctx.seed
+    )
+    train_items = [index.train[i] for i in fit_ids]
     loader = EpochLoader(
         ImageListDataset(train_items, train_tf),
         cfg.batch_size,
@@ -168,7 +173,8 @@ def load_data(ctx: StageContext, index: ClassificationIndex, split_path: Path, l
     def eval_loader(items):
         return DataLoader(ImageListDataset(items, eval_tf), batch_size=cfg.eval_batch_size, num_workers=ctx.num_workers)
 
-    return Data(index, split_path, labeled, train_items, loader, eval_loader(train_items), eval_loader(index.val))
+    held = eval_loader([index.train[i] for i in held_ids]) if held_ids else None
+    return Data(index, split_path, labeled, train_items, loader, eval_loader(train_items), eval_loader(index.val), held)
 
 
 def build_trainer(
@@ -178,6 +184,7 @@ def build_trainer(
     layer_decay: float | None,
     encoder_dir: Path | None,
     data: Data,
+    early: EarlyStopping,
 ) -> tuple[Trainer, FinetuneStep, int, int]:
     """AdamW with layer-wise lr decay (pretrained ViTs), lr = blr x batch / 256 warmed up then cosine, Mixup/CutMix
     with label smoothing (MAE Sec. A.1). Returns the trainer, the step, the epochs and the steps per epoch."""
@@ -214,12 +221,21 @@ def build_trainer(
         ctx.info,
         lr_fn=lambda s: warmup_cosine(s, total, round(warmup_epochs * steps_per_epoch), lr, cfg.min_lr),
         on_log=lambda step, rec: log_val_epoch(ctx, rec, step // steps_per_epoch),
+        extra_state={"early_stop": early} if data.held else None,
+        stop_when=lambda: early.stopped,
     )
     return trainer, step_fn, epochs, steps_per_epoch
 
 
 def write_outputs(
-    ctx: StageContext, model: torch.nn.Module, meta: dict, data: Data, trainer: Trainer, epochs: int, train_s: float
+    ctx: StageContext,
+    model: torch.nn.Module,
+    meta: dict,
+    data: Data,
+    trainer: Trainer,
+    steps_per_epoch: int,
+    final_epoch: int,
+    train_s: float,
 ) -> dict:
     """The held-out evaluation, per-epoch curves, predictions and the confusion figure, the classifier's weights
     and its registration; the metrics of the fine-tuned model."""
@@ -231,7 +247,8 @@ def write_outputs(
 
     # ---- per-epoch curves, best epoch
     train_rows, val_rows = epoch_curves(history)
-    val_rows.append({"epoch": epochs, "val_top1": final["top1"], "val_top5": final["top5"], "val_loss": final["loss"]})
+    if all(r["epoch"] != final_epoch for r in val_rows):  # early stopping may restore an evaluated epoch's state
+        val_rows.append({"epoch": final_epoch, **{f"val_{k}": final[k] for k in ("top1", "top5", "loss")}})
     best = max(val_rows, key=lambda r: r["val_top1"])
     plots = ctx.plots_dir
     write_csv(plots / "train.csv", train_rows, ["epoch", "train_loss", "lr"])
@@ -259,8 +276,8 @@ def write_outputs(
         "val_loss": final["loss"],
         "best_top1": best["val_top1"],
         "best_epoch": int(best["epoch"]),
-        "epochs": epochs,
-        "steps": trainer.cfg.total_steps,
+        "epochs": trainer.step // steps_per_epoch,  # fewer than the schedule's when early stopping ended it
+        "steps": trainer.step,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "train_s": round(train_s, 2),
         "train_images_per_s": round(sum(r["images_per_s"] for r in steps_done) / max(len(steps_done), 1), 1),
@@ -292,6 +309,7 @@ def finetune(ctx: StageContext) -> dict:
         "split": str(split_path.relative_to(ctx.root)),
         "split_digest": split_digest(labeled),
         "labeled_images": len(labeled),
+        "holdout_images": len(labeled) - len(data.train_items),
         "val_images": len(index.val),
         "classes": num_classes,
     }
@@ -303,19 +321,40 @@ def finetune(ctx: StageContext) -> dict:
         metrics["frozen_eval_s"] = round(time.perf_counter() - t, 2)
 
     # ---- optimisation
-    trainer, step_fn, epochs, steps_per_epoch = build_trainer(ctx, model, depth, layer_decay, encoder_dir, data)
+    early = EarlyStopping(cfg.early_stop.patience)
+    trainer, step_fn, epochs, steps_per_epoch = build_trainer(ctx, model, depth, layer_decay, encoder_dir, data, early)
+
+    def score_holdout(epoch: int) -> None:  # top-1 on the held-out labels, ties broken by the lower loss
+        res = evaluate_classifier(model, data.held, num_classes, ctx.device)
+        early.update(
+            (res["top1"], -res["loss"]),
+            epoch + 1,
+            lambda: {k: v.detach().clone() for k, v in model.state_dict().items()},
+        )
 
     def on_epoch_end(epoch: int) -> dict | None:
         if (epoch + 1) % cfg.eval_every or epoch + 1 == epochs:  # the last epoch is evaluated after fit
             return None
+        if data.held:
+            score_holdout(epoch)
         res = evaluate_classifier(model, data.val, num_classes, ctx.device)
         return {"val_top1": res["top1"], "val_top5": res["top5"], "val_loss": res["loss"]}
 
     t = time.perf_counter()
     trainer.fit(data.loader, step_fn, on_epoch_end)
     train_s = time.perf_counter() - t
+    if data.held:  # the last epoch's score, then the best state back
+        if not early.stopped:
+            score_holdout(epochs - 1)
+        model.load_state_dict(early.best_state)
+        metrics["early_stop"] = {
+            "best_epoch": early.best_epoch,
+            "stopped": early.stopped,
+            "holdout_top1": early.best_score[0],
+        }
     # ---- outputs
-    out = write_outputs(ctx, model, meta, data, trainer, epochs, train_s)
+    final_epoch = early.best_epoch if data.held else epochs  # early stopping restored its best epoch's state
+    out = write_outputs(ctx, model, meta, data, trainer, steps_per_epoch, final_epoch, train_s)
     return {**metrics, **out} if out else {}
 
 

@@ -5,9 +5,9 @@ own index of stages (``current_stages``): the metrics files and figures those st
 a glob of ``metrics/`` or ``plots/``, so files left by stages no longer in the DAG (another labeled
 percent, a dropped seed) are not shown. Writes ``reports/claims.json`` (every claim: n, each side's
 mean and s.e., the paired difference with its 95 % t interval, the verdict), ``metrics/claims.json``
-(the numbers, for ``dvc metrics show``), ``reports/claims.md`` (the claims table, which
-``python -m pipelines.report --readme README.md`` copies between the README's
-``<!-- claims:begin -->`` and ``<!-- claims:end -->`` markers), ``reports/summary.md`` and
+(the numbers, for ``dvc metrics show``; ``python -m pipelines.report --readme README.md`` writes their
+table between the README's ``<!-- claims:begin -->`` and ``<!-- claims:end -->`` markers, ``--check``
+only compares), ``reports/claims.md`` (the page's claims table), ``reports/summary.md`` and
 ``reports/index.html`` (claims table and per-seed dot plot first, then the tables and the figures,
 copied into ``reports/figures/`` so the page is self-contained). Logged to MLflow; under the Prefect
 flow the summary is also published as a Markdown artifact (by the flow's stage task).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import logging
 import re
 import shutil
@@ -28,7 +29,7 @@ from typing import Any
 from components.evaluation.stats import mean_se
 from components.io import write_json, write_text
 from pipelines import layout
-from pipelines.claims import build_claims, claims_metrics
+from pipelines.claims import build_claims, claims_metrics, readme_block
 from pipelines.common import StageContext, run_stage
 from pipelines.results import read_results
 
@@ -456,18 +457,22 @@ def report(ctx: StageContext) -> dict:
     }
 
 
-def fill_readme(readme: Path, claims_md: Path) -> bool:
-    """Replace what stands between the README's claims markers with ``claims_md``; True when the README changed.
+def fill_readme(readme: Path, claims_json: Path, check: bool = False) -> bool:
+    """Write the claims table of ``claims_json`` (the committed ``metrics/claims.json``) between the README's
+    claims markers; True when the README changed (with ``check``: would change, and it is left as it is).
     A README without both markers is an error naming them."""
     text = readme.read_text(encoding="utf-8")
     pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), flags=re.S)
     if not pattern.search(text):
         raise ValueError(f"{readme}: no {README_BEGIN} ... {README_END} markers to fill")
-    if not claims_md.is_file():
-        raise FileNotFoundError(f"{claims_md}: not found (run the report stage: dvc repro report)")
-    block = f"{README_BEGIN}\n{claims_md.read_text(encoding='utf-8').strip()}\n{README_END}"
+    if not claims_json.is_file():
+        raise FileNotFoundError(f"{claims_json}: not found (run the report stage: dvc repro report)")
+    try:
+        block = f"{README_BEGIN}\n{readme_block(json.loads(claims_json.read_text(encoding='utf-8')))}\n{README_END}"
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{claims_json}: not a claims file of the report stage ({type(e).__name__}: {e})") from None
     new = pattern.sub(lambda _: block, text, count=1)
-    if new != text:
+    if new != text and not check:
         write_text(readme, new)
     return new != text
 
@@ -475,15 +480,23 @@ def fill_readme(readme: Path, claims_md: Path) -> bool:
 def readme_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.report --readme",
-        description="Copy reports/claims.md between the README's claims markers.",
+        description="Write the claims table of metrics/claims.json between the README's claims markers.",
     )
     parser.add_argument("--readme", type=Path, nargs="?", const=Path("README.md"), required=True)
-    parser.add_argument("--claims", type=Path, default=Path("reports/claims.md"))
+    parser.add_argument("--claims", type=Path, default=Path("metrics/claims.json"))
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when the README is out of date")
     args = parser.parse_args(argv)
     try:
-        changed = fill_readme(args.readme, args.claims)
+        changed = fill_readme(args.readme, args.claims, check=args.check)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: report --readme: {e}", file=sys.stderr)
+        return 1
+    if args.check and changed:
+        print(
+            f"error: {args.readme}: the claims table differs from {args.claims} (run: python -m pipelines.report "
+            "--readme)",
+            file=sys.stderr,
+        )
         return 1
     print(f"{args.readme}: {'claims table updated' if changed else 'claims table already current'}")
     return 0

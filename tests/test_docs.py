@@ -123,3 +123,45 @@ def test_generator_names_a_missing_metrics_file(tmp_path, capsys):
     assert readme_results.main(["--readme", str(readme), "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "prepare.json: metrics file not found" in err
+
+
+def _claims_block(text: str) -> str:
+    from pipelines.report import README_BEGIN, README_END
+
+    assert text.count(README_BEGIN) == 1 and text.count(README_END) == 1, "README: one claims block expected"
+    return text.split(README_BEGIN)[1].split(README_END)[0].strip("\n")
+
+
+def test_readme_claims_block_is_the_committed_claims():
+    """The README's claims table is generated from the committed metrics/claims.json, never typed."""
+    from pipelines.claims import readme_block
+
+    committed = json.loads((REPO / "metrics" / "claims.json").read_text())
+    block = _claims_block(README.read_text(encoding="utf-8"))
+    assert block == readme_block(committed), "run: python -m pipelines.report --readme"
+    # independently of the generator's code path: one row per claim, in order, with its n and difference
+    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
+    assert len(rows) == len(committed)
+    for row, entry in zip(rows, committed.values(), strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[2]) == pytest.approx(entry["diff"], rel=5e-3, abs=5e-7) and int(cells[4]) == entry["n"]
+        assert ("holds" in cells[1]) == (entry["verdict"] == 1) and ("reversed" in cells[1]) == (entry["verdict"] == -1)
+
+
+def test_readme_claims_check_fails_when_readme_and_claims_disagree(tmp_path, capsys):
+    from pipelines.report import readme_main
+
+    readme, claims = tmp_path / "README.md", tmp_path / "claims.json"
+    readme.write_text(README.read_text(encoding="utf-8"), encoding="utf-8")
+    d = json.loads((REPO / "metrics" / "claims.json").read_text())
+    args = ["--readme", str(readme), "--claims", str(claims)]
+    claims.write_text(json.dumps(d))
+    assert readme_main([*args, "--check"]) == 0
+    first = next(iter(d))
+    d[first].update(diff=4.321, ci_low=1.5, ci_high=7.25, n=3, verdict=1)  # another run's numbers
+    claims.write_text(json.dumps(d))
+    assert readme_main([*args, "--check"]) == 1 and "differs from" in capsys.readouterr().err
+    assert readme_main(args) == 0 and readme_main([*args, "--check"]) == 0
+    assert "| **holds** | +4.32 | [+1.5, +7.25] | 3 |" in _claims_block(readme.read_text(encoding="utf-8"))
+    claims.write_text("[1, 2]")
+    assert readme_main(args) == 1 and "not a claims file" in capsys.readouterr().err

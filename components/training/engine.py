@@ -194,12 +194,14 @@ class Trainer:
         after_step: Callable[[int], None] | None = None,
         extra_state: dict[str, Any] | None = None,
         on_log: Callable[[int, dict], None] | None = None,
+        stop_when: Callable[[], bool] | None = None,
         find_unused_parameters: bool = False,
     ):
         self.raw, self.optimizer, self.cfg, self.device, self.info = model, optimizer, cfg, device, info
         self.lr_fn, self.wd_fn, self.grad_hook, self.after_step = lr_fn, wd_fn, grad_hook, after_step
         self.extra_state = extra_state or {}
         self.on_log = on_log
+        self.stop_when = stop_when or (lambda: False)  # checked after each epoch's on_epoch_end (early stopping)
         model.to(device)
         wrapped: nn.Module = model
         if info.is_distributed:
@@ -368,7 +370,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         window_t, window_n = time.perf_counter(), 0
-        while self.step < cfg.total_steps:
+        while self.step < cfg.total_steps and not self.stop_when():
             epoch, pos = divmod(self.step, steps_per_epoch)
             batches = iter(loader.epoch(epoch, skip_batches=pos * cfg.accum_steps))
             while pos < steps_per_epoch and self.step < cfg.total_steps:
@@ -401,5 +403,7 @@ class Trainer:
                             self.on_log(self.step, extra)
                 if cfg.ckpt_dir and (self.step % cfg.ckpt_every == 0 or self.step == cfg.total_steps or epoch_done):
                     self.save_checkpoint()
+                if epoch_done and self.stop_when():
+                    break
         bar.close()
         return self.history

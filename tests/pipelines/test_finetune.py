@@ -132,3 +132,35 @@ def test_an_eval_crop_outside_0_1_is_a_params_error(section, key):
     raw[section][key] = 1.2
     with pytest.raises(ParamsError, match=rf"{section}.{key} = 1.2"):
         validate_params(raw, "params.yaml")
+
+
+@pytest.mark.integration  # ~30 s on 2 shared cores: prepare + one scratch fine-tune of the micro params
+def test_early_stopping_trains_without_the_held_out_labels_and_keeps_the_best_epoch(tmp_path):
+    from components.data.splits import read_labeled_indices
+    from components.training.early_stop import holdout_split
+    from tests.pipelines.conftest import make_project
+
+    root = make_project(tmp_path / "p")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["tracking"]["enabled"] = False
+    params["finetune"].update(seeds=[3], epochs=6, eval_every=1, early_stop={"holdout_fraction": 0.25, "patience": 2})
+    params["finetune"]["linear_probe"]["enabled"] = params["finetune"]["knn"]["enabled"] = False
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(root, str(BIN / "python"), "-m", "pipelines.prepare")
+    run(root, str(BIN / "python"), "-m", "pipelines.finetune", "--init", "scratch", "--seed", "3")
+
+    m = read_results(root / "metrics" / "finetune" / "scratch-3.json")
+    index = load_classification_index(root / "data" / "classification" / "index.json")
+    labeled = read_labeled_indices(root / m["split"], len(index.train))
+    _, held = holdout_split(labeled, [index.train[i][1] for i in labeled], 0.25, 3)
+    assert m["labeled_images"] == 48 and m["holdout_images"] == len(held) and 8 <= len(held) <= 16  # ~25 % per class
+    stop = m["early_stop"]
+    steps_per_epoch = (48 - len(held)) // params["finetune"]["batch_size"]  # drop_last batches of the rest
+    assert m["steps"] == m["epochs"] * steps_per_epoch and 1 <= stop["best_epoch"] <= m["epochs"] <= 6
+    assert stop["stopped"] == (m["epochs"] < 6) and 0 <= stop["holdout_top1"] <= 100
+    # the restored state is the best epoch's: its held-out test row is the one the metrics report
+    val = {
+        int(r["epoch"]): float(r["val_top1"])
+        for r in csv.DictReader((root / "plots/finetune/scratch-3/val.csv").open())
+    }
+    assert val[stop["best_epoch"]] == m["top1"], (val, m)

@@ -106,6 +106,19 @@ BAD_VALUES = [
         "prepare.classification.labeled_percents = 150.0: each percent must be in (0, 100]",
     ),
     ("finetune.eval_crop_pct", 0, "finetune.eval_crop_pct = 0: Input should be greater than 0"),
+    (
+        "finetune.early_stop.holdout_fraction",
+        1.0,
+        "finetune.early_stop.holdout_fraction = 1.0: Input should be less than 1",
+    ),
+    (
+        "finetune.early_stop.holdout_fraction",
+        -0.1,
+        "finetune.early_stop.holdout_fraction = -0.1: Input should be greater than or equal to 0",
+    ),
+    ("finetune.early_stop.patience", 0, "finetune.early_stop.patience = 0: Input should be greater than or equal to 1"),
+    ("finetune.early_stop.patience", 2.5, "finetune.early_stop.patience = 2.5: Input should be a valid integer"),
+    ("finetune.early_stop.patience", DELETE, "finetune.early_stop.patience: missing key"),
     # cross-field rules
     ("pretrain_mae.min_lr", 1.0, "pretrain_mae.min_lr = 1.0: must be <= the peak lr"),
     ("pretrain_ibot.min_lr", 1.0, "pretrain_ibot.min_lr = 1.0: must be <= the peak lr"),

@@ -236,17 +236,19 @@ def test_the_page_shows_this_runs_stages_only(tmp_path, monkeypatch):
     assert soft["diff"] == pytest.approx(0.05) and soft["verdict"] == "holds"  # the same +0.05 on both seeds
 
 
-def test_readme_claims_block_is_filled_from_claims_md(tmp_path):
+def test_readme_claims_block_is_filled_from_metrics_claims_json(tmp_path):
     from pipelines.report import fill_readme
 
-    readme, claims = tmp_path / "README.md", tmp_path / "claims.md"
-    claims.write_text("| claim | verdict |\n|---|---|\n| a | holds |\n")
-    readme.write_text("# x\n\n<!-- claims:begin -->\nold\n<!-- claims:end -->\n\nmore\n")
-    assert fill_readme(readme, claims) is True
-    assert (
-        readme.read_text()
-        == "# x\n\n<!-- claims:begin -->\n| claim | verdict |\n|---|---|\n| a | holds |\n<!-- claims:end -->\n\nmore\n"
+    readme, claims = tmp_path / "README.md", tmp_path / "claims.json"
+    claims.write_text(
+        json.dumps({"finetune_mae_vs_scratch": {"diff": 2.5, "ci_low": 0.5, "ci_high": 4.5, "n": 3, "verdict": 1}})
     )
+    readme.write_text("# x\n\n<!-- claims:begin -->\nold\n<!-- claims:end -->\n\nmore\n")
+    assert fill_readme(readme, claims, check=True) is True and "old" in readme.read_text()
+    assert fill_readme(readme, claims) is True
+    text = readme.read_text()
+    assert "| fine-tune top-1: MAE > scratch | **holds** | +2.5 | [+0.5, +4.5] | 3 |\n<!-- claims:end -->" in text
+    assert text.startswith("# x\n\n<!-- claims:begin -->\n") and text.endswith("<!-- claims:end -->\n\nmore\n")
     assert fill_readme(readme, claims) is False
     (tmp_path / "bare.md").write_text("# no markers\n")
     with pytest.raises(ValueError, match="claims:begin"):
