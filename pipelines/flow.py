@@ -219,11 +219,13 @@ def dvc_outcome(stage: str, lines: list[str]) -> str:
     return "ran"
 
 
-def run_logged(cmd: list[str], cwd: str | Path, env: dict[str, str], stage: str, logger) -> list[str]:
+def run_logged(
+    cmd: list[str], cwd: str | Path, env: dict[str, str], stage: str, logger, label: str | None = None
+) -> list[str]:
     """Run ``cmd``, streaming its output (tqdm bars thinned) into Prefect's log; the output's lines.
     A stage's one-line bad-input message raises :class:`StageInputError`, any other failure RuntimeError."""
     bin_dir = Path(sys.executable).parent
-    logger.info("$ %s", " ".join(cmd))
+    logger.info("$ %s", label or " ".join(cmd))
     proc = subprocess.Popen(
         cmd,
         cwd=str(cwd),
@@ -366,7 +368,9 @@ def run_dvc_stage(stage: str, root: str, env: dict[str, str], force: bool = Fals
             lines = run_logged(dvc("repro", "--pull", stage), cwd, env, stage, logger)
             outcome = dvc_outcome(stage, lines)
             if outcome != "up to date":
-                run_logged([sys.executable, "-c", PUSH_RUN_CACHE], cwd, env, "push", logger)
+                run_logged(
+                    [sys.executable, "-c", PUSH_RUN_CACHE], cwd, env, "push", logger, "dvc push --run-cache (+ objects)"
+                )
         outcome = dvc_outcome(stage, lines)
         files = stage_metrics_files(stage, cwd)
         result = {
@@ -529,7 +533,12 @@ def mimflow_pipeline(
                     failure = futures[s].result(raise_on_failure=False)
                     logger.error("%s failed: %s; no new stage starts", s, failure)
         in_workspaces = [
-            s for s in selected if s in results and placements[s] and placements[s]["where"] == "workspace"
+            s
+            for s in selected
+            if s in results
+            and placements[s]
+            and placements[s]["where"] == "workspace"
+            and results[s]["outcome"] != "up to date"
         ]
         if in_workspaces:
             restored = restore_into_project(
