@@ -20,12 +20,12 @@ and DVC restores every one from the run-cache without recomputing it (a stage DV
 and returned under ``recomputed``), leaving the dvc.lock a sequential run leaves. The remote is ``remote``
 (a DVC remote of the project), else the project's default remote, else the project's own DVC cache directory
 (the workspaces push straight into it; one machine only). A stage DVC cannot keep in its run-cache (an output
-marked ``persist: true``), and any stage downstream of one, runs in the project's workspace instead, one at a
-time. Before the stages start, a SQLite MLflow store is switched to WAL and its experiment is created by the
-flow's run (:func:`pipelines.tracking.prepare_store`), so concurrent stages neither race to create it nor fail
-on "database is locked". A stage that fails stops new stages from starting; the running ones finish (their
-results stay in the run-cache, so a rerun recomputes only what failed) and the flow fails with the stage's
-one-line error.
+``persist: true``, or ``cache: false`` without being a metric or a plot), and any stage downstream of one, runs
+in the project's workspace instead, one at a time. Before the stages start, a SQLite MLflow store is switched
+to WAL (:func:`pipelines.tracking.prepare_store`) and its experiment is created by the flow's run, so concurrent
+stages neither race to create it nor fail on "database is locked". A stage that fails stops new stages from
+starting; the running ones finish (their results stay in the run-cache, so a rerun recomputes only what
+failed) and the flow fails with the stage's one-line error.
 
 Every stage's MLflow run is nested under the flow's run via ``MIMFLOW_PARENT_RUN_ID``; at the end the flow's
 run records how many stages were selected and done and how its children ended (a child a killed stage left
@@ -95,7 +95,7 @@ class StageNode:
     name: str
     upstream: tuple[str, ...]
     ancestors: frozenset[str]
-    run_cacheable: bool  # no ``persist: true`` output (DVC's run-cache skips such stages)
+    run_cacheable: bool  # DVC saves its runs in the run-cache (:func:`run_cacheable`)
 
 
 def stage_graph(root: Path = ROOT) -> dict[str, StageNode]:
@@ -115,11 +115,21 @@ def stage_graph(root: Path = ROOT) -> dict[str, StageNode]:
         )
         names = {s: s.name for s in stages}
         ancestors = {s.name: frozenset(names[a] for a in nx.descendants(graph, s) if a in names) for s in ordered}
-        persist = {s.name: any(o.persist for o in s.outs) for s in ordered}
+        cacheable = {s.name: run_cacheable(s) for s in ordered}
     return {
-        name: StageNode(name, nearest(ancestors[name], ancestors), ancestors[name], not persist[name])
+        name: StageNode(name, nearest(ancestors[name], ancestors), ancestors[name], cacheable[name])
         for name in (s.name for s in ordered)
     }
+
+
+def run_cacheable(stage) -> bool:
+    """Whether ``dvc repro`` saves the stage's runs in DVC's run-cache: not when an output is ``persist: true``
+    (``dvc.stage.cache._can_hash``), nor when an output other than a metric or a plot is ``cache: false``
+    (``Stage.reproduce``: "cache: false deactivates the run-cache", iterative/dvc#8738)."""
+    outs = list(stage.outs)
+    if not (stage.cmd and stage.deps and outs):
+        return False
+    return not any(o.persist or (not o.use_cache and not (o.is_metric or o.is_plot)) for o in outs)
 
 
 def nearest(among: frozenset[str] | set[str], ancestors: dict[str, frozenset[str]]) -> tuple[str, ...]:
@@ -505,7 +515,10 @@ def mimflow_pipeline(
     restored: dict = {}
     try:
         if remote_spec and remote_spec["pull"]:  # the project's results, for the workspaces to restore
-            run_logged(dvc("push", "--run-cache"), project, env, "", logger)
+            run_logged(dvc("push"), project, env, "", logger)
+            run_logged(
+                [sys.executable, "-c", PUSH_RUN_CACHE], project, env, "", logger, "dvc push --run-cache (+ objects)"
+            )
         runner = run_dvc_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
         futures: dict = {}
         pending, running = list(selected), set()

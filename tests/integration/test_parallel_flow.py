@@ -6,8 +6,10 @@ micro params' prepare -> (pretrain_mae, baselines) with MLflow's SQLite store sh
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -89,16 +91,27 @@ def test_parallel_tiny_dag_equals_sequential_and_a_failed_stage_is_all_a_rerun_r
     assert "Running stage" not in dvc_repro(root)
 
 
-def without_checkpoint_outs(root: Path) -> None:
-    """dvc.yaml without the checkpoints/ outputs (``persist: true`` outputs keep a stage out of DVC's run-cache;
-    issue 30, item 1 takes them out of DVC's outputs), committed."""
+def run_cacheable(root: Path) -> None:
+    """dvc.yaml as DVC's run-cache needs it, committed: checkpoints/ out of the outputs (a ``persist: true``
+    output keeps a stage out of the run-cache; issue 30, item 1 takes them out of DVC's outputs) and the other
+    ``cache: false`` outputs (figures, plots/prepare) declared as the plots they are (DVC keeps no run of a stage
+    with a ``cache: false`` output that is neither a metric nor a plot)."""
     path = root / "dvc.yaml"
     spec = yaml.safe_load(path.read_text())
     for stage in spec["stages"].values():
-        stage["outs"] = [o for o in stage.get("outs", []) if not str(next(iter(o), o)).startswith("checkpoints/")]
+        outs = []
+        for out in stage.get("outs", []):
+            name, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+            if name.startswith("checkpoints/"):
+                continue
+            if opts.get("cache") is False:
+                stage.setdefault("plots", []).append({name: {"cache": False}})
+            else:
+                outs.append(out)
+        stage["outs"] = outs
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     env = project_env(root)
-    subprocess.run(["git", "commit", "-qam", "checkpoints out of DVC's outputs"], cwd=root, env=env, check=True)
+    subprocess.run(["git", "commit", "-qam", "dvc.yaml for the run-cache"], cwd=root, env=env, check=True)
 
 
 TIMING = re.compile(r"(_s|per_s|time_s)$")
@@ -120,13 +133,17 @@ def test_parallel_micro_stages_share_sqlite_mlflow_and_equal_sequential(harness,
 
     stages = ["prepare", "pretrain_mae", "baselines"]
     sequential = make_project(tmp_path / "sequential")
-    without_checkpoint_outs(sequential)
+    run_cacheable(sequential)
     root = make_project(tmp_path / "parallel")
-    without_checkpoint_outs(root)
+    run_cacheable(root)
     use_env(monkeypatch, root)
+    started = time.perf_counter()
     out = mimflow_pipeline(stages=stages, root=str(root), parallel=2, retries=0)
+    parallel_s = time.perf_counter() - started
     assert out["recomputed"] == []
+    started = time.perf_counter()
     dvc_repro(sequential, *stages)
+    print(f"wall time: parallel flow (N = 2) {parallel_s:.1f} s, dvc repro {time.perf_counter() - started:.1f} s")
 
     par, seq = lock_stages(root), lock_stages(sequential)
     for stage in stages:
@@ -149,3 +166,48 @@ def test_parallel_micro_stages_share_sqlite_mlflow_and_equal_sequential(harness,
     }
     assert children == dict.fromkeys(stages, "FINISHED")
     assert parent.info.status == "FINISHED" and parent.data.metrics["stages_ran"] == 3
+
+
+def test_a_sqlite_store_takes_two_stages_logging_at_once(tmp_path):
+    """Issue 25, item 3: two processes logging to one SQLite store at once, as two parallel stages do, once the
+    flow has prepared it (WAL) and created the experiment; no "database is locked", both runs complete."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from pipelines.tracking import Tracker, prepare_store
+    from tests.pipelines.conftest import REPO, micro_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    prepare_store(uri)
+    cfg = micro_config().tracking.model_copy(update={"uri": uri})
+    parent = Tracker(cfg, tmp_path)
+    parent.start("flow", {})  # creates the experiment, as the flow's run does
+    parent.end()
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+    script = (
+        "import sys; from pathlib import Path; from pipelines.tracking import Tracker; "
+        "from tests.pipelines.conftest import micro_config; "
+        f"cfg = micro_config().tracking.model_copy(update={{'uri': {uri!r}}}); "
+        f"t = Tracker(cfg, Path({str(tmp_path)!r})); t.start(sys.argv[1], {{'i': sys.argv[1]}}); "
+        "[t.log_metrics({'loss': 1.0 / (s + 1), 'lr': 0.1}, step=s) for s in range(40)]; t.end()"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MIMFLOW_PARENT_RUN_ID")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, name], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        for name in ("stage_a", "stage_b")
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
+    done = {r.info.run_name.split(" · ")[0]: r.info.status for r in runs}
+    assert done["stage_a"] == done["stage_b"] == "FINISHED"
+    history = client.get_metric_history(
+        next(r.info.run_id for r in runs if r.info.run_name.startswith("stage_a")), "loss"
+    )
+    assert len(history) == 40
