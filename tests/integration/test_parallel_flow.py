@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.conftest import set_params
 from tests.pipelines.conftest import BIN, make_project, project_env
 from tests.pipelines.tiny_dag import make_tiny_project, ticks
 
@@ -91,6 +92,25 @@ def test_parallel_tiny_dag_equals_sequential_and_a_failed_stage_is_all_a_rerun_r
     assert "Running stage" not in dvc_repro(root)
 
 
+def test_parallel_tiny_dag_through_a_configured_remote(harness, tmp_path, monkeypatch):
+    """With a DVC remote configured (a directory here; S3, MinIO or SSH for a lab), the project pushes its results
+    there first, the workspaces pull from and push to it, and the project restores every stage from it."""
+    from pipelines.flow import mimflow_pipeline
+
+    root = make_tiny_project(tmp_path / "parallel")
+    env = project_env(root)
+    subprocess.run([str(BIN / "dvc"), "remote", "add", "-d", "team", str(tmp_path / "remote")], cwd=root, env=env)
+    subprocess.run(["git", "commit", "-qam", "the team's remote"], cwd=root, env=env, check=True)
+    dvc_repro(root, "a")  # done before the flow: the workspaces must get it from the remote
+    use_env(monkeypatch, root, tmp_path / "ticks")
+    result = mimflow_pipeline(root=str(root), parallel=2, retries=0)
+    assert result["recomputed"] == []
+    assert set(ticks(tmp_path / "ticks")) == {"b", "c", "d"}
+    assert (root / "d.txt").read_text() == "dbaca"
+    assert list((tmp_path / "remote" / "runs").rglob("*")), "no run-cache in the remote"
+    assert "Running stage" not in dvc_repro(root)
+
+
 def run_cacheable(root: Path) -> None:
     """dvc.yaml as DVC's run-cache needs it, committed: checkpoints/ out of the outputs (a ``persist: true``
     output keeps a stage out of the run-cache; issue 30, item 1 takes them out of DVC's outputs) and the other
@@ -133,6 +153,7 @@ def test_parallel_micro_stages_share_sqlite_mlflow_and_equal_sequential(harness,
 
     stages = ["prepare", "pretrain_mae", "baselines"]
     sequential = make_project(tmp_path / "sequential")
+    set_params(sequential, tracking={"enabled": False})  # not a param of these stages: dvc.lock is unchanged
     run_cacheable(sequential)
     root = make_project(tmp_path / "parallel")
     run_cacheable(root)
