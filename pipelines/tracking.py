@@ -104,6 +104,24 @@ def check_reachable(uri: str, timeout: float) -> None:
         ) from None
 
 
+def prepare_store(uri: str) -> None:
+    """Ready a SQLite store for stages that log at once (the parallel flow, ``dvc exp run --queue -j N``): the
+    database in WAL mode, so readers do not block the one writer and a writer waits (MLflow's busy timeout,
+    20 s) instead of failing with "database is locked" (mlflow#4123). WAL is a property of the database
+    file: set once, every later connection uses it. Other stores are left alone."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    path = Path(uri[len("sqlite:///") :].split("?")[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=30)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

@@ -109,3 +109,145 @@ def test_the_flow_command_says_what_is_wrong_in_one_line(project, case, tmp_path
     assert proc.returncode == (2 if case == "bad params" else 1), proc.stderr
     assert "Traceback" not in proc.stderr and last.startswith("error: flow: "), proc.stderr
     assert ("prepare.contact_sheet_samples = 0" if case == "bad params" else "unknown stage(s) no_such_stage") in last
+
+
+# ---------------------------------------------------------------- the graph, DVC's verdicts, names, progress
+def tiny_env(monkeypatch, root, tmp_path) -> None:
+    """The tiny project's environment for an in-process flow run; $TICKS records each stage's start and end."""
+    for key, value in project_env(root).items():
+        if key in ("PATH", "PYTHONPATH") or key.startswith(("DO_NOT", "DVC_", "MLFLOW_DISABLE", "GIT_")):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("TICKS", str(tmp_path / "ticks"))
+    monkeypatch.delenv("MIMFLOW_PARENT_RUN_ID", raising=False)
+
+
+def flow_task_runs(state) -> dict:
+    """{task run name: task run} of the flow run that ended in ``state``, read back through Prefect's API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        name = client.read_flow_run(flow_run_id).name
+    return {"__flow_run_name__": name, **{r.name: r for r in runs}}
+
+
+def test_flow_graph_has_dvc_yaml_edges_and_up_to_date_stages_end_skipped(harness, tmp_path, monkeypatch):
+    """Issue 30, item 5: Prefect's graph has dvc.yaml's edges (each task run's ``wait_for`` inputs are its
+    upstream stages' task runs); a second run, where DVC says every stage didn't change, ends every task
+    Completed named Skipped with the message "up to date" and publishes no new metrics artifact; flow runs
+    are named after the commit and a digest of params.yaml."""
+    import re
+
+    from prefect.client.orchestration import get_client
+
+    from pipelines.flow import mimflow_pipeline
+    from tests.pipelines.tiny_dag import make_tiny_project, ticks
+
+    root = make_tiny_project(tmp_path / "tiny")
+    tiny_env(monkeypatch, root, tmp_path)
+    first = flow_task_runs(mimflow_pipeline(root=str(root), retries=0, return_state=True))
+    ids = {name: str(r.id) for name, r in first.items() if name != "__flow_run_name__"}
+    waits = {
+        name: sorted(k for k, v in ids.items() if v in {str(i.id) for i in r.task_inputs.get("wait_for", [])})
+        for name, r in first.items()
+        if name != "__flow_run_name__"
+    }
+    assert waits == {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
+    assert all(first[s].state.name == "Completed" for s in "abcd")
+    assert set(ticks(tmp_path / "ticks")) == set("abcd")
+    assert re.fullmatch(r"[0-9a-f]{7}\+?-p[0-9a-f]{8}", first["__flow_run_name__"]), first["__flow_run_name__"]
+
+    (tmp_path / "ticks").unlink()
+    second = flow_task_runs(mimflow_pipeline(root=str(root), retries=0, return_state=True))
+    for s in "abcd":
+        assert second[s].state.type.value == "COMPLETED" and second[s].state.name == "Skipped", second[s].state
+        assert second[s].state.message.startswith("up to date")
+    assert not (tmp_path / "ticks").exists()  # DVC ran nothing
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["d-metrics"])))
+    assert len(artifacts) == 1  # the first run's only
+    assert "| length | 5 |" in artifacts[0].data
+
+
+def test_flow_waits_for_the_nearest_selected_upstream_stages(tmp_path):
+    """A selection skips stages in between: the edges go to the nearest selected ancestors."""
+    from pipelines.flow import stage_graph, upstream_edges
+    from tests.pipelines.tiny_dag import make_tiny_project
+
+    graph = stage_graph(make_tiny_project(tmp_path / "tiny"))
+    assert [n.upstream for n in graph.values()] == [(), ("a",), ("a",), ("b", "c")]
+    assert upstream_edges(["a", "d"], graph) == {"a": (), "d": ("a",)}
+    assert upstream_edges(["a", "b", "d"], graph) == {"a": (), "b": ("a",), "d": ("b",)}
+
+
+def test_dvc_outcome_reads_dvc_s_own_words():
+    from pipelines.flow import dvc_outcome
+
+    assert dvc_outcome("b", ["Stage 'a' didn't change, skipping", "Running stage 'b':", "> python x"]) == "ran"
+    assert dvc_outcome("b", ["Running stage 'a':", "Stage 'b' didn't change, skipping"]) == "up to date"
+    assert dvc_outcome("b", ["Pulling data for stage: 'b'"]) == "up to date"
+    assert dvc_outcome("b", ["Stage 'b' is cached - skipping run, checking out outputs"]) == "restored"
+
+
+def test_progress_bars_become_one_line_every_interval():
+    """tqdm's bars, a log row per refresh once piped, are thinned to one short line per interval plus the last."""
+    from pipelines.flow import ProgressFilter
+
+    now = [0.0]
+    keep = ProgressFilter(every_s=30, clock=lambda: now[0])
+    bar = "pretrain_mae:  {p}%|█████     | {n}/40 [00:01<00:01,  1.50it/s, loss=0.1]"
+    shown = []
+    for n in range(1, 41):
+        now[0] = n * 2.0  # a refresh every 2 s
+        shown.append(keep(bar.format(p=n * 100 // 40, n=n)))
+    lines = [s for s in shown if s]
+    assert len(lines) == 4, lines  # at 2 s, 32 s, 62 s, and the last (100 %)
+    assert lines[0] == "progress: pretrain_mae 2% 1/40 [00:01<00:01,  1.50it/s, loss=0.1]"
+    assert lines[-1].startswith("progress: pretrain_mae 100% 40/40")
+    assert keep("INFO resumed pretrain_mae at step 3") == "INFO resumed pretrain_mae at step 3"
+
+
+def test_claims_become_a_prefect_artifact_and_parent_run_metrics(harness, tmp_path):
+    """Issue 20, item 3 (the flow's part): reports/claims.md as the Prefect artifact mimflow-claims; on the flow's
+    MLflow run, claims.md as an artifact and each claim's numbers as metrics claim.<id>.<field>."""
+    import json
+
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from pipelines.flow import publish_claims
+    from pipelines.tracking import Tracker
+    from tests.pipelines.conftest import micro_config
+
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "metrics").mkdir()
+    table = "| claim | verdict |\n|---|---|\n| MAE > scratch | holds |\n"
+    (tmp_path / "reports" / "claims.md").write_text(table)
+    claims = {"finetune_mae_vs_scratch": {"diff": 11.25, "ci_low": 2.5, "ci_high": None, "n": 2, "verdict": 1}}
+    (tmp_path / "metrics" / "claims.json").write_text(json.dumps(claims))
+    cfg = micro_config().tracking.model_copy(update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    env_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        tracker = Tracker(cfg, tmp_path)
+        tracker.start("flow", {"flow": {"stages": "report"}})
+        assert publish_claims(tmp_path, tracker)
+        run_id = tracker.run_id
+        tracker.end()
+        run = mlflow.MlflowClient(cfg.uri).get_run(run_id)
+        artifacts = [a.path for a in mlflow.MlflowClient(cfg.uri).list_artifacts(run_id)]
+    finally:
+        if env_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
+    assert run.data.metrics["claim.finetune_mae_vs_scratch.diff"] == 11.25
+    assert run.data.metrics["claim.finetune_mae_vs_scratch.verdict"] == 1
+    assert "claim.finetune_mae_vs_scratch.ci_high" not in run.data.metrics  # null: no interval
+    assert "claims.md" in artifacts
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mimflow-claims"])))
+    assert found and found[0].data == table
+    assert not publish_claims(tmp_path / "nothing", tracker)

@@ -37,14 +37,14 @@ def test_stage_paths_are_the_outs_dvc_yaml_declares(stages):
     assert str(layout.SOURCES) in stages["prepare"]["deps"]
     for stage in ("pretrain_mae", "pretrain_ibot"):
         declared = outs(stages[stage])
-        for kind in (layout.MODELS, layout.CHECKPOINTS):
-            assert str(layout.stage_dir(kind, stage)) in declared
+        assert str(layout.stage_dir(layout.MODELS, stage)) in declared
+        assert str(layout.stage_dir(layout.CHECKPOINTS, stage)) not in declared  # resumable state, not a DVC out
         assert str(layout.metrics_file(stage)) in declared
         assert str(layout.CLASSIFICATION) in stages[stage]["deps"]
     for stage in ("finetune", "detect"):  # matrix items: <kind>/<stage>/<key>
         declared = outs(stages[stage])
-        for kind in (layout.MODELS, layout.CHECKPOINTS):
-            assert str(layout.stage_dir(kind, stage, "${key}")) in declared
+        assert str(layout.stage_dir(layout.MODELS, stage, "${key}")) in declared
+        assert str(layout.stage_dir(layout.CHECKPOINTS, stage, "${key}")) not in declared
         assert str(layout.metrics_file(stage, "${key}")) in declared
     assert str(layout.CLASSIFICATION) in stages["finetune"]["deps"]
     assert str(layout.DETECTION) in stages["detect"]["deps"]
