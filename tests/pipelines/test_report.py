@@ -270,3 +270,63 @@ def test_a_figure_over_twice_a_grid_cell_wide_gets_a_row_of_its_own(tmp_path):
     assert figure_tag("cka/mae__ibot", pair, tmp_path).startswith("<figure><img src='cka__mae__ibot.png'")
     (tmp_path / "x.png").write_bytes(b"not a png")
     assert png_width(tmp_path / "x.png") == 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1800)
+def test_the_mlflow_ui_opens_the_experiment_on_its_runs_table(full_run):
+    """Issue 28, item 2, as a user sees it: the run's MLflow store behind `mlflow server`, in headless Chromium.
+    MLflow 3's UI chooses between its GenAI pages (a traces overview) and its model-training pages (the runs
+    table) by its own switch: the URL's ``workflowType``, then the browser's last choice, GenAI by default; the
+    experiment's kind tag alone does not pick it. ``#/experiments/<id>?workflowType=machine_learning`` does."""
+    import time
+    import urllib.request
+
+    from tests.integration.conftest import free_port
+    from tests.pipelines.conftest import project_env
+
+    browser = chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (make test installs Debian's chromium package)")
+        pytest.skip("chromium is not installed")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{full_run / 'mlflow.db'}"]
+        + ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=full_run,
+        env=project_env(full_run),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        api, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"mlflow server did not answer on port {port} (exit {server.poll()})")
+                time.sleep(1)
+        with urllib.request.urlopen(f"{api}/api/2.0/mlflow/experiments/get-by-name?experiment_name=mimflow") as r:
+            experiment = json.loads(r.read())["experiment"]
+        tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+        assert tags.get("mlflow.experimentKind") == "custom_model_development"
+        url = f"{api}/#/experiments/{experiment['experiment_id']}?workflowType=machine_learning"
+        proc = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
+            + ["--disable-background-networking", "--disable-component-update", "--window-size=1280,800"]
+            + [f"--user-data-dir={full_run / '.chromium-mlflow'}", "--virtual-time-budget=20000", "--dump-dom", url],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        dom = proc.stdout
+        assert "Run Name" in dom and re.search(r"<strong>\d+</strong> matching runs?", dom), dom[-2000:]  # the table
+        assert re.search(r"href=\"#/experiments/\d+/runs/\w+\"><span[^>]*>pretrain_mae", dom)  # a stage's run
+        assert "Detect Issues" not in dom and "No data available" not in dom  # not the GenAI traces overview
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
