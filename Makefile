@@ -75,6 +75,7 @@ flow: $(STAMP)
 	$(BIN)/python -m pipelines.flow
 
 mlflow-ui: $(STAMP)
+	@echo "runs table: http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
 
 prefect-ui: $(STAMP)

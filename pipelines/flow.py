@@ -198,6 +198,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
 TQDM_LINE = re.compile(r"^(?P<desc>.*?):?\s*(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<rest>\d+/\d+.*)$")
 
 
+# DVC's hint after every `dvc repro` that ran something (no config turns it off): once per flow is enough,
+# and the README says when to push
+DVC_HINTS = frozenset({"Use `dvc push` to send your updates to remote storage."})
+
+
 class ProgressFilter:
     """tqdm's bars, one line per refresh once the stage's output is piped, as at most one short line per
     ``every_s`` seconds, plus the bar's last line (100 %): the other lines of the stage pass unchanged."""
@@ -251,7 +256,7 @@ def run_logged(
     progress = ProgressFilter()
     for line in proc.stdout:
         line = line.rstrip()
-        if not line:
+        if not line or line.strip() in DVC_HINTS:
             continue
         shown = progress(line)
         if shown is None:

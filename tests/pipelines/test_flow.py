@@ -211,6 +211,20 @@ def test_progress_bars_become_one_line_every_interval():
     assert keep("INFO resumed pretrain_mae at step 3") == "INFO resumed pretrain_mae at step 3"
 
 
+def test_dvcs_push_hint_is_not_repeated_in_every_stages_log(tmp_path):
+    """DVC prints "Use `dvc push` ..." after every `dvc repro` that ran something; the stage's log leaves it out."""
+    import logging
+
+    from pipelines.flow import run_logged
+
+    logged = []
+    logger = logging.getLogger("test-flow-hints")
+    logger.info = lambda msg, *args: logged.append(msg % args if args else msg)  # type: ignore[method-assign]
+    script = "echo 'Running stage x'; echo 'Use `dvc push` to send your updates to remote storage.'; echo done"
+    lines = run_logged(["sh", "-c", script], tmp_path, {}, "x", logger)
+    assert lines == ["Running stage x", "done"] and not any("dvc push" in m for m in logged[1:]), logged
+
+
 def test_claims_become_a_prefect_artifact_and_parent_run_metrics(harness, tmp_path):
     """Issue 20, item 3 (the flow's part): reports/claims.md as the Prefect artifact mimflow-claims; on the flow's
     MLflow run, claims.md as an artifact and each claim's numbers as metrics claim.<id>.<field>."""
