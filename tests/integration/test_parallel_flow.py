@@ -132,8 +132,8 @@ def results(root: Path, stage: str) -> dict:
 def test_parallel_micro_stages_share_sqlite_mlflow_and_equal_sequential(harness, tmp_path, monkeypatch):
     """prepare, then pretrain_mae and baselines at once, each in its worktree, logging to one SQLite MLflow store:
     no "database is locked", three FINISHED runs under the flow's run; dvc.lock's output hashes of the models,
-    data and figures, and the results (runs/<stage>.json holds wall times, so it is not compared), equal a sequential `dvc repro` on the same machine; the final restore recomputes
-    nothing."""
+    data and figures, and the results (runs/<stage>.json holds wall times, so it is not compared), equal a
+    sequential `dvc repro` on the same machine; the final restore recomputes nothing."""
     import mlflow
 
     from pipelines.flow import mimflow_pipeline
