@@ -114,8 +114,8 @@ class TrainConfig:
 
 
 def compile_backend() -> str:
-    """torch.compile's backend: inductor, or ``MIMFLOW_COMPILE_BACKEND`` (``aot_eager`` captures the same graphs
-    and AOT autograd without inductor's code generation: the CPU smoke runs of the GPU profile)."""
+    """torch.compile's backend: inductor, or ``MIMFLOW_COMPILE_BACKEND`` (``eager`` runs dynamo's graph capture
+    without code generation: the CPU smoke runs of the GPU profile)."""
     return os.environ.get("MIMFLOW_COMPILE_BACKEND", "inductor")
 
 

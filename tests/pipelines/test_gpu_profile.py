@@ -241,7 +241,7 @@ def test_the_check_runs_dvc_yamls_stages_in_the_dags_order():
 @pytest.mark.integration
 def test_gpu_check_on_cpu_fills_every_section_and_runs_the_whole_dag(tmp_path):
     """`make gpu-check DEVICE=cpu`: the benchmarks at tiny sizes and the profile's DAG through dvc repro,
-    every recipe switch on (bf16 autocast, torch.compile through aot_eager, 2 DataLoader workers, 10 local
+    every recipe switch on (bf16 autocast, torch.compile through dynamo (eager backend), 2 DataLoader workers, 10 local
     crops, ...), then pretrain_mae as two torchrun processes."""
     proc = subprocess.run(
         [
