@@ -67,10 +67,10 @@ def test_a_second_dvc_repro_in_the_same_workspace_is_refused(tmp_path):
 def _long_mae(root) -> int:
     """Make pretrain_mae long enough to be killed mid-run; returns its total optimizer steps."""
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["pretrain_mae"].update(epochs=40, ckpt_every=8, log_every=8)
+    params["pretrain_mae"].update(epochs=16, ckpt_every=8, log_every=8)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     run(root, "git", "commit", "-qam", "long mae")
-    return 40 * (96 // params["pretrain_mae"]["batch_size"])
+    return 16 * (96 // params["pretrain_mae"]["batch_size"])
 
 
 def test_kill_9_mid_training_then_dvc_repro_resumes_to_the_same_result(tmp_path):
