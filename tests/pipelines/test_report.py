@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipelines.results import read_results
-from tests.pipelines.conftest import BIN, dvc_repro, run
+from tests.pipelines.conftest import BIN, dvc_repro, make_project, micro_params, run
 
 
 def chromium() -> str | None:
@@ -32,8 +32,14 @@ def _keys(d):
 
 
 @pytest.fixture(scope="module")
-def full_run(project):
-    """The whole DAG, as `dvc repro` runs it."""
+def full_run(tmp_path_factory):
+    """The whole DAG on the micro params, as `dvc repro` runs it; models are not logged to MLflow (the stage
+    tests and the team-server test check that; here it would add 30 s to CI's integration group)."""
+    params = micro_params()
+    params["tracking"]["log_models"] = False
+    path = tmp_path_factory.mktemp("full") / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    project = make_project(path.parent / "project", params=path)
     dvc_repro(project)
     return project
 
@@ -204,7 +210,6 @@ def test_the_page_shows_this_runs_stages_only(tmp_path, monkeypatch):
     10 % detection labels still in the workspace, a run at 20 % shows only the 20 % figures and rows."""
     from pipelines.common import main
     from pipelines.report import current_stages, report
-    from tests.pipelines.conftest import make_project, micro_params
 
     params = micro_params()
     params["tracking"]["enabled"] = False
