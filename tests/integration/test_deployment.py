@@ -140,6 +140,7 @@ class Deployment(NamedTuple):
     api_url: str
     returncode: int
     output: str
+    tracking_uri: str  # where the worker's stages log: the team MLflow server (or its checkout's mlflow.db)
 
     @property
     def checkout(self) -> Path:
@@ -148,10 +149,12 @@ class Deployment(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def readme_deployment(tmp_path_factory):
+def readme_deployment(tmp_path_factory, team_server):
     """The README's deployment block run as written in a git copy of the project (micro params, a local DVC
-    remote), with PORT a free port and RUN the micro `prepare` stage. Its server and worker stay up for the
-    module's tests and are stopped (the block's process group) at the end."""
+    remote), with PORT a free port and RUN the micro `prepare` stage, and MLFLOW_TRACKING_URI the team MLflow
+    server (PostgreSQL) exported before it, as docs/team.md says (the worker's mlflow.db where PostgreSQL is
+    missing). Its server and worker stay up for the module's tests and are stopped (the block's process group)
+    at the end."""
     tmp = tmp_path_factory.mktemp("deployment")
     root = deploy_project(tmp / "repo")
     run_ok([str(BIN / "dvc"), "remote", "add", "-d", "store", str(tmp / "dvc-store")], root, project_env(root))
@@ -159,6 +162,11 @@ def readme_deployment(tmp_path_factory):
     port = free_port()
     # PREFECT_WORKER_QUERY_SECONDS: the worker looks for scheduled runs every 2 s instead of 10 (CI's budget)
     env = clean_env(root, PORT=str(port), RUN=json.dumps({"stages": STAGES}), PREFECT_WORKER_QUERY_SECONDS="2")
+    tracking = (
+        team_server.uri if team_server else f"sqlite:///{root / '.prefect' / 'workspace' / 'mimflow' / 'mlflow.db'}"
+    )
+    if team_server:
+        env["MLFLOW_TRACKING_URI"] = tracking
     shell = subprocess.Popen(
         ["bash", "-e", "-c", readme_block()],
         cwd=root,
@@ -173,7 +181,7 @@ def readme_deployment(tmp_path_factory):
             out, _ = shell.communicate(timeout=420)
         except subprocess.TimeoutExpired:
             pytest.fail("the README's deployment block did not finish in 420 s", pytrace=False)
-        yield Deployment(root, f"http://127.0.0.1:{port}/api", shell.returncode, out)
+        yield Deployment(root, f"http://127.0.0.1:{port}/api", shell.returncode, out, tracking)
     finally:
         stop_group(shell)
     assert not port_open(port), f"the Prefect server still listens on 127.0.0.1:{port}"
@@ -274,8 +282,7 @@ def test_experiments_as_deployment_runs(readme_deployment, tmp_path):
 
     import mlflow
 
-    # the worker has no MLFLOW_TRACKING_URI: the stages log to its checkout's mlflow.db (DVC_ROOT, also for --temp)
-    client = mlflow.MlflowClient(f"sqlite:///{d.checkout / 'mlflow.db'}")
+    client = mlflow.MlflowClient(d.tracking_uri)  # the team server the worker was started with
     tagged = client.search_runs(
         [e.experiment_id for e in client.search_experiments()], "tags.`dvc.exp_name` != ''", max_results=100
     )
