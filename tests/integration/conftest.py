@@ -24,6 +24,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MICRO_EXPERIMENT = "mimflow-team-micro"  # the MLflow experiment the shared micro project logs to
+
+
 def set_params(root: Path, **sections: dict) -> None:
     """Update sections of ``root``'s params.yaml, e.g. ``tracking={"enabled": False}``."""
     path = root / "params.yaml"
@@ -80,6 +83,8 @@ def micro(tmp_path_factory, team_server) -> Path:
         set_params(root, tracking={"enabled": False})
     else:
         env["MLFLOW_TRACKING_URI"] = team_server.uri
+        # its own experiment: the deployment tests' worker logs its prepare runs to the same server
+        set_params(root, tracking={"experiment": MICRO_EXPERIMENT})
         targets.append("finetune@mae-0")
     proc = subprocess.run(
         [str(BIN / "dvc"), "repro", *targets], cwd=root, env=env, capture_output=True, text=True, timeout=600

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.team_server import DB, HOST, PG_USER, TeamServer, TeamServerError
+from tests.integration.conftest import MICRO_EXPERIMENT
 from tests.pipelines.conftest import micro_config
 
 
@@ -44,7 +45,7 @@ def test_stages_log_params_metrics_figure_and_model_to_the_postgres_backed_serve
     metrics = json.loads((root / "metrics" / "pretrain_mae.json").read_text())
     cfg = micro_config().pretrain_mae
 
-    experiment = rest(team_server, "experiments/get-by-name", experiment_name="mimflow")["experiment"]
+    experiment = rest(team_server, "experiments/get-by-name", experiment_name=MICRO_EXPERIMENT)["experiment"]
     runs = rest_post(
         team_server,
         "runs/search",
