@@ -10,7 +10,7 @@ for key, value in {
 
 # Under xdist each worker gets its share of the cores, for its own torch and for the stages it starts (they
 # inherit OMP_NUM_THREADS): two workers with two OpenMP threads each on two cores spin against each other, which
-# made the digits test 401 s instead of about 120 s. A stage's explicit runtime.threads still wins.
+# made the digits test 401 s instead of 128 s. A stage's explicit runtime.threads still wins.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
 if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
