@@ -642,6 +642,7 @@ class DetectViews(Section):
     shear: float = Field(ge=0, lt=90)  # strong: degrees
     erase_n: tuple[int, int]  # strong: random erases
     erase_size: float = Field(ge=0, lt=1)  # strong: max side of an erase (fraction of the shorter side)
+    colour: bool  # labeled and strong: one random colour op (the official pipeline); false: none
 
     @model_validator(mode="after")
     def _check(self):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torchvision.transforms.v2 import functional as F
@@ -228,11 +229,14 @@ def strong_view(
     erase_size: float = 0.2,
     short_side: tuple[int, int] | None = None,
     max_size: int | None = None,
+    colour: bool = True,
 ) -> View:
-    """The student's view: the weak ops, then a colour op and a geometric op in random order, then erases."""
+    """The student's view: the weak ops, then a colour op (``colour``) and a geometric op in random order, then
+    erases."""
     view = weak_view(view, resize_range, flip_p, short_side, max_size)
-    ops = [random_colour, lambda v: random_geometric(v, translate, rotate, shear)]
-    if float(torch.rand(())) < 0.5:  # ShuffledSequential in the official pipeline
+    geometric = partial(random_geometric, translate=translate, rotate=rotate, shear=shear)
+    ops = [random_colour, geometric] if colour else [geometric]
+    if colour and float(torch.rand(())) < 0.5:  # ShuffledSequential in the official pipeline
         ops.reverse()
     for op in ops:
         view = op(view)
@@ -258,14 +262,16 @@ class ViewConfig:
     erase_size: float = 0.2
     short_side: tuple[int, int] | None = None  # absolute resize (see random_resize); None: resize_range
     max_size: int | None = None
+    colour: bool = True  # one colour op on the labeled and strong views (the official pipeline)
 
     def weak(self, view: View) -> View:
         """The teacher's view of an unlabeled image."""
         return to_float(weak_view(view, self.resize_range, self.flip_p, self.short_side, self.max_size))
 
     def labeled(self, view: View) -> View:
-        """Labeled images: the weak view plus one colour op (the official supervised pipeline)."""
-        return to_float(random_colour(weak_view(view, self.resize_range, self.flip_p, self.short_side, self.max_size)))
+        """Labeled images: the weak view plus one colour op (the official supervised pipeline; ``colour``)."""
+        weak = weak_view(view, self.resize_range, self.flip_p, self.short_side, self.max_size)
+        return to_float(random_colour(weak) if self.colour else weak)
 
     def strong(self, view: View) -> View:
         """The student's view of an unlabeled image."""
@@ -281,6 +287,7 @@ class ViewConfig:
                 self.erase_size,
                 self.short_side,
                 self.max_size,
+                self.colour,
             )
         )
 

@@ -1,5 +1,5 @@
 """Each stage builds its augmentations from its params: a flip, blur, solarization or
-colour op set to probability 0 is not in the transform the stage builds; the defaults are the papers'."""
+colour op set to probability 0 (or off) is not in the transform the stage builds; the defaults are the papers'."""
 
 from __future__ import annotations
 
@@ -83,3 +83,23 @@ def test_detection_flip_follows_params():
     assert views_config(params_section(Detect, "detect")).flip_p == 0.5
     cfg = params_section(Detect, "detect", views={"flip_p": 0.0})
     assert isinstance(views_config(cfg), ViewConfig) and views_config(cfg).flip_p == 0.0
+
+
+def test_detection_colour_op_follows_params(monkeypatch):
+    """detect.views.colour false leaves the colour op out of the labeled and the strong views (default: in)."""
+    import torch
+
+    from components.data import box_transforms
+    from pipelines.config import Detect
+
+    assert views_config(params_section(Detect, "detect")).colour is True
+    calls = []
+    real = box_transforms.random_colour
+    monkeypatch.setattr(box_transforms, "random_colour", lambda v: calls.append(v) or real(v))
+    image = torch.randint(0, 256, (3, 32, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    view = box_transforms.identity_view(image, torch.tensor([[4.0, 4.0, 20.0, 20.0]]), torch.tensor([1]))
+    for colour, expected in ((True, 2), (False, 0)):
+        calls.clear()
+        views = views_config(params_section(Detect, "detect", views={"colour": colour}))
+        views.labeled(view), views.strong(view), views.weak(view)
+        assert len(calls) == expected, colour

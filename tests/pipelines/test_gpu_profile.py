@@ -134,6 +134,7 @@ def test_gpu_profile_is_the_papers_vit_b16_recipe():
     assert (st.reg_uncertainty, st.jitter_times, st.jitter_scale, st.ema_momentum) == (0.02, 10, 0.06, 0.999)
     assert det.views.short_side_range == (400, 1200) and det.views.flip_p == 0.5
     assert (det.views.translate, det.views.rotate, det.views.shear, det.views.erase_n) == (0.1, 30, 30, (1, 5))
+    assert det.views.colour  # the official pipeline's colour op on the labeled and strong views
 
     cka = params.cka
     assert (cka.kernel, cka.debiased, cka.crop_pct, cka.max_images) == ("linear", True, 0.875, 10_000)
@@ -201,6 +202,7 @@ RECIPE = [
     "detect.views.rotate",
     "detect.views.shear",
     "detect.views.erase_n",
+    "detect.views.colour",
     "cka.kernel",
     "cka.debiased",
     "cka.crop_pct",
