@@ -4,13 +4,15 @@
 package. This script exports them as an ImageFolder (upsampled to 32 px, a fixed stratified 80/20
 train/held-out split), puts it under ``datasets/digits`` of a temporary copy of the project, points
 ``prepare.classification`` at it, and runs the real stages with ``dvc repro``: prepare ->
-pretrain_mae, pretrain_ibot -> finetune@{scratch,mae,ibot,cnn}. Everything else is params.yaml's
-CPU default, except that flips are off (a mirrored digit is another glyph), fine-tuning stops early on a
-held-out fifth of the labels (``finetune.early_stop``, off in the default) and the
-detection data, which these stages do not read, is shrunk. On the same labeled split and held-out
-set it fits two raw-pixel baselines: logistic regression on standardised pixels and a 5-NN.
+pretrain_mae, pretrain_ibot -> finetune@{scratch,mae,ibot,cnn} and baselines. Everything else is params.yaml's
+CPU default, except that flips are off (a mirrored digit is another glyph) and the detection data, which
+these stages do not read, is shrunk (``--holdout 0.2`` adds early stopping on a held-out fifth of the
+labels, ``finetune.early_stop``, off in the default). On the same labeled split and held-out set it
+reads the pipeline's own raw-pixel baselines (the ``baselines`` stage: logistic regression and k-NN, as
+the results page shows them) and fits scikit-learn's as a cross-check: logistic regression on
+standardised pixels and a 5-NN.
 
-    .venv/bin/python benchmarks/real_data.py            # ~10 min on 2 cores; writes the two files below
+    .venv/bin/python benchmarks/real_data.py            # ~10 min on 2 idle cores; writes the two files below
     .venv/bin/python benchmarks/real_data.py --keep /tmp/digits-project --flips   # keep the project; flips on
 
 Writes ``benchmarks/results/real_data.json`` and ``benchmarks/real_data.md``.
@@ -187,7 +189,7 @@ def report(results: dict) -> str:
             f"split of {results['data']['train']} training and {results['data']['val']} held-out images, "
             f"{b['labeled_images']} labeled ({results['params']['labeled_percent']:g} %) for fine-tuning. The "
             "pipeline ran",
-            "`dvc repro finetune@{scratch,mae,ibot,cnn}-0` with params.yaml's CPU default",
+            "`dvc repro baselines finetune@{scratch,mae,ibot,cnn}-0` with params.yaml's CPU default",
             "unchanged except the data "
             f"root{'' if results['params']['flips'] else ' and flips off (a mirrored digit is another glyph)'}.",
             early,
@@ -197,14 +199,24 @@ def report(results: dict) -> str:
             "| model | fine-tune top-1 | best eval top-1 | linear probe (frozen init) | k-NN (frozen init) | steps |",
             "|---|---|---|---|---|---|",
             *rows,
-            f"| raw pixels: logistic regression | {b['logistic_top1']:.1f} | | | | |",
-            f"| raw pixels: 5-NN | {b['knn5_top1']:.1f} | | | | |",
+            *(
+                [
+                    f"| raw pixels: logistic regression (the `baselines` stage) | {b['pipeline_logistic_top1']:.1f}"
+                    " | | | | |",
+                    f"| raw pixels: k-NN (the `baselines` stage) | {b['pipeline_knn_top1']:.1f} | | | | |",
+                ]
+                if "pipeline_logistic_top1" in b
+                else []
+            ),
+            f"| raw pixels: logistic regression (scikit-learn, standardised) | {b['logistic_top1']:.1f} | | | | |",
+            f"| raw pixels: 5-NN (scikit-learn) | {b['knn5_top1']:.1f} | | | | |",
             "",
-            "Fine-tune top-1: the kept state on the 360 held-out images; best eval top-1: the best of the",
+            f"Fine-tune top-1: the {'kept' if es['holdout_fraction'] > 0 else 'final'} state on the 360 held-out "
+            "images; best eval top-1: the best of the",
             "evaluations every `eval_every` epochs on those same images (shown, never used to choose).",
             "",
-            f"- best fine-tuned model ({c['best_model']}, {c['best_top1']:.1f}) within 5 points of the logistic "
-            "baseline: "
+            f"- best fine-tuned model ({c['best_model']}, {c['best_top1']:.1f}) within 5 points of the stronger "
+            f"logistic baseline ({c.get('logistic_top1', b['logistic_top1']):.1f}): "
             f"**{'holds' if c['best_within_5_of_logistic'] else 'fails'}** ({c['best_minus_logistic']:+.1f})"
             + (f" (models not run: {', '.join(results['missing'])})" if results["missing"] else ""),
             f"- MAE-init beats scratch: **{'holds' if c['mae_beats_scratch'] else 'fails'}** "
@@ -228,7 +240,7 @@ def main() -> int:
     ap.add_argument(
         "--holdout",
         type=float,
-        default=0.2,
+        default=0.0,
         help="finetune.early_stop.holdout_fraction: labels set aside for early stopping (0: off, as the default)",
     )
     ap.add_argument("--no-write", action="store_true", help="print the results only")
@@ -259,7 +271,7 @@ def main() -> int:
                 sh(project, *cmd)
         write_text(project / "params.yaml", yaml.safe_dump(params, sort_keys=False))
         if not args.collect:
-            sh(project, str(BIN / "dvc"), "repro", *[f"finetune@{i}-0" for i in INITS])
+            sh(project, str(BIN / "dvc"), "repro", "baselines", *[f"finetune@{i}-0" for i in INITS])
         keys = (
             "top1",
             "best_top1",
@@ -288,11 +300,15 @@ def main() -> int:
             if (project / f"metrics/{s}.json").is_file()
         }
         base = baselines(project, params)
+        if (project / "metrics/baselines.json").is_file():
+            stage = read_results(project / "metrics/baselines.json")
+            base |= {"pipeline_logistic_top1": stage["logistic_top1"], "pipeline_knn_top1": stage["knn_top1"]}
     finally:
         if args.keep is None:
             shutil.rmtree(project, ignore_errors=True)
     missing = [i for i in INITS if i not in models]  # only with --collect, before every stage has run
     best = max(models, key=lambda i: models[i]["top1"])
+    logistic = max(base["logistic_top1"], base.get("pipeline_logistic_top1", 0.0))  # the stronger of the two
     results = {
         "data": {"source": "sklearn.datasets.load_digits", **data},
         "params": {
@@ -310,8 +326,9 @@ def main() -> int:
         "claims": {
             "best_model": best,
             "best_top1": models[best]["top1"],
-            "best_minus_logistic": round(models[best]["top1"] - base["logistic_top1"], 2),
-            "best_within_5_of_logistic": models[best]["top1"] >= base["logistic_top1"] - 5.0,
+            "logistic_top1": logistic,
+            "best_minus_logistic": round(models[best]["top1"] - logistic, 2),
+            "best_within_5_of_logistic": models[best]["top1"] >= logistic - 5.0,
             "mae_minus_scratch": round(models["mae"]["top1"] - models["scratch"]["top1"], 2)
             if {"mae", "scratch"} <= models.keys()
             else None,
