@@ -1,5 +1,6 @@
 """A shared DVC remote (docs/team.md; default off in .dvc/config): clone A trains and `dvc push`es, a fresh
-clone B `dvc pull`s A's data and models and is up to date (resumable checkpoints are no DVC out, issue 30), and
+clone B `dvc pull`s A's data and models and is up to date, `dvc repro` training nothing (resumable checkpoints
+are no DVC out, issue 30), and
 `dvc exp run -S pretrain_mae.<key>=...` re-runs pretrain_mae only and leaves stale only what depends on it. What a
 run leaves for git is what the README says to commit (issue 28): dvc.lock (staged by core.autostage), metrics/,
 runs/, plots/ (and params.yaml after -S), never a .gitignore, data, models or checkpoints."""
@@ -75,6 +76,8 @@ def test_a_fresh_clone_pulls_what_another_trained(tmp_path, micro):
     assert load_safetensors(b / "models/pretrain_mae/encoder.safetensors").keys()
     assert not (b / "checkpoints").exists()
     assert dvc_status(b, target) == {}
+    out = sh(b, dvc, "repro", target)  # and dvc repro trains nothing
+    assert "Running stage" not in out and "didn't change" in out, out[-3000:]
     assert git_changes(b) == {}
 
     # an experiment on one pretrain_mae param re-runs pretrain_mae only (not prepare), and of what depends on

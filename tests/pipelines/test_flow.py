@@ -265,3 +265,34 @@ def test_claims_become_a_prefect_artifact_and_parent_run_metrics(harness, tmp_pa
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mimflow-claims"])))
     assert found and found[0].data == table
     assert not publish_claims(tmp_path / "nothing", tracker)
+
+
+def test_the_flow_graph_of_the_projects_dvc_yaml_has_its_edges():
+    """On the project's own dvc.yaml and params.yaml (the matrix expanded), each stage waits for exactly the
+    stages whose outputs it reads, less those it reaches through another (the transitive reduction): computed
+    here from dvc.lock's deps and outs paths, independently of DVC's graph, which the flow uses."""
+    import networkx as nx
+    import yaml
+
+    from pipelines.flow import stage_graph, upstream_edges
+    from tests.pipelines.conftest import REPO
+
+    graph = stage_graph(REPO)
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    assert set(graph) <= set(lock), "a stage of dvc.yaml has never run: dvc.lock has no deps and outs for it"
+    lock = {s: lock[s] for s in graph}
+
+    def under(a: str, b: str) -> bool:
+        return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+    reads = nx.DiGraph()
+    reads.add_nodes_from(lock)
+    for stage, entry in lock.items():
+        for other, produced in lock.items():
+            outs = [o["path"] for o in produced.get("outs", [])]
+            if other != stage and any(under(d["path"], o) for d in entry.get("deps", []) for o in outs):
+                reads.add_edge(other, stage)
+    expected = {s: tuple(sorted(nx.transitive_reduction(reads).predecessors(s))) for s in lock}
+
+    assert upstream_edges(list(graph), graph) == {s: expected[s] for s in graph}
+    assert expected["finetune@mae-0"] == ("pretrain_ibot", "pretrain_mae") and "cka" in expected["report"]
