@@ -13,10 +13,12 @@ KILLED when the same stage starts again on that host. Under the Prefect flow, ``
 nests each stage's run under the flow's run; ``MIMFLOW_FLOW_RUN_ID`` (set by the experiment flow) becomes
 the tag ``prefect.flow_run_id``, and a ``dvc exp run``'s ``DVC_EXP_NAME`` the tag ``dvc.exp_name``.
 
-The experiment is created as a model-training experiment (MLflow 3's ``mlflow.experimentKind`` tag), so
-the UI opens on its runs table. A registered model's alias (``tracking.registry_alias``) moves to a new
-version only when it is strictly better than the version holding it and both were trained on the same
-data with the same params (tags ``mimflow.data`` and ``mimflow.params`` on the versions).
+The experiment is created as a model-training experiment (MLflow 3's ``mlflow.experimentKind`` tag); the UI
+still opens an experiment on its traces overview unless the address asks for the runs table
+(``#/experiments/<id>?workflowType=machine_learning``, the address ``make mlflow-ui`` prints). A registered
+model's alias (``tracking.registry_alias``) moves to a new version only when it is strictly better than the
+version holding it and both were trained on the same data with the same params (tags ``mimflow.data`` and
+``mimflow.params`` on the versions).
 
 An HTTP tracking server that cannot be reached is an error before any training starts
 (:class:`TrackingError`): a stage never trains for an hour and then loses its record.

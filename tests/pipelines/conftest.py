@@ -4,6 +4,7 @@ overrides) and whose MLflow store is a temporary SQLite file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -93,6 +94,25 @@ def make_project(dest: Path, params: Path | None = None) -> Path:
     ):
         subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
     return dest
+
+
+@contextlib.contextmanager
+def mlflow_rest(uri: str):
+    """The tracking server's REST API (``/api/2.0/mlflow/...``) on the store ``uri``: MLflow's Flask app as a test
+    client, no server process."""
+    from mlflow.server import BACKEND_STORE_URI_ENV_VAR, app, handlers
+
+    saved = handlers._tracking_store, handlers._model_registry_store, os.environ.get(BACKEND_STORE_URI_ENV_VAR)
+    handlers._tracking_store = handlers._model_registry_store = None
+    os.environ[BACKEND_STORE_URI_ENV_VAR] = uri
+    try:
+        yield app.test_client()
+    finally:
+        handlers._tracking_store, handlers._model_registry_store = saved[:2]
+        if saved[2] is None:
+            os.environ.pop(BACKEND_STORE_URI_ENV_VAR, None)
+        else:
+            os.environ[BACKEND_STORE_URI_ENV_VAR] = saved[2]
 
 
 def project_env(root: Path) -> dict[str, str]:

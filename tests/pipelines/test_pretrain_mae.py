@@ -23,6 +23,7 @@ from tests.pipelines.conftest import (
     make_project,
     micro_config,
     micro_params,
+    mlflow_rest,
     run,
 )
 
@@ -84,12 +85,11 @@ def test_stage_through_dvc_repro_writes_weights_metrics_figure_and_mlflow_run(pr
     assert last.info.run_name.startswith("pretrain_mae · ")
     assert last.data.params["steps"] == str(steps)
     assert "steps" not in last.data.metrics and "peak_lr" not in last.data.metrics
-    (model,) = mlflow.search_logged_models(
-        experiment_ids=[last.info.experiment_id],
-        output_format="list",
-        filter_string=f"source_run_id = '{last.info.run_id}'",
-    )
-    signature = mlflow.models.get_model_info(model.model_uri).signature
+    with mlflow_rest(mlflow.get_tracking_uri()) as rest:  # through the REST API, as the UI lists them
+        query = {"experiment_ids": [last.info.experiment_id], "filter": f"source_run_id = '{last.info.run_id}'"}
+        (model,) = rest.post("/api/2.0/mlflow/logged-models/search", json=query).get_json()["models"]
+    assert model["info"]["name"] == "encoder" and model["info"]["status"] == "LOGGED_MODEL_READY"
+    signature = mlflow.models.get_model_info(f"models:/{model['info']['model_id']}").signature
     assert tuple(signature.inputs.inputs[0].shape) == (-1, 3, spec.img_size, spec.img_size)
     assert tuple(signature.outputs.inputs[0].shape) == (-1, spec.embed_dim)
 

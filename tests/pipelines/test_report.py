@@ -350,6 +350,22 @@ def test_the_mlflow_ui_opens_the_experiment_on_its_runs_table(tmp_path):
         assert "Run Name" in dom and "<strong>1</strong> matching run" in dom, dom[-2000:]  # the runs table
         assert re.search(r"href=\"#/experiments/\d+/runs/\w+\"><span[^>]*>pretrain_mae", dom)  # its one run
         assert "Detect Issues" not in dom and "No data available" not in dom  # not the GenAI traces overview
+
+        # and what a user sees there: a screenshot of the page (docs/img/mlflow-runs.png is one), drawn, not blank
+        shot = tmp_path / "mlflow-runs.png"
+        subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
+            + ["--disable-background-networking", "--disable-component-update", "--window-size=1280,800"]
+            + [f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=20000", f"--screenshot={shot}", url],
+            capture_output=True,
+            timeout=180,
+        )
+        from PIL import Image
+
+        with Image.open(shot) as img:
+            assert img.size == (1280, 800), img.size
+            colours = img.convert("RGB").getcolors(maxcolors=1 << 16) or []
+        assert len(colours) > 50 and max(n for n, _ in colours) < 0.9 * 1280 * 800, f"a blank page: {shot}"
     finally:
         server.terminate()
         server.wait(timeout=30)

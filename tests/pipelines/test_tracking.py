@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipelines.tracking import EXPERIMENT_KIND, Tracker, upstream_params
-from tests.pipelines.conftest import micro_config
+from tests.pipelines.conftest import micro_config, mlflow_rest
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +53,8 @@ def tracker(root, experiment: str = "mimflow") -> Tracker:
 @pytest.fixture()
 def rest(store):
     """The tracking server's REST API on the store (Flask test client: no server process)."""
-    from mlflow.server import BACKEND_STORE_URI_ENV_VAR, app, handlers
-
-    _, uri, _ = store
-    saved = handlers._tracking_store, handlers._model_registry_store
-    handlers._tracking_store = handlers._model_registry_store = None
-    os.environ[BACKEND_STORE_URI_ENV_VAR] = uri
-    try:
-        yield app.test_client()
-    finally:
-        handlers._tracking_store, handlers._model_registry_store = saved
-        os.environ.pop(BACKEND_STORE_URI_ENV_VAR, None)
+    with mlflow_rest(store[1]) as client:
+        yield client
 
 
 def dead_pid() -> int:
@@ -197,15 +188,19 @@ def test_the_alias_moves_only_on_a_strict_improvement_on_the_same_data_and_param
     assert str(holder.version) == "4" and holder.tags["mimflow.data"] == "d1"
 
 
-def test_the_flow_run_closes_its_killed_children_and_is_not_left_empty(store, monkeypatch):
+def test_the_flow_run_closes_its_killed_children_and_is_not_left_empty(store, rest, monkeypatch):
     import mlflow
 
     root, uri, _ = store
     client = mlflow.MlflowClient(uri)
+
+    def info(run_id: str) -> dict:  # through the REST API, as the UI reads it
+        return rest.get("/api/2.0/mlflow/runs/get", query_string={"run_id": run_id}).get_json()["run"]
+
     empty = tracker(root)
     empty.start("flow", {"flow": {"stages": "prepare"}})
     empty.finish_parent("FINISHED", {"stages_selected": 1})
-    assert client.get_run(empty.run_id).info.lifecycle_stage == "deleted"
+    assert info(empty.run_id)["info"]["lifecycle_stage"] == "deleted"
 
     parent = tracker(root)
     parent.start("flow", {"flow": {"stages": "prepare,pretrain_mae"}})
@@ -215,10 +210,11 @@ def test_the_flow_run_closes_its_killed_children_and_is_not_left_empty(store, mo
     client.set_terminated(done.info.run_id, "FINISHED")
     killed = client.create_run(experiment, tags={"mlflow.parentRunId": parent.run_id})
     parent.finish_parent("FAILED", {"stages_selected": 2, "stages_done": 1})
-    run = client.get_run(parent.run_id)
-    assert run.info.status == "FAILED" and run.info.lifecycle_stage == "active"
-    assert client.get_run(killed.info.run_id).info.status == "KILLED"
-    assert {k: run.data.metrics[k] for k in ("stages_selected", "stages_done", "stages_finished", "stages_killed")} == {
+    run = info(parent.run_id)
+    assert run["info"]["status"] == "FAILED" and run["info"]["lifecycle_stage"] == "active"
+    assert info(killed.info.run_id)["info"]["status"] == "KILLED"
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert {k: metrics[k] for k in ("stages_selected", "stages_done", "stages_finished", "stages_killed")} == {
         "stages_selected": 2,
         "stages_done": 1,
         "stages_finished": 1,
