@@ -150,9 +150,12 @@ def claims_table(judged: list[dict]) -> Table:
             "reversed: it lies below 0."
         ),
     )
+
+    def side(s: dict) -> str:
+        return f"{s['label']}: {fmt(s['mean'], 3)}" + ("" if s["se"] is None else f" ± {fmt(s['se'], 3)}")
+
     for c in judged:
         ci = "—" if c["ci_low"] is None else f"[{fmt(c['ci_low'], 3)}, {fmt(c['ci_high'], 3)}]"
-        side = lambda s: f"{s['label']}: {fmt(s['mean'], 3)}" + ("" if s["se"] is None else f" ± {fmt(s['se'], 3)}")  # noqa: E731
         t.add(c["claim"], c["verdict"], fmt(c["diff"], 3), ci, c["n"], side(c["a"]), side(c["b"]), c["test"])
     return t
 

@@ -237,7 +237,10 @@ def test_create_ibot_pair_is_a_student_with_drop_path_and_its_frozen_exact_copy(
         assert torch.equal(ps, pt), n
     assert student.encoder.pos_embed.requires_grad and student.head.mlp[0].weight.requires_grad
     assert not any(p.requires_grad for p in teacher.parameters())
-    rates = lambda net: [b.drop_path1.drop_prob for b in net.encoder.blocks if hasattr(b.drop_path1, "drop_prob")]  # noqa: E731
+
+    def rates(net) -> list[float]:
+        return [b.drop_path1.drop_prob for b in net.encoder.blocks if hasattr(b.drop_path1, "drop_prob")]
+
     assert rates(student) and max(rates(student)) == pytest.approx(0.2) and not rates(teacher)
     torch.manual_seed(0)  # the same draws as building the student by hand: head first, then the ViT
     head = IBOTHead(SPEC.embed_dim, K, K, hidden_dim=48, bottleneck_dim=16)

@@ -92,7 +92,9 @@ def test_dvc_repro_force_trains_again_to_the_same_teacher_and_keeps_the_alias_on
     assert "resumed" not in proc.stderr and "the checkpoint of a finished run; training" in proc.stderr
     after = read_results(project / "metrics" / "detect" / f"{variant}.json")
     assert after["teacher"] == before["teacher"] and after["student"] == before["student"]
-    assert after["train_s"] > 0 and after["train_images_per_s"] > 0
+    # its own timings: a whole training's (a resumed finished run took ~0.03 s), not a copy of the first run's
+    assert after["train_s"] != before["train_s"]
+    assert after["train_s"] > 0.25 * before["train_s"] and after["train_images_per_s"] > 0
     assert client.get_model_version_by_alias(f"mimflow-detect-{item}", "best").version == holder.version
 
 
