@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import random
 import sys
 import time
@@ -188,6 +189,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def hardware(device: torch.device) -> dict[str, str]:
+    """What a run's numbers were computed on, for its runs/<stage>.json and MLflow params: the same params and
+    seed give the same numbers on one kind of machine, while two x86 CPUs whose kernels use different vector
+    units (``cpu_capability``: AVX2, AVX512) sum floats in different orders (docs/findings.md, Reproducing)."""
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
+    info = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
 def setup_logging(is_main: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING,
@@ -294,7 +316,7 @@ def main(
         log.info("%s on %s (%s), %d process(es), seed %d", stage_id, device, precision, info.world_size, ctx.seed)
         metrics = body(ctx) or {}
         if info.is_main:
-            metrics = {**metrics, "wall_time_s": round(time.perf_counter() - ctx.started, 2)}
+            metrics = {**metrics, **hardware(device), "wall_time_s": round(time.perf_counter() - ctx.started, 2)}
             write_results(ctx.metrics_path, metrics)  # numbers to metrics/, timings and strings to runs/
             tracker.log_results(metrics)
             if mark_finished(ctx.checkpoint_dir):  # its results are written: the next run trains afresh

@@ -4,6 +4,7 @@ DDP + gradient accumulation against one process with the whole batch."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import mlflow
@@ -60,6 +61,10 @@ def test_stage_through_dvc_repro_writes_weights_metrics_figure_and_mlflow_run(pr
     metrics = read_results(project / "metrics" / "pretrain_mae.json")
     steps = cfg.epochs * (8 * 12 // cfg.batch_size)
     assert metrics["steps"] == steps and metrics["effective_batch"] == cfg.batch_size
+    # what the numbers were computed on: the run's info and its MLflow params, not a DVC metric
+    info = json.loads((project / "runs" / "pretrain_mae.json").read_text())
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and info["cpu"]
+    assert "cpu_capability" not in json.loads((project / "metrics" / "pretrain_mae.json").read_text())
     assert 0 < metrics["val_masked_loss"] < 10 and 0 < metrics["train_loss"] < 10 and metrics["images_per_s"] > 0
     rows = (project / "plots" / "pretrain_mae" / "loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr" and int(rows[-1].split(",")[0]) == steps
@@ -84,6 +89,7 @@ def test_stage_through_dvc_repro_writes_weights_metrics_figure_and_mlflow_run(pr
     # a run named by stage and commit; constants as params; the encoder a logged model with its signature
     assert last.info.run_name.startswith("pretrain_mae · ")
     assert last.data.params["steps"] == str(steps)
+    assert last.data.params["cpu_capability"] == info["cpu_capability"]
     assert "steps" not in last.data.metrics and "peak_lr" not in last.data.metrics
     with mlflow_rest(mlflow.get_tracking_uri()) as rest:  # through the REST API, as the UI lists them
         query = {"experiment_ids": [last.info.experiment_id], "filter": f"source_run_id = '{last.info.run_id}'"}
