@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 for key, value in {
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
@@ -15,18 +17,38 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
 if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
-# The longest-running files first, so that `-n 2 --dist loadfile` (make test, make test-integration) does not
-# leave one worker running a long file alone at the end. Measured on 2 cores; order, not correctness.
+# Each test file is one unit of work for xdist (`-n 2 --dist loadgroup --no-loadscope-reorder` in make test and
+# make test-integration), handed out in this order, longest first, so that the two workers finish together
+# (seconds of work measured on 2 cores; order, not correctness). Files that share a session fixture form one unit:
+# each worker builds its own session fixtures, and the integration micro project (the team server, pretrain_mae,
+# finetune@mae-0) serves the three team files.
 LONGEST_FIRST = (
-    "tests/pipelines/test_report.py",
-    "tests/pipelines/test_gpu_profile.py",
-    "tests/pipelines/test_adaptive_schedule.py",
-    "tests/pipelines/test_finetune.py",
-    "tests/pipelines/test_detect.py",
-    "tests/pipelines/test_reliability.py",
+    "tests/pipelines/test_gpu_profile.py",  # integration 167 s
+    "tests/pipelines/test_report.py",  # integration 161 s
+    "tests/pipelines/test_adaptive_schedule.py",  # integration 143 s
+    "tests/integration/test_parallel_flow.py",  # 111 s
+    "tests/integration/test_deployment.py",  # 107 s
+    "tests/pipelines/test_finetune.py",  # default 101 s
+    "tests/components/test_ibot.py",  # 95 s
+    "tests/pipelines/test_pretrain_ibot.py",  # 86 s
+    "tests/pipelines/test_reliability.py",  # 82 s
+    "tests/integration/test_team_mlflow.py",  # the team micro project: 81 s with the two below
+    "tests/integration/test_dvc_remote.py",
+    "tests/integration/test_two_nodes.py",
+    "tests/pipelines/test_detect.py",  # 78 s
+    "tests/pipelines/test_prepare.py",  # 69 s
+    "tests/pipelines/test_flow.py",  # 59 s
+    "tests/pipelines/test_pretrain_mae.py",  # 37 s
+    "tests/pipelines/test_cka.py",  # 29 s
+    "tests/pipelines/test_params.py",  # 22 s
 )
+SHARED = dict.fromkeys(LONGEST_FIRST[9:12], "team-micro")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook, which adds the group to each node id
 def pytest_collection_modifyitems(config, items):
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
+    for item in items:  # the unit of work: the file, or the files sharing its session fixture
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(SHARED.get(path, path)))
