@@ -42,7 +42,7 @@ repro: $(STAMP)
 	$(BIN)/dvc repro
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -m "not integration" -n 2 --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -m "not integration" -n 2 --dist loadfile --no-loadscope-reorder
 
 # House style (pyproject.toml's [tool.ruff]): formatted, linted, lines <= 120.
 lint: $(STAMP)
@@ -51,7 +51,7 @@ lint: $(STAMP)
 
 # Slower end-to-end runs (the GPU profile's smoke run through the whole DAG, ...); .ci/run runs both.
 test-integration: $(TEAM_STAMP)
-	$(BIN)/python -m pytest -m integration -n 2 --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -m integration -n 2 --dist loadfile --no-loadscope-reorder
 
 # Debian's PostgreSQL for the team MLflow server (team-up and the integration tests start their own cluster).
 postgres:

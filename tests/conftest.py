@@ -1,7 +1,5 @@
 import os
 
-import pytest
-
 for key, value in {
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
@@ -17,7 +15,7 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
 if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
-# Each test file is one unit of work for xdist (`-n 2 --dist loadgroup --no-loadscope-reorder` in make test and
+# Each test file is one unit of work for xdist (`-n 2 --dist loadfile --no-loadscope-reorder` in make test and
 # make test-integration), handed out in this order, longest first, so that the two workers finish together
 # (seconds of work measured on 2 cores; order, not correctness). Files that share a session fixture form one unit:
 # each worker builds its own session fixtures, and the integration micro project (the team server, pretrain_mae,
@@ -45,10 +43,20 @@ LONGEST_FIRST = (
 SHARED = dict.fromkeys(LONGEST_FIRST[9:12], "team-micro")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook, which adds the group to each node id
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with the files that share a session fixture as one unit of work."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileGroups(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return SHARED.get(path, path)
+
+    return FileGroups(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
-    for item in items:  # the unit of work: the file, or the files sharing its session fixture
-        path = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(SHARED.get(path, path)))
