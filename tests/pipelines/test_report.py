@@ -338,14 +338,10 @@ def test_the_mlflow_ui_opens_the_experiment_on_its_runs_table(tmp_path):
         tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
         assert tags.get("mlflow.experimentKind") == "custom_model_development"
         url = f"{api}/#/experiments/{experiment['experiment_id']}?workflowType=machine_learning"
-        proc = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
-            + ["--disable-background-networking", "--disable-component-update", "--window-size=1280,800"]
-            + [f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=20000", "--dump-dom", url],
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
+        headless = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
+        headless += ["--disable-background-networking", "--disable-component-update", "--window-size=1280,800"]
+        headless += [f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=20000"]
+        proc = subprocess.run([*headless, "--dump-dom", url], capture_output=True, text=True, timeout=180)
         dom = proc.stdout
         assert "Run Name" in dom and "<strong>1</strong> matching run" in dom, dom[-2000:]  # the runs table
         assert re.search(r"href=\"#/experiments/\d+/runs/\w+\"><span[^>]*>pretrain_mae", dom)  # its one run
@@ -353,13 +349,7 @@ def test_the_mlflow_ui_opens_the_experiment_on_its_runs_table(tmp_path):
 
         # and what a user sees there: a screenshot of the page (docs/img/mlflow-runs.png is one), drawn, not blank
         shot = tmp_path / "mlflow-runs.png"
-        subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
-            + ["--disable-background-networking", "--disable-component-update", "--window-size=1280,800"]
-            + [f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=20000", f"--screenshot={shot}", url],
-            capture_output=True,
-            timeout=180,
-        )
+        subprocess.run([*headless, f"--screenshot={shot}", url], capture_output=True, timeout=180)
         from PIL import Image
 
         with Image.open(shot) as img:
