@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,8 +16,20 @@ from pipelines.results import read_results
 from tests.pipelines.conftest import BIN, dvc_repro, make_project, micro_params, run
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+def headless_chromium(profile: Path, budget_ms: int) -> list[str]:
+    """Headless Chromium's command line up to its action (``--dump-dom URL``, ``--screenshot=FILE URL``), with its
+    profile in ``profile`` and ``budget_ms`` of virtual time for the page's scripts; skips the test where Chromium
+    is not installed (fails under CI, where make test installs it)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (make test installs Debian's chromium package)")
+        pytest.skip("chromium is not installed")
+    return [
+        *[browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync"],
+        *["--disable-background-networking", "--disable-component-update", "--window-size=1280,800"],
+        *[f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"],
+    ]
 
 
 def _leaves(d):
@@ -80,32 +93,9 @@ def test_whole_dag_through_dvc_repro(full_run):
 @pytest.mark.integration
 @pytest.mark.timeout(1800)
 def test_results_page_loads_every_figure_and_holds_numbers(full_run):
-    browser = chromium()
-    if browser is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (make test installs Debian's chromium package)")
-        pytest.skip("chromium is not installed")
     page = full_run / "reports" / "index.html"
-    proc = subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={full_run / '.chromium'}",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    command = headless_chromium(full_run / ".chromium", 10000)
+    proc = subprocess.run([*command, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     dom = proc.stdout
     assert "<table" in dom, proc.stderr[-2000:]
     loaded = re.search(r'data-figures="(\d+)/(\d+)"', dom)
@@ -305,11 +295,7 @@ def test_the_mlflow_ui_opens_the_experiment_on_its_runs_table(tmp_path):
     from tests.integration.conftest import free_port
     from tests.pipelines.conftest import REPO, project_env
 
-    browser = chromium()
-    if browser is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (make test installs Debian's chromium package)")
-        pytest.skip("chromium is not installed")
+    headless = headless_chromium(tmp_path / "chromium", 20000)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**project_env(tmp_path), "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(REPO)}
     subprocess.run([str(BIN / "python"), "-c", LOG_ONE_RUN], cwd=tmp_path, env=env, check=True, timeout=300)
@@ -338,9 +324,6 @@ def test_the_mlflow_ui_opens_the_experiment_on_its_runs_table(tmp_path):
         tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
         assert tags.get("mlflow.experimentKind") == "custom_model_development"
         url = f"{api}/#/experiments/{experiment['experiment_id']}?workflowType=machine_learning"
-        headless = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
-        headless += ["--disable-background-networking", "--disable-component-update", "--window-size=1280,800"]
-        headless += [f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=20000"]
         proc = subprocess.run([*headless, "--dump-dom", url], capture_output=True, text=True, timeout=180)
         dom = proc.stdout
         assert "Run Name" in dom and "<strong>1</strong> matching run" in dom, dom[-2000:]  # the runs table
