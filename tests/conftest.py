@@ -20,6 +20,11 @@ if _workers > 1:
 # (seconds of work measured on 2 cores; order, not correctness). Files that share a session fixture form one unit:
 # each worker builds its own session fixtures, and the integration micro project (the team server, pretrain_mae,
 # finetune@mae-0) serves the three team files.
+TEAM_MICRO = (  # the files the integration micro project serves: one unit of work
+    "tests/integration/test_team_mlflow.py",
+    "tests/integration/test_dvc_remote.py",
+    "tests/integration/test_two_nodes.py",
+)
 LONGEST_FIRST = (
     "tests/pipelines/test_gpu_profile.py",  # integration 167 s
     "tests/pipelines/test_report.py",  # integration 161 s
@@ -30,9 +35,7 @@ LONGEST_FIRST = (
     "tests/components/test_ibot.py",  # 95 s
     "tests/pipelines/test_pretrain_ibot.py",  # 86 s
     "tests/pipelines/test_reliability.py",  # 82 s
-    "tests/integration/test_team_mlflow.py",  # the team micro project: 81 s with the two below
-    "tests/integration/test_dvc_remote.py",
-    "tests/integration/test_two_nodes.py",
+    *TEAM_MICRO,  # 81 s together
     "tests/pipelines/test_detect.py",  # 78 s
     "tests/pipelines/test_prepare.py",  # 69 s
     "tests/pipelines/test_flow.py",  # 59 s
@@ -40,7 +43,7 @@ LONGEST_FIRST = (
     "tests/pipelines/test_cka.py",  # 29 s
     "tests/pipelines/test_params.py",  # 22 s
 )
-SHARED = dict.fromkeys(LONGEST_FIRST[9:12], "team-micro")
+SHARED = dict.fromkeys(TEAM_MICRO, "team-micro")
 
 
 def pytest_xdist_make_scheduler(config, log):
