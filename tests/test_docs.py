@@ -3,9 +3,12 @@ results table says what the committed metrics say."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
+import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,20 @@ DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]
 # A commit reference: 7-40 hex digits with at least one digit and one letter, as a bare word or in backticks.
 COMMIT = re.compile(r"(?<![\w/.#-])`?(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}`?(?![\w/.-])")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory) -> Path:
+    """The committed metrics/ and runs/ (git's HEAD), which the README's blocks are generated from: a `make repro`
+    in this checkout rewrites the working tree's copies with its own run (other wall times, on another kind of
+    machine other numbers) before `make test` reads them. The checkout itself where git has no HEAD."""
+    proc = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "metrics", "runs"], capture_output=True)
+    if proc.returncode != 0:
+        return REPO
+    root = tmp_path_factory.mktemp("committed")
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+        tar.extractall(root, filter="data")
+    return root
 
 
 def test_readme_is_at_most_12000_bytes():
@@ -62,18 +79,18 @@ def _table(block: str) -> dict[str, str]:
     return {row.split("|")[1].strip().strip("`"): row for row in rows}
 
 
-def test_readme_results_block_is_the_generators_output():
+def test_readme_results_block_is_the_generators_output(committed):
     head, block, tail = readme_results.split_readme(README.read_text(encoding="utf-8"), README)
     machine, date = readme_results.provenance(block, README)
-    assert block == readme_results.render(REPO, machine, date), "run: python -m pipelines.readme_results"
+    assert block == readme_results.render(committed, machine, date), "run: python -m pipelines.readme_results"
 
 
-def test_readme_results_numbers_equal_the_metrics_files():
+def test_readme_results_numbers_equal_the_metrics_files(committed):
     """Independently of the generator's formatting code paths: the headline numbers of every metrics file
     appear, rounded as printed, in that stage's row."""
     _, block, _ = readme_results.split_readme(README.read_text(encoding="utf-8"), README)
     rows = _table(block)
-    m = REPO / "metrics"
+    m = committed / "metrics"
     expected: dict[str, list[str]] = {}
     mae = json.loads((m / "pretrain_mae.json").read_text())
     expected["pretrain_mae"] = [f"{mae['val_masked_loss']:.3f}"]
@@ -95,11 +112,11 @@ def test_readme_results_numbers_equal_the_metrics_files():
             assert number in rows[stage], f"README row {stage}: {number} not in {rows[stage]!r}"
 
 
-def test_generator_rewrites_a_stale_block_and_check_catches_it(tmp_path):
+def test_generator_rewrites_a_stale_block_and_check_catches_it(tmp_path, committed):
     project = tmp_path / "p"
-    shutil.copytree(REPO / "metrics", project / "metrics")
-    if (REPO / "runs").is_dir():  # the run info (timings) beside the numbers, pipelines/results.py
-        shutil.copytree(REPO / "runs", project / "runs")
+    shutil.copytree(committed / "metrics", project / "metrics")
+    if (committed / "runs").is_dir():  # the run info (timings) beside the numbers, pipelines/results.py
+        shutil.copytree(committed / "runs", project / "runs")
     readme = project / "README.md"
     readme.write_text(README.read_text(encoding="utf-8"), encoding="utf-8")
     mae = project / "metrics" / "pretrain_mae.json"
@@ -132,28 +149,28 @@ def _claims_block(text: str) -> str:
     return text.split(README_BEGIN)[1].split(README_END)[0].strip("\n")
 
 
-def test_readme_claims_block_is_the_committed_claims():
+def test_readme_claims_block_is_the_committed_claims(committed):
     """The README's claims table is generated from the committed metrics/claims.json, never typed."""
     from pipelines.claims import readme_block
 
-    committed = json.loads((REPO / "metrics" / "claims.json").read_text())
+    claims = json.loads((committed / "metrics" / "claims.json").read_text())
     block = _claims_block(README.read_text(encoding="utf-8"))
-    assert block == readme_block(committed), "run: python -m pipelines.report --readme"
+    assert block == readme_block(claims), "run: python -m pipelines.report --readme"
     # independently of the generator's code path: one row per claim, in order, with its n and difference
     rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
-    assert len(rows) == len(committed)
-    for row, entry in zip(rows, committed.values(), strict=True):
+    assert len(rows) == len(claims)
+    for row, entry in zip(rows, claims.values(), strict=True):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[2]) == pytest.approx(entry["diff"], rel=5e-3, abs=5e-7) and int(cells[4]) == entry["n"]
         assert ("holds" in cells[1]) == (entry["verdict"] == 1) and ("reversed" in cells[1]) == (entry["verdict"] == -1)
 
 
-def test_readme_claims_check_fails_when_readme_and_claims_disagree(tmp_path, capsys):
+def test_readme_claims_check_fails_when_readme_and_claims_disagree(tmp_path, capsys, committed):
     from pipelines.report import readme_main
 
     readme, claims = tmp_path / "README.md", tmp_path / "claims.json"
     readme.write_text(README.read_text(encoding="utf-8"), encoding="utf-8")
-    d = json.loads((REPO / "metrics" / "claims.json").read_text())
+    d = json.loads((committed / "metrics" / "claims.json").read_text())
     args = ["--readme", str(readme), "--claims", str(claims)]
     claims.write_text(json.dumps(d))
     assert readme_main([*args, "--check"]) == 0
