@@ -98,8 +98,8 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
     # Same samples in the same order per optimizer step; only the summation order differs.
     loader_big = EpochLoader(NoisyToy(), 8, seed=7)
     loader_acc = EpochLoader(NoisyToy(), 4, seed=7)
-    idx_big = [i for i, _ in loader_big.sampler]
-    idx_acc = [i for i, _ in loader_acc.sampler]
+    idx_big = [i for i, _, _ in loader_big.sampler]
+    idx_acc = [i for i, _, _ in loader_acc.sampler]
     assert idx_big[:40] == idx_acc[:40]
     torch.testing.assert_close(flat(big), flat(acc), rtol=1e-5, atol=1e-6)
 
