@@ -213,6 +213,8 @@ def load_data(ctx: StageContext) -> Data:
     loader = EpochLoader(
         dataset, cfg.batch_size, seed=ctx.seed, info=ctx.info, num_workers=ctx.num_workers, collate_fn=collate_views
     )
+    if ratio:  # burn-in's whole epochs load no unlabeled views (the step would drop them)
+        dataset.unlabeled_from_epoch = cfg.soft_teacher.burn_in_steps // len(loader)
     return Data(method, percent, labeled, unlabeled, val, categories, names, ratio, loader, CocoDetection(val))
 
 

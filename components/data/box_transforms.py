@@ -304,22 +304,36 @@ class SemiSupervisedViews(torch.utils.data.Dataset):
     (drawn with the sample's RNG) each as a (weak, strong) pair with both transform matrices.
 
     One epoch is one pass over the labeled images; with ``ratio = 0`` (or no unlabeled set) items are
-    the supervised baseline's. Items are dicts; :func:`collate_views` batches them into lists.
+    the supervised baseline's. Epochs before ``unlabeled_from_epoch`` (burn-in: the step function does not
+    use the unlabeled images) carry the labeled view only, the same view as later (it is drawn first).
+    Items are dicts; :func:`collate_views` batches them into lists.
     """
 
-    def __init__(self, labeled, unlabeled, category_to_label: dict[int, int], ratio: int, views: ViewConfig):
+    def __init__(
+        self,
+        labeled,
+        unlabeled,
+        category_to_label: dict[int, int],
+        ratio: int,
+        views: ViewConfig,
+        unlabeled_from_epoch: int = 0,
+    ):
         self.labeled, self.unlabeled, self.ratio, self.views = labeled, unlabeled, ratio, views
         self.category_to_label = category_to_label
+        self.unlabeled_from_epoch, self.epoch = unlabeled_from_epoch, unlabeled_from_epoch
         if ratio > 0 and (unlabeled is None or len(unlabeled) == 0):
             raise ValueError(f"ratio {ratio} needs unlabeled images")
 
     def __len__(self) -> int:
         return len(self.labeled)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitem__(self, i: int) -> dict:
         v = self.views.labeled(_as_view(*self.labeled[i], self.category_to_label))
         item = {"labeled": v.image, "target": {"boxes": v.boxes.float(), "labels": v.labels}}
-        if self.ratio > 0:
+        if self.ratio > 0 and self.epoch >= self.unlabeled_from_epoch:
             pairs = []
             for j in torch.randint(len(self.unlabeled), (self.ratio,)).tolist():
                 image, target = self.unlabeled[j]

@@ -174,3 +174,20 @@ def test_semi_supervised_views_batches_one_to_ratio():
 def test_view_is_a_dataclass_with_size():
     v = scene()
     assert isinstance(v, View) and v.size == (48, 64)
+
+
+def test_burn_in_epochs_load_the_labeled_view_only_and_the_same_one():
+    """Epochs before ``unlabeled_from_epoch`` skip the unlabeled views (Soft Teacher's burn-in does not
+    use them); the labeled view of a sample seed is the same with or without them."""
+    from components.training.distributed import SeededDataset
+
+    v = scene()
+    sample = (v.image.float() / 255, {"boxes": v.boxes, "labels": torch.tensor([7, 9])})
+    views = SemiSupervisedViews(
+        [sample] * 3, [sample] * 5, {7: 1, 9: 2}, ratio=2, views=ViewConfig(), unlabeled_from_epoch=2
+    )
+    seeded = SeededDataset(views)
+    burn_in, semi = seeded[(1, 1234, 1)], seeded[(1, 1234, 2)]
+    assert "unlabeled" not in burn_in and len(semi["unlabeled"]) == 2
+    assert torch.equal(burn_in["labeled"], semi["labeled"])
+    assert "weak" not in collate_views([burn_in]) and len(collate_views([semi])["weak"]) == 2
