@@ -22,14 +22,13 @@ from pipelines.config import EncoderArch, Params, ParamsError, load_params, read
 from tests.pipelines.conftest import BIN, MICRO, REPO, make_project, merge_overrides, micro_params, project_env
 
 INITS = ["scratch", "mae", "ibot", "cnn"]
-DVC_STAGES = [
+DVC_STAGES = [  # the default: seeds 0, 1 and 2
     "prepare",
     "pretrain_mae",
     "pretrain_ibot",
     "baselines",
-    *(f"finetune@{i}-0" for i in INITS),
-    "detect@supervised-10-0",
-    "detect@softteacher-10-0",
+    *(f"finetune@{i}-{s}" for i in INITS for s in (0, 1, 2)),
+    *(f"detect@{m}-10-{s}" for m in ("supervised", "softteacher") for s in (0, 1, 2)),
     "cka",
     "report",
 ]
