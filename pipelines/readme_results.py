@@ -143,13 +143,21 @@ def render(root: Path, machine: str, date: str) -> str:
         raise ResultsError(f"machine {machine!r}: expected one line of text")
     metrics = load_metrics(root)
     total = sum(float(d.get("wall_time_s", 0.0)) for _, d in metrics.values())
+    seeds = {stage.rsplit("-", 1)[1] for stage in metrics if "@" in stage}
+    first = min(seeds, key=int) if seeds else None
+    shown = {k: v for k, v in metrics.items() if "@" not in k or k.rsplit("-", 1)[1] == first}
     lines = [
         f"Measured on {date}, on {machine}, by `make repro` from a fresh clone with the committed params.yaml.",
-        f"The stages' wall times add up to {total / 60:.1f} min (Python start-up and DVC excluded).",
+        f"The {len(metrics)} stages' wall times add up to {total / 60:.1f} min (Python start-up and DVC excluded).",
+        *(
+            [f"Fine-tune and detection rows show seed {first}; the claims table below has every seed."]
+            if len(seeds) > 1
+            else []
+        ),
         "",
         "| stage | result | wall time (s) |",
         "|---|---|---|",
-        *(_row(stage, path, d) for stage, (path, d) in metrics.items()),
+        *(_row(stage, path, d) for stage, (path, d) in shown.items()),
     ]
     return "\n".join(lines) + "\n"
 
