@@ -7,12 +7,14 @@ train/held-out split), puts it under ``datasets/digits`` of a temporary copy of 
 pretrain_mae, pretrain_ibot -> finetune@{scratch,mae,ibot,cnn} and baselines. Everything else is params.yaml's
 CPU default, except that flips are off (a mirrored digit is another glyph) and the detection data, which
 these stages do not read, is shrunk (``--holdout 0.2`` adds early stopping on a held-out fifth of the
-labels, ``finetune.early_stop``, off in the default). On the same labeled split and held-out set it
+labels, ``finetune.early_stop``, off in the default). The fine-tunes run twice: with the default's step floor
+(``finetune.min_steps``, sized so that the shapes' three seeds fit the time budget) and with the floor a small
+labeled set wants (``--min-steps``, 500). On the same labeled split and held-out set it
 reads the pipeline's own raw-pixel baselines (the ``baselines`` stage: logistic regression and k-NN, as
 the results page shows them) and fits scikit-learn's as a cross-check: logistic regression on
 standardised pixels and a 5-NN.
 
-    .venv/bin/python benchmarks/real_data.py            # ~10 min on 2 idle cores; writes the two files below
+    .venv/bin/python benchmarks/real_data.py            # ~6 min on 2 idle cores; writes the two files below
     .venv/bin/python benchmarks/real_data.py --keep /tmp/digits-project --flips   # keep the project; flips on
 
 Writes ``benchmarks/results/real_data.json`` and ``benchmarks/real_data.md``.
@@ -79,8 +81,11 @@ def make_project(dest: Path) -> None:
     (dest / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
 
 
-def digits_params(flips: bool, threads: int | None, holdout: float) -> dict:
+def digits_params(flips: bool, threads: int | None, holdout: float, min_steps: int | None = None) -> dict:
+    """params.yaml with the digits as classification data; ``min_steps``: finetune's step floor (None: as set)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if min_steps is not None:
+        params["finetune"]["min_steps"] = min_steps
     params["runtime"].update(progress=False, threads=threads)
     params["tracking"]["enabled"] = False
     params["prepare"]["classification"].update(source="imagefolder", root="datasets/digits", image_size=32)
@@ -156,22 +161,63 @@ def stop_note(m: dict) -> str:
     return f"{m['steps']} ({how}; kept epoch {es['best_epoch']}: {es['holdout_top1']:.0f} % on the set-aside labels)"
 
 
-def report(results: dict) -> str:
-    b, m = results["baselines"], results["models"]
+def claims(models: dict, logistic: float) -> dict:
+    """The benchmark's three checks on one set of fine-tunes (``logistic``: the stronger raw-pixel baseline)."""
+    best = max(models, key=lambda i: models[i]["top1"])
+    both = {"mae", "scratch"} <= models.keys()
+    return {
+        "best_model": best,
+        "best_top1": models[best]["top1"],
+        "logistic_top1": logistic,
+        "best_minus_logistic": round(models[best]["top1"] - logistic, 2),
+        "best_within_5_of_logistic": models[best]["top1"] >= logistic - 5.0,
+        "mae_minus_scratch": round(models["mae"]["top1"] - models["scratch"]["top1"], 2) if both else None,
+        "mae_beats_scratch": models["mae"]["top1"] > models["scratch"]["top1"] if both else None,
+        "ibot_minus_scratch": round(models["ibot"]["top1"] - models["scratch"]["top1"], 2)
+        if {"ibot", "scratch"} <= models.keys()
+        else None,
+        "scratch_minus_own_probe": round(models["scratch"]["top1"] - models["scratch"]["linear_probe_top1"], 2)
+        if "scratch" in models
+        else None,
+        "scratch_not_below_own_probe": models["scratch"]["top1"] >= models["scratch"]["linear_probe_top1"]
+        if "scratch" in models
+        else None,
+    }
+
+
+def claim_lines(c: dict, missing: list[str]) -> list[str]:
+    verdict = {True: "holds", False: "fails"}
+    return [
+        f"- best fine-tuned model ({c['best_model']}, {c['best_top1']:.1f}) within 5 points of the stronger "
+        f"logistic baseline ({c['logistic_top1']:.1f}): **{verdict[c['best_within_5_of_logistic']]}** "
+        f"({c['best_minus_logistic']:+.1f})" + (f" (models not run: {', '.join(missing)})" if missing else ""),
+        f"- MAE-init beats scratch: **{verdict[c['mae_beats_scratch']]}** ({c['mae_minus_scratch']:+.1f})"
+        if c["mae_beats_scratch"] is not None
+        else "- MAE-init beats scratch: not measured (a model did not run)",
+        f"- fine-tuned scratch ViT not worse than the linear probe of its own random init: "
+        f"**{verdict[c['scratch_not_below_own_probe']]}** ({c['scratch_minus_own_probe']:+.1f})"
+        if c["scratch_not_below_own_probe"] is not None
+        else "- scratch ViT against its own probe: not measured (it did not run)",
+    ]
+
+
+def model_rows(m: dict, missing: list[str]) -> list[str]:
+    nan = float("nan")
     rows = [
-        f"| ViT {i} | {m[i]['top1']:.1f} | {m[i].get('best_top1', float('nan')):.1f} | "
-        f"{m[i].get('linear_probe_top1', float('nan')):.1f} | {m[i].get('knn_top1', float('nan')):.1f} | "
-        f"{stop_note(m[i])} |"
-        if i != "cnn"
-        else f"| CNN (ResNet-18, width 16) | {m[i]['top1']:.1f} | {m[i].get('best_top1', float('nan')):.1f} | – | – | "
-        f"{stop_note(m[i])} |"
+        f"| {'CNN (ResNet-18, width 16)' if i == 'cnn' else 'ViT ' + i} | {m[i]['top1']:.1f} | "
+        f"{m[i].get('best_top1', nan):.1f} | "
+        + ("– | – |" if i == "cnn" else f"{m[i].get('linear_probe_top1', nan):.1f} | {m[i].get('knn_top1', nan):.1f} |")
+        + f" {stop_note(m[i])} |"
         for i in INITS
         if i in m
     ]
-    rows += [f"| {'CNN' if i == 'cnn' else 'ViT ' + i} | not run (see above) | | | | |" for i in results["missing"]]
-    c = results["claims"]
+    return rows + [f"| {'CNN' if i == 'cnn' else 'ViT ' + i} | not run (see above) | | | | |" for i in missing]
+
+
+def report(results: dict) -> str:
+    b, runs = results["baselines"], results["runs"]
     es = results["params"]["early_stop"]
-    held = next((v["holdout_images"] for v in m.values() if "holdout_images" in v), 0)
+    held = next((v["holdout_images"] for r in runs for v in r["models"].values() if "holdout_images" in v), 0)
     early = (
         f"Fine-tuning stops early (`finetune.early_stop`, off in the default): {held} of the {b['labeled_images']} "
         f"labels ({es['holdout_fraction']:g} of each class, fixed by the seed) are set aside and scored every "
@@ -180,6 +226,38 @@ def report(results: dict) -> str:
         if es["holdout_fraction"] > 0
         else "No early stopping (`finetune.early_stop.holdout_fraction` 0, as the default)."
     )
+    baseline_rows = [
+        *(
+            [
+                f"| raw pixels: logistic regression (the `baselines` stage) | {b['pipeline_logistic_top1']:.1f}"
+                " | | | | |",
+                f"| raw pixels: k-NN (the `baselines` stage) | {b['pipeline_knn_top1']:.1f} | | | | |",
+            ]
+            if "pipeline_logistic_top1" in b
+            else []
+        ),
+        f"| raw pixels: logistic regression (scikit-learn, standardised) | {b['logistic_top1']:.1f} | | | | |",
+        f"| raw pixels: 5-NN (scikit-learn) | {b['knn5_top1']:.1f} | | | | |",
+    ]
+    sections = []
+    for r in runs:
+        title = (
+            f"## `finetune.min_steps: {r['min_steps']}`, params.yaml's default (sized for the shapes' seeds)"
+            if r["default"]
+            else f"## `finetune.min_steps: {r['min_steps']}`: what a small labeled set wants"
+        )
+        sections += [
+            title,
+            "",
+            "| model | fine-tune top-1 | best eval top-1 | linear probe (frozen init) | k-NN (frozen init) | steps |",
+            "|---|---|---|---|---|---|",
+            *model_rows(r["models"], r["missing"]),
+            *baseline_rows,
+            "",
+            *claim_lines(r["claims"], r["missing"]),
+            "",
+        ]
+    floors = " and ".join(str(r["min_steps"]) for r in runs)
     return "\n".join(
         [
             "# Real data: scikit-learn's digits through the classification half of the DAG",
@@ -191,43 +269,43 @@ def report(results: dict) -> str:
             "pipeline ran",
             "`dvc repro baselines finetune@{scratch,mae,ibot,cnn}-0` with params.yaml's CPU default",
             "unchanged except the data "
-            f"root{'' if results['params']['flips'] else ' and flips off (a mirrored digit is another glyph)'}.",
+            f"root{'' if results['params']['flips'] else ' and flips off (a mirrored digit is another glyph)'},",
+            f"once per fine-tuning step floor (`finetune.min_steps` {floors}; at batch 32 the 144 labels make",
+            "4 steps an epoch, so the floor sets the schedule's length; the pretrained encoders are the same).",
             early,
             f"Machine: {results['machine']}. One seed (runtime.seed "
             f"{results['params']['seed']}): an anecdote, not a claim over seeds.",
             *([results["note"], ""] if results.get("note") else [""]),
-            "| model | fine-tune top-1 | best eval top-1 | linear probe (frozen init) | k-NN (frozen init) | steps |",
-            "|---|---|---|---|---|---|",
-            *rows,
-            *(
-                [
-                    f"| raw pixels: logistic regression (the `baselines` stage) | {b['pipeline_logistic_top1']:.1f}"
-                    " | | | | |",
-                    f"| raw pixels: k-NN (the `baselines` stage) | {b['pipeline_knn_top1']:.1f} | | | | |",
-                ]
-                if "pipeline_logistic_top1" in b
-                else []
-            ),
-            f"| raw pixels: logistic regression (scikit-learn, standardised) | {b['logistic_top1']:.1f} | | | | |",
-            f"| raw pixels: 5-NN (scikit-learn) | {b['knn5_top1']:.1f} | | | | |",
+            "Fine-tune top-1: the "
+            f"{'kept' if es['holdout_fraction'] > 0 else 'final'} state on the 360 held-out images; best eval "
+            "top-1: the best of the evaluations every `eval_every` epochs on those same images (shown, never used "
+            "to choose).",
             "",
-            f"Fine-tune top-1: the {'kept' if es['holdout_fraction'] > 0 else 'final'} state on the 360 held-out "
-            "images; best eval top-1: the best of the",
-            "evaluations every `eval_every` epochs on those same images (shown, never used to choose).",
-            "",
-            f"- best fine-tuned model ({c['best_model']}, {c['best_top1']:.1f}) within 5 points of the stronger "
-            f"logistic baseline ({c.get('logistic_top1', b['logistic_top1']):.1f}): "
-            f"**{'holds' if c['best_within_5_of_logistic'] else 'fails'}** ({c['best_minus_logistic']:+.1f})"
-            + (f" (models not run: {', '.join(results['missing'])})" if results["missing"] else ""),
-            f"- MAE-init beats scratch: **{'holds' if c['mae_beats_scratch'] else 'fails'}** "
-            f"({c['mae_minus_scratch']:+.1f})"
-            if c["mae_beats_scratch"] is not None
-            else "- MAE-init beats scratch: not measured (a model did not run)",
-            f"- fine-tuned scratch ViT not worse than the linear probe of its own random init: "
-            f"**{'holds' if c['scratch_not_below_own_probe'] else 'fails'}** ({c['scratch_minus_own_probe']:+.1f})",
-            "",
+            *sections,
         ]
     )
+
+
+def collect(finetune_dir: Path) -> dict:
+    """The seed-0 fine-tunes' metrics present in ``finetune_dir`` (init -> the keys the report reads)."""
+    keys = (
+        "top1",
+        "best_top1",
+        "best_epoch",
+        "epochs",
+        "steps",
+        "linear_probe_top1",
+        "knn_top1",
+        "labeled_images",
+        "holdout_images",
+        "early_stop",
+        "train_s",
+    )
+    return {
+        i: {k: v for k, v in read_results(finetune_dir / f"{i}-0.json").items() if k in keys}
+        for i in INITS
+        if (finetune_dir / f"{i}-0.json").is_file()
+    }
 
 
 def main() -> int:
@@ -243,10 +321,18 @@ def main() -> int:
         default=0.0,
         help="finetune.early_stop.holdout_fraction: labels set aside for early stopping (0: off, as the default)",
     )
+    ap.add_argument(
+        "--min-steps",
+        type=int,
+        default=500,
+        help="finetune.min_steps of the second set of fine-tunes (the default's floor always runs first; 0: skip)",
+    )
     ap.add_argument("--no-write", action="store_true", help="print the results only")
     ap.add_argument("--note", default="", help="a sentence for real_data.md on how this run was made")
     ap.add_argument(
-        "--collect", action="store_true", help="with --keep --resume: no dvc repro, only collect the metrics present"
+        "--collect",
+        action="store_true",
+        help="with --keep --resume: no dvc repro, only collect the metrics the last run kept per floor",
     )
     ap.add_argument(
         "--resume",
@@ -256,6 +342,9 @@ def main() -> int:
     )
     args = ap.parse_args()
     project = args.keep or Path(tempfile.mkdtemp(prefix="mimflow-digits-"))
+    default_floor = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]["min_steps"]
+    floors = [default_floor] + ([args.min_steps] if args.min_steps and args.min_steps != default_floor else [])
+    runs = []
     try:
         params = digits_params(args.flips, args.threads, args.holdout)
         if args.resume and args.keep and (project / "dvc.lock").is_file():
@@ -269,27 +358,16 @@ def main() -> int:
             data = export_digits(project / "datasets" / "digits")
             for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "digits"]):
                 sh(project, *cmd)
-        write_text(project / "params.yaml", yaml.safe_dump(params, sort_keys=False))
-        if not args.collect:
-            sh(project, str(BIN / "dvc"), "repro", "baselines", *[f"finetune@{i}-0" for i in INITS])
-        keys = (
-            "top1",
-            "best_top1",
-            "best_epoch",
-            "epochs",
-            "steps",
-            "linear_probe_top1",
-            "knn_top1",
-            "labeled_images",
-            "holdout_images",
-            "early_stop",
-            "train_s",
-        )
-        models = {
-            i: {k: v for k, v in read_results(project / "metrics/finetune" / f"{i}-0.json").items() if k in keys}
-            for i in INITS
-            if (project / "metrics/finetune" / f"{i}-0.json").is_file()
-        }
+        for floor in floors:
+            kept = project / "bench" / f"min_steps-{floor}"  # each floor's metrics, for --collect
+            if not args.collect:
+                run_params = digits_params(args.flips, args.threads, args.holdout, min_steps=floor)
+                write_text(project / "params.yaml", yaml.safe_dump(run_params, sort_keys=False))
+                sh(project, str(BIN / "dvc"), "repro", "baselines", *[f"finetune@{i}-0" for i in INITS])
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.copytree(project / "metrics" / "finetune", kept)
+            models = collect(kept if kept.is_dir() else project / "metrics" / "finetune")
+            runs.append({"min_steps": floor, "default": floor == default_floor, "models": models})
         pre = {
             s: {
                 k: v
@@ -306,9 +384,10 @@ def main() -> int:
     finally:
         if args.keep is None:
             shutil.rmtree(project, ignore_errors=True)
-    missing = [i for i in INITS if i not in models]  # only with --collect, before every stage has run
-    best = max(models, key=lambda i: models[i]["top1"])
     logistic = max(base["logistic_top1"], base.get("pipeline_logistic_top1", 0.0))  # the stronger of the two
+    for r in runs:
+        r["missing"] = [i for i in INITS if i not in r["models"]]  # only with --collect, before every stage has run
+        r["claims"] = claims(r["models"], logistic)
     results = {
         "data": {"source": "sklearn.datasets.load_digits", **data},
         "params": {
@@ -318,29 +397,10 @@ def main() -> int:
             "early_stop": params["finetune"]["early_stop"],
         },
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads or 'default'}",
-        "missing": missing,
         "note": args.note,
         "baselines": base,
         "pretraining": pre,
-        "models": models,
-        "claims": {
-            "best_model": best,
-            "best_top1": models[best]["top1"],
-            "logistic_top1": logistic,
-            "best_minus_logistic": round(models[best]["top1"] - logistic, 2),
-            "best_within_5_of_logistic": models[best]["top1"] >= logistic - 5.0,
-            "mae_minus_scratch": round(models["mae"]["top1"] - models["scratch"]["top1"], 2)
-            if {"mae", "scratch"} <= models.keys()
-            else None,
-            "mae_beats_scratch": models["mae"]["top1"] > models["scratch"]["top1"]
-            if {"mae", "scratch"} <= models.keys()
-            else None,
-            "ibot_minus_scratch": round(models["ibot"]["top1"] - models["scratch"]["top1"], 2)
-            if "ibot" in models
-            else None,
-            "scratch_minus_own_probe": round(models["scratch"]["top1"] - models["scratch"]["linear_probe_top1"], 2),
-            "scratch_not_below_own_probe": models["scratch"]["top1"] >= models["scratch"]["linear_probe_top1"],
-        },
+        "runs": runs,
     }
     print(json.dumps(results, indent=2))
     if not args.no_write:
