@@ -243,7 +243,7 @@ def report(results: dict) -> str:
     for r in runs:
         title = (
             f"## `finetune.min_steps: {r['min_steps']}`, params.yaml's default (sized for the shapes' seeds)"
-            if r["default"]
+            if r["min_steps"] == results["params"]["min_steps"]
             else f"## `finetune.min_steps: {r['min_steps']}`: what a small labeled set wants"
         )
         sections += [
@@ -342,11 +342,11 @@ def main() -> int:
     )
     args = ap.parse_args()
     project = args.keep or Path(tempfile.mkdtemp(prefix="mimflow-digits-"))
-    default_floor = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]["min_steps"]
+    params = digits_params(args.flips, args.threads, args.holdout)
+    default_floor = params["finetune"]["min_steps"]
     floors = [default_floor] + ([args.min_steps] if args.min_steps and args.min_steps != default_floor else [])
     runs = []
     try:
-        params = digits_params(args.flips, args.threads, args.holdout)
         if args.resume and args.keep and (project / "dvc.lock").is_file():
             for name in ("components", "pipelines"):
                 shutil.rmtree(project / name)
@@ -361,13 +361,13 @@ def main() -> int:
         for floor in floors:
             kept = project / "bench" / f"min_steps-{floor}"  # each floor's metrics, for --collect
             if not args.collect:
-                run_params = digits_params(args.flips, args.threads, args.holdout, min_steps=floor)
+                run_params = params | {"finetune": params["finetune"] | {"min_steps": floor}}
                 write_text(project / "params.yaml", yaml.safe_dump(run_params, sort_keys=False))
                 sh(project, str(BIN / "dvc"), "repro", "baselines", *[f"finetune@{i}-0" for i in INITS])
                 shutil.rmtree(kept, ignore_errors=True)
                 shutil.copytree(project / "metrics" / "finetune", kept)
             models = collect(kept if kept.is_dir() else project / "metrics" / "finetune")
-            runs.append({"min_steps": floor, "default": floor == default_floor, "models": models})
+            runs.append({"min_steps": floor, "models": models})
         pre = {
             s: {
                 k: v
@@ -395,6 +395,7 @@ def main() -> int:
             "seed": params["runtime"]["seed"],
             "labeled_percent": params["finetune"]["labeled_percent"],
             "early_stop": params["finetune"]["early_stop"],
+            "min_steps": default_floor,
         },
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads or 'default'}",
         "note": args.note,
